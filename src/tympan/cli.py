@@ -1,0 +1,151 @@
+"""`tympan <stage>`: thin commands over tympan.stages; dvc.yaml passes every path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tympan.config import ConfigError, load_params
+
+STAGES = ("demo", "ingest", "split", "featurize", "train", "evaluate", "register")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tympan", description=__doc__)
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file (default: params.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, *paths: str) -> None:
+        command = sub.add_parser(name, help=help_text)
+        for path in paths:
+            command.add_argument(f"--{path}", type=Path, required=True)
+
+    add("demo", "generate the built-in demo dataset", "out")
+    add(
+        "ingest",
+        "list and probe recordings; write the manifest and rejects",
+        "manifest",
+        "rejects",
+        "summary",
+    )
+    add("split", "assign train/val/test without group leakage", "manifest", "out", "report")
+    add(
+        "featurize",
+        "compute the log-mel cache and train-split statistics",
+        "manifest",
+        "splits",
+        "out",
+    )
+    add("train", "train one model per seed, tracked in MLflow", "features", "manifest", "out")
+    add(
+        "evaluate",
+        "test metrics per seed and for the ensemble; plots",
+        "features",
+        "models",
+        "metrics",
+        "plots",
+    )
+    add(
+        "register",
+        "log the pyfunc model, register it, set champion or challenger",
+        "models",
+        "metrics",
+        "out",
+    )
+    preset = sub.add_parser("preset", help="make pipelines/NAME.yaml the active params.yaml")
+    preset.add_argument("name", help="a preset in pipelines/ (e.g. demo, fsdd)")
+    preset.add_argument("--dir", type=Path, default=Path("pipelines"))
+    summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
+    summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
+    summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
+    return parser
+
+
+def _summary(registered: Path, metrics: Path) -> None:
+    if not registered.exists():
+        sys.exit(f"{registered} not found: run `dvc repro` first")
+    reg = json.loads(registered.read_text())
+    test = json.loads(metrics.read_text())
+    ens, mean, std = test["ensemble"], test["seed_mean"], test["seed_std"]
+    uri = reg["tracking_uri"]
+    print(f"\nRegistered model: {reg['name']} version {reg['version']} -> @{reg['alias']}")
+    print(f"  {reg['reason']}")
+    print(
+        f"Test metrics on {test['n_test']} clips (ensemble of {len(test['seeds'])} seeds; "
+        "per-seed mean +- std):"
+    )
+    for key in ens:
+        print(f"  {key:<10} {ens[key]:.4f}   seeds {mean[key]:.4f} +- {std[key]:.4f}")
+    print("\nLook further:")
+    print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
+    print("  dvc metrics show        dvc plots show   (then open dvc_plots/index.html)")
+    print(
+        f"  MLFLOW_TRACKING_URI={uri} mlflow models serve "
+        f"-m models:/{reg['name']}@champion --env-manager local -h 127.0.0.1 -p 5000"
+    )
+    print(
+        "  python -m tympan.serving.client data/demo/audio/tone_0000.wav "
+        "--url http://127.0.0.1:5000/invocations"
+    )
+
+
+def _use_preset(folder: Path, name: str, target: Path) -> None:
+    source = folder / f"{name}.yaml"
+    if not source.exists():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        sys.exit(f"no preset {name!r} in {folder}/ (known: {known})")
+    try:
+        params = load_params(source)
+    except ConfigError as exc:
+        sys.exit(f"preset {name}: {exc}")
+    target.write_text(source.read_text())
+    print(
+        f"{target} is now preset {params.preset!r} ({source}); run `dvc repro` or "
+        f"`dvc exp run` to build it"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "numba", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "summary":
+        _summary(args.registered, args.metrics)
+        return
+    if args.command == "preset":
+        _use_preset(args.dir, args.name, args.params)
+        return
+    try:
+        params = load_params(args.params)
+    except ConfigError as exc:
+        sys.exit(f"tympan {args.command}: {exc}")
+    from tympan import stages
+    from tympan.data.adapters import AdapterError
+    from tympan.data.ingest import IngestError
+    from tympan.data.manifest import ManifestError
+    from tympan.data.splits import LeakageError
+    from tympan.features.cache import FeatureError
+
+    run = getattr(stages, f"run_{args.command}")
+    paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
+    try:
+        run(params, **paths)
+    except (AdapterError, IngestError, ManifestError, LeakageError, FeatureError) as exc:
+        sys.exit(f"tympan {args.command}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""One typed loader for params.yaml, used by every stage.
+
+Each section of params.yaml maps onto a frozen dataclass. Unknown keys, missing sections,
+wrong types and values outside a field's allowed choices are errors that name the key and
+the file, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema below."""
+
+
+def _choices(*values: str) -> dict[str, tuple[str, ...]]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the recordings are and how strict ingest is about them."""
+
+    adapter: str = field(default="demo", metadata=_choices("demo", "fsdd"))
+    root: str = "data/demo"
+    group_by: str | None = None
+    max_reject_fraction: float = 0.05
+    silence_dbfs: float = -60.0
+    max_duration_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in synthetic dataset (see tympan.data.demo)."""
+
+    clips_per_class: int = 400
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    groups: int = 30
+    snr_db: tuple[float, ...] = (-6.0, 0.0, 6.0, 12.0, 20.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How recordings are divided; `group` keeps every group inside one split."""
+
+    strategy: str = field(default="group", metadata=_choices("stratified", "group"))
+    val: float = 0.15
+    test: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Log-mel front end: resample, mono, fixed length, mel power in dB."""
+
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    crop: str = field(default="center", metadata=_choices("start", "center"))
+    n_fft: int = 512
+    hop_length: int = 256
+    n_mels: int = 40
+    f_min: float = 0.0
+    f_max: float | None = None
+    top_db: float = 80.0
+    dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network family and its shape parameters (see tympan.models)."""
+
+    name: str = field(default="s3_cnn", metadata=_choices("s3_cnn"))
+    channels: int = 32
+    kernel: int = 5
+    pool: int = 8
+    hidden: int = 128
+    dropout_conv: float = 0.1
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: Adam, early stopping, LR plateau, one model per seed."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 8
+    lr_factor: float = 0.5
+    lr_patience: int = 3
+    min_lr: float = 1e-6
+    class_weights: bool = True
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Model registry name and the rule for taking the `champion` alias."""
+
+    name: str = "tympan-demo"
+    metric: str = field(
+        default="accuracy", metadata=_choices("accuracy", "f1_macro", "precision", "recall")
+    )
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment; the URI comes from MLFLOW_TRACKING_URI or the project default."""
+
+    experiment: str = "tympan"
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    preset: str = "demo"
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    split: SplitConfig = SplitConfig()
+    features: FeatureConfig = FeatureConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    register: RegisterConfig = RegisterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; every problem names the key and the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return _build(Params, raw, prefix="", source=str(path))
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Params:
+    """Validate an in-memory params mapping (tests, presets)."""
+    return _build(Params, raw, prefix="", source=source)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass, tuples as lists (YAML and MLflow friendly)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(params))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]!s} "
+            f"(known keys in {where}: {', '.join(sorted(fields))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        values[name] = _coerce(hints[name], value, key, source, fields[name].metadata)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.", source=source)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(inner, value, key, source, meta)
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{source}: {key} must be a non-empty list, got {value!r}")
+        return tuple(_coerce(inner, v, f"{key}[{i}]", source, meta) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        choices = meta.get("choices") if meta else None
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key} has an unsupported type {hint!r}")  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Dataset adapters, the manifest contract, splits and the built-in demo generator."""

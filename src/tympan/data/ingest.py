@@ -1,0 +1,89 @@
+"""Ingest: list recordings with an adapter, probe each file, write the manifest and rejects."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from tympan.audio import AudioError, probe
+from tympan.config import DataConfig
+from tympan.data.adapters import list_recordings
+from tympan.data.manifest import REJECT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(RuntimeError):
+    """Too many recordings were rejected to trust the dataset."""
+
+
+def ingest(cfg: DataConfig, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write `manifest.csv`, `rejects.csv` and `summary.json` to `out_dir`.
+
+    Rejects are always written before the reject-fraction check, so a failing run still
+    leaves the list of files and reasons to fix.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    candidates, rejects = list_recordings(cfg.adapter, Path(cfg.root), cfg.group_by)
+    accepted = []
+    seen: dict[str, str] = {}
+    for row in tqdm(candidates.to_dict("records"), desc="ingest", unit="file"):
+        try:
+            info = probe(row["path"], cfg.silence_dbfs, cfg.max_duration_s)
+        except FileNotFoundError:
+            rejects.append({"path": row["path"], "reason": "listed in the metadata but missing"})
+            continue
+        except AudioError as exc:
+            rejects.append({"path": row["path"], "reason": str(exc)})
+            continue
+        if info.sha256 in seen:
+            rejects.append(
+                {
+                    "path": row["path"],
+                    "reason": f"duplicate: identical bytes to {seen[info.sha256]}",
+                }
+            )
+            continue
+        seen[info.sha256] = row["path"]
+        accepted.append(
+            {
+                **row,
+                "duration_s": round(info.duration_s, 4),
+                "sample_rate": info.sample_rate,
+                "channels": info.channels,
+                "sha256": info.sha256,
+            }
+        )
+    manifest = pd.DataFrame(accepted)
+    reject_table = pd.DataFrame(rejects, columns=list(REJECT_COLUMNS))
+    reject_table.to_csv(out_dir / "rejects.csv", index=False)
+    total = len(manifest) + len(reject_table)
+    fraction = len(reject_table) / total if total else 1.0
+    reasons = Counter(r.split(":")[0].split(" (")[0] for r in reject_table["reason"])
+    summary = {
+        "adapter": cfg.adapter,
+        "root": cfg.root,
+        "accepted": len(manifest),
+        "rejected": len(reject_table),
+        "reject_fraction": round(fraction, 4),
+        "reasons": dict(reasons),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    for reject in rejects:
+        log.warning("rejected %s: %s", reject["path"], reject["reason"])
+    if not len(manifest) or fraction > cfg.max_reject_fraction:
+        raise IngestError(
+            f"rejected {len(reject_table)} of {total} recordings ({fraction:.1%} > "
+            f"data.max_reject_fraction={cfg.max_reject_fraction:.1%}); reasons {dict(reasons)}; "
+            f"see {out_dir / 'rejects.csv'} and fix the files or raise the limit"
+        )
+    front = ["path", "label", "group", "duration_s", "sample_rate", "channels", "sha256"]
+    manifest = manifest[front + [c for c in manifest.columns if c not in front]]
+    manifest.to_csv(out_dir / "manifest.csv", index=False)
+    log.info("ingest: %d accepted, %d rejected", len(manifest), len(reject_table))
+    return manifest, reject_table

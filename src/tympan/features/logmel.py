@@ -1,0 +1,75 @@
+"""Log-mel front end as frozen torch modules, so the model package carries its own features.
+
+Training computes features through `LogMel` once and caches them; serving runs the very same
+module on decoded request audio (see tympan.serving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchaudio
+from torch import nn
+
+from tympan.audio import Source, load_waveform
+from tympan.config import FeatureConfig
+
+
+def n_samples(cfg: FeatureConfig) -> int:
+    """Fixed clip length in samples at the feature sample rate."""
+    return round(cfg.seconds * cfg.sample_rate)
+
+
+def n_frames(cfg: FeatureConfig) -> int:
+    """STFT frames of a fixed-length clip (centred frames, as torchaudio computes them)."""
+    return n_samples(cfg) // cfg.hop_length + 1
+
+
+class LogMel(nn.Module):
+    """`(batch, samples)` -> `(batch, 1, n_mels, frames)` mel power in dB.
+
+    Each clip is referenced to its own maximum and floored `top_db` below it, so a batch gives
+    exactly the per-item result, and silence gives a finite constant instead of -inf.
+    """
+
+    def __init__(self, cfg: FeatureConfig) -> None:
+        super().__init__()
+        self.top_db = cfg.top_db
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels,
+            f_min=cfg.f_min,
+            f_max=cfg.f_max,
+            power=2.0,
+        )
+        self.requires_grad_(False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        power = self.mel(wave)  # (batch, n_mels, frames)
+        db = 10.0 * torch.log10(power.clamp_min(1e-10))
+        floor = db.amax(dim=(-2, -1), keepdim=True) - self.top_db
+        return torch.maximum(db, floor).unsqueeze(1)
+
+
+class Normalizer(nn.Module):
+    """Per-mel-bin standardisation with statistics from the training split.
+
+    `mean`, `std`: `(n_mels,)`; input and output `(batch, 1, n_mels, frames)`.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().reshape(1, 1, -1, 1))
+        self.register_buffer("std", std.float().clamp_min(1e-5).reshape(1, 1, -1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def waveform_batch(sources: Sequence[Source], cfg: FeatureConfig) -> torch.Tensor:
+    """Decode, downmix, resample and fix the length of several clips: -> `(batch, samples)`."""
+    length = n_samples(cfg)
+    return torch.stack([load_waveform(s, cfg.sample_rate, length, cfg.crop) for s in sources])

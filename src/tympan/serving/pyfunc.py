@@ -1,0 +1,95 @@
+"""The MLflow pyfunc wrapper around `Predictor`, and how it is logged.
+
+Request: a DataFrame (from `inputs` or `dataframe_split`) with an `audio` column of base64 WAV,
+FLAC or OGG bytes, any sample rate or channel count. Response: one row per item with `label`
+and `probabilities` (label -> probability). Bad items raise an MLflow INVALID_PARAMETER_VALUE
+error, which the scoring server returns as HTTP 400 with the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Map, Schema
+
+import tympan
+from tympan.serving.bundle import PayloadError, Predictor, decode_items
+
+INPUT_COLUMN = "audio"
+
+
+class AudioModel(mlflow.pyfunc.PythonModel):
+    """pyfunc model: raw audio in, ensemble label and probabilities out."""
+
+    def load_context(self, context) -> None:
+        self.predictor = Predictor.load(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            raise MlflowException.invalid_parameter_value(
+                f"expected a table with an '{INPUT_COLUMN}' column of base64 audio, e.g. "
+                f'{{"inputs": {{"{INPUT_COLUMN}": ["<base64 wav>"]}}}}'
+            )
+        try:
+            items = decode_items(model_input[INPUT_COLUMN].tolist())
+            return pd.DataFrame(self.predictor.predict(items), columns=["label", "probabilities"])
+        except PayloadError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec(Map("double"), "probabilities")]),
+    )
+
+
+def example_input(sample_rate: int) -> pd.DataFrame:
+    """Two short clips (a tone and a chirp-like sweep) as base64 WAV, the logged input example."""
+    t = np.arange(int(0.25 * sample_rate)) / sample_rate
+    clips = [0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * (300 + 1200 * t) * t)]
+    encoded = []
+    for clip in clips:
+        buffer = io.BytesIO()
+        sf.write(buffer, clip.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    return pd.DataFrame({INPUT_COLUMN: encoded})
+
+
+def requirements() -> list[str]:
+    """Pinned to what trained the model, so a served model runs the same numerics."""
+    names = [
+        "torch",
+        "torchaudio",
+        "numpy",
+        "pandas",
+        "soundfile",
+        "pyyaml",
+        "scikit-learn",
+        "tqdm",
+        "mlflow",
+    ]
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
+    """Log the pyfunc (bundle + tympan's own code) in the active run; -> ModelInfo."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=AudioModel(),
+        artifacts={"bundle": str(bundle)},
+        code_paths=[str(Path(tympan.__file__).parent)],
+        signature=signature(),
+        input_example=example_input(sample_rate),
+        pip_requirements=requirements(),
+        registered_model_name=registered_name,
+    )

@@ -1,0 +1,337 @@
+"""The pipeline stages: each reads its inputs, calls the library, writes its outputs.
+
+`tympan <stage>` (cli.py) parses paths and calls one function here; dvc.yaml says which paths
+and which params each stage gets. Stages that track (train, evaluate, register) share one
+MLflow parent run per `train` invocation, whose id travels in `models/train.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tympan import tracking
+from tympan.config import Params, flatten, to_dict
+from tympan.data import demo
+from tympan.data.ingest import ingest
+from tympan.data.manifest import read_manifest, read_table
+from tympan.data.splits import split_manifest, split_report
+from tympan.evaluation.metrics import classification_metrics, confusion
+from tympan.evaluation.plots import confusion_matrix_plot, learning_curves
+from tympan.features import build_cache, open_cache
+from tympan.serving.bundle import Predictor, save_bundle
+from tympan.training import fit, predict_proba, resolve_device
+
+log = logging.getLogger(__name__)
+
+BUNDLE = "bundle.pt"
+TRAIN_RECORD = "train.json"
+HISTORY = "history.csv"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def run_demo(params: Params, out: Path) -> None:
+    demo.generate(params.demo, out)
+
+
+def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> None:
+    work = manifest.parent
+    table, rejected = ingest(params.data, work)
+    for written, wanted in (
+        (work / "manifest.csv", manifest),
+        (work / "rejects.csv", rejects),
+        (work / "summary.json", summary),
+    ):
+        if written != wanted:
+            wanted.parent.mkdir(parents=True, exist_ok=True)
+            written.replace(wanted)
+    print(f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects})")
+
+
+def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
+    manifest_path, report_path = manifest, report
+    manifest = read_manifest(manifest_path)
+    splits = split_manifest(manifest, params.split)
+    table = manifest.merge(splits, on="path", validate="one_to_one")
+    report = split_report(table, params.split)  # raises LeakageError before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits.to_csv(out, index=False)
+    _write_json(report_path, report)
+    print(
+        f"split ({params.split.strategy}): {report['recordings']} recordings, "
+        f"{report['groups']} groups, no group or file in two splits"
+    )
+
+
+def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> None:
+    manifest_path, splits_path = manifest, splits
+    manifest = read_manifest(manifest_path)
+    splits = read_table(splits_path, ("path", "split"))
+    table = manifest.merge(splits, on="path", how="left", validate="one_to_one")
+    if table["split"].isna().any():
+        missing = table.loc[table["split"].isna(), "path"].iloc[0]
+        raise ValueError(f"{splits_path}: no split for {missing}; re-run the split stage")
+    cache = build_cache(table, params.features, out)
+    print(
+        f"featurize: {cache.features.shape} {cache.features.dtype} -> {out} "
+        f"(key {cache.meta['key']}, stats from {len(cache.rows('train'))} train clips)"
+    )
+
+
+def run_train(params: Params, features: Path, manifest: Path, out: Path) -> None:
+    features_dir, manifest_path = features, manifest
+    cache = open_cache(features_dir)
+    device = resolve_device(params.train.device)
+    out.mkdir(parents=True, exist_ok=True)
+    tracking.setup(params.tracking.experiment)
+    tags = tracking.run_tags(
+        "train",
+        params.preset,
+        {"data": Path(params.data.root), "manifest": manifest_path, "features": features_dir},
+    )
+    tags["device"] = tracking.device_name(device)
+    history: list[dict] = []
+    record: dict = {"seeds": {}}
+    members: dict[int, dict[str, torch.Tensor]] = {}
+    with mlflow.start_run(run_name=f"train-{params.preset}", tags=tags) as parent:
+        mlflow.log_params(
+            flatten(
+                {
+                    "features": to_dict(params.features),
+                    "model": to_dict(params.model),
+                    "train": to_dict(params.train),
+                }
+            )
+        )
+        mlflow.log_params(
+            {
+                "n_train": len(cache.rows("train")),
+                "n_val": len(cache.rows("val")),
+                "n_classes": len(cache.labels),
+                "feature_key": cache.meta["key"],
+            }
+        )
+        record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
+        for seed in params.train.seeds:
+            with mlflow.start_run(
+                run_name=f"seed-{seed}", nested=True, tags={**tags, "tympan.seed": str(seed)}
+            ) as child:
+                mlflow.log_params({"seed": seed})
+                result = fit(
+                    cache,
+                    params.model,
+                    params.train,
+                    seed,
+                    device,
+                    on_epoch=lambda e: mlflow.log_metrics(
+                        {k: v for k, v in asdict(e).items() if k != "epoch"}, step=e.epoch
+                    ),
+                )
+                best = result.history[result.best_epoch - 1]
+                mlflow.log_metrics(
+                    {
+                        "best_epoch": result.best_epoch,
+                        "best_val_loss": best.val_loss,
+                        "best_val_accuracy": best.val_accuracy,
+                        "best_val_f1_macro": best.val_f1_macro,
+                    }
+                )
+                history += [{"seed": seed, **asdict(e)} for e in result.history]
+                members[seed] = {k: v.cpu() for k, v in result.model.state_dict().items()}
+                record["seeds"][str(seed)] = {
+                    "run_id": child.info.run_id,
+                    "best_epoch": result.best_epoch,
+                    "epochs_run": len(result.history),
+                    "stopped_early": result.stopped_early,
+                    "val_loss": best.val_loss,
+                    "val_accuracy": best.val_accuracy,
+                    "val_f1_macro": best.val_f1_macro,
+                }
+        accuracies = [s["val_accuracy"] for s in record["seeds"].values()]
+        mlflow.log_metrics(
+            {
+                "val_accuracy_mean": statistics.fmean(accuracies),
+                "val_accuracy_std": statistics.pstdev(accuracies),
+            }
+        )
+        save_bundle(
+            out / BUNDLE,
+            params.features,
+            params.model,
+            cache.labels,
+            tuple(cache.features.shape[2:]),
+            cache.mean,
+            cache.std,
+            members,
+        )
+        pd.DataFrame(history).to_csv(out / HISTORY, index=False)
+        learning_curves(pd.DataFrame(history), out / "learning_curves.png")
+        mlflow.log_artifact(str(out / "learning_curves.png"), "plots")
+        mlflow.log_artifact(str(out / HISTORY), "plots")
+    _write_json(out / TRAIN_RECORD, record)
+    print(
+        f"train: {len(members)} seed(s) on {device}; val accuracy "
+        f"{statistics.fmean(accuracies):.4f} +- {statistics.pstdev(accuracies):.4f}; "
+        f"MLflow run {record['parent_run_id']}"
+    )
+
+
+def _summary(per_seed: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+    names = next(iter(per_seed.values())).keys()
+    mean = {k: statistics.fmean(s[k] for s in per_seed.values()) for k in names}
+    std = {k: statistics.pstdev(s[k] for s in per_seed.values()) for k in names}
+    return mean, std
+
+
+def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, plots: Path) -> None:
+    features_dir, models_dir, metrics_path, plots_dir = features, models, metrics, plots
+    cache = open_cache(features_dir)
+    record = json.loads((models_dir / TRAIN_RECORD).read_text())
+    predictor = Predictor.load(models_dir / BUNDLE)
+    device = torch.device("cpu")
+    rows = cache.rows("test")
+    targets = cache.targets()[rows]
+    per_seed_probs = {
+        seed: predict_proba(member, cache.features, rows, 256, device)
+        for seed, member in zip(record["seeds"], predictor.members, strict=True)
+    }
+    per_seed = {seed: classification_metrics(targets, p) for seed, p in per_seed_probs.items()}
+    ensemble_probs = np.mean(list(per_seed_probs.values()), axis=0)
+    ensemble = classification_metrics(targets, ensemble_probs)
+    mean, std = _summary(per_seed)
+    metrics = {
+        "n_test": len(rows),
+        "ensemble": ensemble,
+        "seed_mean": mean,
+        "seed_std": std,
+        "seeds": per_seed,
+    }
+    _write_json(metrics_path, metrics)
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    predicted = ensemble_probs.argmax(axis=1)
+    labels = np.asarray(cache.labels)
+    predictions = pd.DataFrame(
+        {
+            "path": cache.index["path"].to_numpy()[rows],
+            "actual": labels[targets],
+            "predicted": labels[predicted],
+            "confidence": ensemble_probs.max(axis=1).round(4),
+        }
+    )
+    predictions[["actual", "predicted"]].to_csv(plots_dir / "confusion.csv", index=False)
+    predictions.to_csv(plots_dir / "test_predictions.csv", index=False)
+    matrix = confusion(targets, ensemble_probs)
+    confusion_matrix_plot(
+        matrix,
+        cache.labels,
+        plots_dir / "confusion.png",
+        f"test, ensemble of {len(per_seed)} (accuracy {ensemble['accuracy']:.3f})",
+    )
+    history = pd.read_csv(models_dir / HISTORY)
+    learning_curves(history, plots_dir / "learning_curves.png")
+
+    tracking.connect()
+    client = MlflowClient()
+    for seed, values in per_seed.items():
+        run_id = record["seeds"][seed]["run_id"]
+        for key, value in values.items():
+            client.log_metric(run_id, f"test_{key}", value)
+    with mlflow.start_run(run_id=record["parent_run_id"]):
+        mlflow.log_metrics({f"test_{k}": v for k, v in ensemble.items()})
+        mlflow.log_metrics({f"test_seed_mean_{k}": v for k, v in mean.items()})
+        mlflow.log_metrics({f"test_seed_std_{k}": v for k, v in std.items()})
+        mlflow.log_artifact(str(metrics_path), "metrics")
+        mlflow.log_artifact(str(plots_dir / "confusion.png"), "plots")
+        mlflow.log_artifact(str(plots_dir / "test_predictions.csv"), "plots")
+        mlflow.log_text(matrix_to_text(matrix, cache.labels), "plots/confusion.txt")
+    print(
+        f"evaluate: test accuracy ensemble {ensemble['accuracy']:.4f}, per seed "
+        f"{mean['accuracy']:.4f} +- {std['accuracy']:.4f} on {len(rows)} clips"
+    )
+
+
+def matrix_to_text(matrix: np.ndarray, labels: list[str]) -> str:
+    width = max(len(label) for label in labels) + 1
+    lines = ["true \\ predicted".ljust(width) + " ".join(label.rjust(width) for label in labels)]
+    for label, row in zip(labels, matrix, strict=True):
+        lines.append(label.ljust(width) + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None:
+    models_dir, metrics_path = models, metrics
+    from tympan.serving.pyfunc import log_audio_model
+
+    cfg = params.register
+    record = json.loads((models_dir / TRAIN_RECORD).read_text())
+    metrics = json.loads(metrics_path.read_text())
+    value = metrics["ensemble"][cfg.metric]
+    spread = metrics["seed_std"][cfg.metric]
+    tracking.connect()
+    client = MlflowClient()
+    with mlflow.start_run(run_id=record["parent_run_id"]) as run:
+        info = log_audio_model(models_dir / BUNDLE, params.features.sample_rate, cfg.name)
+        tags = dict(run.data.tags)
+    version = str(info.registered_model_version)
+    version_tags = {
+        "git.commit": tags.get("git.commit", "unknown"),
+        "dvc.data": tags.get("dvc.data", "unknown"),
+        "dvc.features": tags.get("dvc.features", "unknown"),
+        "tympan.preset": params.preset,
+        f"test_{cfg.metric}": f"{value:.6f}",
+        f"test_{cfg.metric}_seed_std": f"{spread:.6f}",
+    }
+    for key, tag in version_tags.items():
+        client.set_model_version_tag(cfg.name, version, key, tag)
+
+    try:
+        champion = client.get_model_version_by_alias(cfg.name, "champion")
+    except MlflowException:
+        champion = None
+    if champion is None:
+        alias, reason = "champion", "no champion yet"
+    else:
+        best = float(champion.tags.get(f"test_{cfg.metric}", "-inf"))
+        if value > best + cfg.min_delta:
+            alias = "champion"
+            reason = (
+                f"test {cfg.metric} {value:.4f} beats champion v{champion.version} "
+                f"({best:.4f}) by more than {cfg.min_delta}"
+            )
+        else:
+            alias = "challenger"
+            reason = (
+                f"test {cfg.metric} {value:.4f} does not beat champion v{champion.version} "
+                f"({best:.4f}) by more than {cfg.min_delta}"
+            )
+    client.set_registered_model_alias(cfg.name, alias, version)
+    client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
+    result = {
+        "name": cfg.name,
+        "version": int(version),
+        "alias": alias,
+        "reason": reason,
+        "metric": cfg.metric,
+        "value": value,
+        "seed_std": spread,
+        "model_uri": f"models:/{cfg.name}/{version}",
+        "run_id": record["parent_run_id"],
+        "tracking_uri": tracking.tracking_uri(),
+    }
+    _write_json(out, result)
+    print(f"register: {cfg.name} v{version} -> @{alias} ({reason})")
