@@ -63,28 +63,25 @@ def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> 
 
 
 def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
-    manifest_path, report_path = manifest, report
-    manifest = read_manifest(manifest_path)
-    splits = split_manifest(manifest, params.split)
-    table = manifest.merge(splits, on="path", validate="one_to_one")
-    report = split_report(table, params.split)  # raises LeakageError before anything is written
+    table = read_manifest(manifest)
+    splits = split_manifest(table, params.split)
+    table = table.merge(splits, on="path", validate="one_to_one")
+    checked = split_report(table, params.split)  # raises LeakageError before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
-    _write_json(report_path, report)
+    _write_json(report, checked)
     print(
-        f"split ({params.split.strategy}): {report['recordings']} recordings, "
-        f"{report['groups']} groups, no group or file in two splits"
+        f"split ({params.split.strategy}): {checked['recordings']} recordings, "
+        f"{checked['groups']} groups, no group or file in two splits"
     )
 
 
 def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> None:
-    manifest_path, splits_path = manifest, splits
-    manifest = read_manifest(manifest_path)
-    splits = read_table(splits_path, ("path", "split"))
-    table = manifest.merge(splits, on="path", how="left", validate="one_to_one")
+    assignment = read_table(splits, ("path", "split"))
+    table = read_manifest(manifest).merge(assignment, on="path", how="left", validate="one_to_one")
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
-        raise ValueError(f"{splits_path}: no split for {missing}; re-run the split stage")
+        raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
     cache = build_cache(table, params.features, out)
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} -> {out} "
@@ -93,15 +90,14 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
 
 
 def run_train(params: Params, features: Path, manifest: Path, out: Path) -> None:
-    features_dir, manifest_path = features, manifest
-    cache = open_cache(features_dir)
+    cache = open_cache(features)
     device = resolve_device(params.train.device)
     out.mkdir(parents=True, exist_ok=True)
     tracking.setup(params.tracking.experiment)
     tags = tracking.run_tags(
         "train",
         params.preset,
-        {"data": Path(params.data.root), "manifest": manifest_path, "features": features_dir},
+        {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
     history: list[dict] = []
@@ -198,10 +194,9 @@ def _summary(per_seed: dict[str, dict[str, float]]) -> tuple[dict, dict]:
 
 
 def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, plots: Path) -> None:
-    features_dir, models_dir, metrics_path, plots_dir = features, models, metrics, plots
-    cache = open_cache(features_dir)
-    record = json.loads((models_dir / TRAIN_RECORD).read_text())
-    predictor = Predictor.load(models_dir / BUNDLE)
+    cache = open_cache(features)
+    record = json.loads((models / TRAIN_RECORD).read_text())
+    predictor = Predictor.load(models / BUNDLE)
     device = torch.device("cpu")
     rows = cache.rows("test")
     targets = cache.targets()[rows]
@@ -213,16 +208,16 @@ def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, pl
     ensemble_probs = np.mean(list(per_seed_probs.values()), axis=0)
     ensemble = classification_metrics(targets, ensemble_probs)
     mean, std = _summary(per_seed)
-    metrics = {
+    results = {
         "n_test": len(rows),
         "ensemble": ensemble,
         "seed_mean": mean,
         "seed_std": std,
         "seeds": per_seed,
     }
-    _write_json(metrics_path, metrics)
+    _write_json(metrics, results)
 
-    plots_dir.mkdir(parents=True, exist_ok=True)
+    plots.mkdir(parents=True, exist_ok=True)
     predicted = ensemble_probs.argmax(axis=1)
     labels = np.asarray(cache.labels)
     predictions = pd.DataFrame(
@@ -233,17 +228,17 @@ def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, pl
             "confidence": ensemble_probs.max(axis=1).round(4),
         }
     )
-    predictions[["actual", "predicted"]].to_csv(plots_dir / "confusion.csv", index=False)
-    predictions.to_csv(plots_dir / "test_predictions.csv", index=False)
+    predictions[["actual", "predicted"]].to_csv(plots / "confusion.csv", index=False)
+    predictions.to_csv(plots / "test_predictions.csv", index=False)
     matrix = confusion(targets, ensemble_probs)
     confusion_matrix_plot(
         matrix,
         cache.labels,
-        plots_dir / "confusion.png",
+        plots / "confusion.png",
         f"test, ensemble of {len(per_seed)} (accuracy {ensemble['accuracy']:.3f})",
     )
-    history = pd.read_csv(models_dir / HISTORY)
-    learning_curves(history, plots_dir / "learning_curves.png")
+    history = pd.read_csv(models / HISTORY)
+    learning_curves(history, plots / "learning_curves.png")
 
     tracking.connect()
     client = MlflowClient()
@@ -255,9 +250,9 @@ def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, pl
         mlflow.log_metrics({f"test_{k}": v for k, v in ensemble.items()})
         mlflow.log_metrics({f"test_seed_mean_{k}": v for k, v in mean.items()})
         mlflow.log_metrics({f"test_seed_std_{k}": v for k, v in std.items()})
-        mlflow.log_artifact(str(metrics_path), "metrics")
-        mlflow.log_artifact(str(plots_dir / "confusion.png"), "plots")
-        mlflow.log_artifact(str(plots_dir / "test_predictions.csv"), "plots")
+        mlflow.log_artifact(str(metrics), "metrics")
+        mlflow.log_artifact(str(plots / "confusion.png"), "plots")
+        mlflow.log_artifact(str(plots / "test_predictions.csv"), "plots")
         mlflow.log_text(matrix_to_text(matrix, cache.labels), "plots/confusion.txt")
     print(
         f"evaluate: test accuracy ensemble {ensemble['accuracy']:.4f}, per seed "
@@ -274,18 +269,17 @@ def matrix_to_text(matrix: np.ndarray, labels: list[str]) -> str:
 
 
 def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None:
-    models_dir, metrics_path = models, metrics
     from tympan.serving.pyfunc import log_audio_model
 
     cfg = params.register
-    record = json.loads((models_dir / TRAIN_RECORD).read_text())
-    metrics = json.loads(metrics_path.read_text())
-    value = metrics["ensemble"][cfg.metric]
-    spread = metrics["seed_std"][cfg.metric]
+    record = json.loads((models / TRAIN_RECORD).read_text())
+    results = json.loads(metrics.read_text())
+    value = results["ensemble"][cfg.metric]
+    spread = results["seed_std"][cfg.metric]
     tracking.connect()
     client = MlflowClient()
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
-        info = log_audio_model(models_dir / BUNDLE, params.features.sample_rate, cfg.name)
+        info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
         tags = dict(run.data.tags)
     version = str(info.registered_model_version)
     version_tags = {

@@ -25,6 +25,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlartifacts/` beside the database file; else the server's default."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+
+
 def connect() -> str:
     """Point MLflow (tracking and registry) at the project store; -> the URI."""
     uri = tracking_uri()
@@ -45,7 +53,7 @@ def setup(experiment: str) -> str:
     if found is not None:
         mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
-    location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if uri == DEFAULT_URI else None
+    location = artifact_location(uri)
     try:
         experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another process

@@ -59,11 +59,40 @@ def _sha256(source: Source) -> str:
     return digest.hexdigest()
 
 
+def _wav_shortfall(source: Source) -> str | None:
+    """For RIFF/WAVE, compare the `data` chunk's declared size with the bytes present.
+
+    libsndfile quietly shortens a truncated WAV to what is there, so the header is the only
+    witness that audio is missing.
+    """
+    if isinstance(source, bytes):
+        head, size = source[: 1 << 16], len(source)
+    else:
+        size = Path(source).stat().st_size
+        with open(source, "rb") as handle:
+            head = handle.read(1 << 16)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk == b"data":
+            present = size - (pos + 8)
+            if length != 0xFFFFFFFF and present < length:
+                return f"truncated: header declares {length} bytes of audio, file holds {present}"
+            return None
+        pos += 8 + length + (length & 1)
+    return None
+
+
 def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioProbe:
     """Check one file block by block: decodable, non-empty, finite, not silent, not too long."""
     if not isinstance(source, bytes) and Path(source).stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
     with _open(source) as handle:
+        shortfall = _wav_shortfall(source)
+        if shortfall:
+            raise AudioError(shortfall)
         sample_rate, channels, frames = handle.samplerate, handle.channels, handle.frames
         if frames <= 0:
             raise AudioError("no audio frames")

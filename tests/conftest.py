@@ -1,0 +1,133 @@
+"""Shared fixtures: the real params shrunk for CPU, FSDD from ../shared, a tmp MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tympan.config import FeatureConfig, ModelConfig, Params, TrainConfig, load_params
+from tympan.features import FeatureCache, build_cache
+from tympan.serving.bundle import save_bundle
+from tympan.training import fit
+
+from audio_helpers import tone, write
+
+REPO = Path(__file__).resolve().parents[1]
+FSDD = Path(os.environ.get("TYMPAN_FSDD", REPO.parent / "shared" / "datasets" / "fsdd"))
+
+
+def tiny(params: Params, root: Path | None = None) -> Params:
+    """The real config shrunk to seconds of CPU: few clips, two seeds, two epochs."""
+    return replace(
+        params,
+        demo=replace(params.demo, clips_per_class=12, groups=6),
+        data=replace(params.data, root=str(root) if root else params.data.root),
+        split=replace(params.split, val=0.2, test=0.2),
+        train=replace(params.train, seeds=(0, 1), epochs=2, batch_size=16),
+    )
+
+
+@pytest.fixture(scope="session")
+def repo_params() -> Params:
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def fsdd_root() -> Path:
+    if not (FSDD / "metadata.csv").exists():
+        pytest.skip(f"FSDD not found at {FSDD} (set TYMPAN_FSDD)")
+    return FSDD
+
+
+def fsdd_subset(root: Path, out: Path, speakers: list[str], takes: range) -> Path:
+    """A dataset folder in FSDD's layout holding links to a subset of the real recordings."""
+    meta = pd.read_csv(root / "metadata.csv")
+    meta = meta[meta["speaker"].isin(speakers) & meta["take"].isin(takes)]
+    (out / "recordings").mkdir(parents=True, exist_ok=True)
+    for name in meta["filename"]:
+        (out / name).symlink_to((root / name).resolve())
+    meta.to_csv(out / "metadata.csv", index=False)
+    return out
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite tracking store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_project(dest: Path) -> Path:
+    """The files a DVC repo of tympan needs (dvc.yaml, params.yaml, src/) in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    shutil.copytree(
+        REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    return dest
+
+
+TONE_FEATURES = FeatureConfig(
+    sample_rate=8000, seconds=0.5, n_fft=256, hop_length=128, f_max=4000.0
+)
+
+
+@pytest.fixture(scope="session")
+def tone_cache(tmp_path_factory) -> FeatureCache:
+    """Low tones vs high tones, 48 clips: any working training loop separates them."""
+    tmp = tmp_path_factory.mktemp("tones")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        label = "low" if i % 2 else "high"
+        freq = rng.uniform(200, 400) if label == "low" else rng.uniform(2500, 3500)
+        path = write(tmp / f"{i}.wav", tone(freq, 0.5, 8000, amp=rng.uniform(0.1, 0.9)), 8000)
+        rows.append(
+            {
+                "path": str(path),
+                "label": label,
+                "group": str(i),
+                "split": ["train", "train", "train", "train", "val", "test"][i % 6],
+                "sha256": f"{i:064x}",
+            }
+        )
+    return build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
+
+
+@pytest.fixture(scope="session")
+def tone_bundle(tone_cache, tmp_path_factory) -> Path:
+    """A two-member ensemble bundle trained on the tone cache."""
+    model_cfg = ModelConfig(channels=8, hidden=16)
+    cfg = TrainConfig(epochs=6, batch_size=8)
+    members = {
+        seed: fit(tone_cache, model_cfg, cfg, seed, torch.device("cpu")).model.state_dict()
+        for seed in (0, 1)
+    }
+    path = tmp_path_factory.mktemp("bundle") / "bundle.pt"
+    save_bundle(
+        path,
+        TONE_FEATURES,
+        model_cfg,
+        tone_cache.labels,
+        tuple(tone_cache.features.shape[2:]),
+        tone_cache.mean,
+        tone_cache.std,
+        members,
+    )
+    return path

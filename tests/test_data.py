@@ -1,0 +1,202 @@
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tympan.config import DataConfig, DemoConfig, SplitConfig
+from tympan.data import demo
+from tympan.data.adapters import AdapterError, list_recordings
+from tympan.data.ingest import IngestError, ingest
+from tympan.data.manifest import ManifestError
+from tympan.data.splits import LeakageError, check_leakage, split_manifest, split_report
+
+from audio_helpers import tone, truncated, write
+from conftest import fsdd_subset
+
+
+def _digest(folder):
+    return hashlib.sha256(
+        b"".join(p.read_bytes() for p in sorted(folder.rglob("*.wav")))
+    ).hexdigest()
+
+
+def test_demo_is_deterministic_and_has_groups(tmp_path):
+    cfg = DemoConfig(clips_per_class=4, groups=2)
+    meta = demo.generate(cfg, tmp_path / "a")
+    demo.generate(cfg, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert len(meta) == 4 * len(demo.CLASSES)
+    assert set(meta["label"]) == set(demo.CLASSES)
+    assert meta["session"].nunique() == 2
+    demo.generate(replace(cfg, seed=1), tmp_path / "c")
+    assert _digest(tmp_path / "c") != _digest(tmp_path / "a")
+
+
+def test_fsdd_adapter_reads_the_real_metadata(fsdd_root):
+    table, rejects = list_recordings("fsdd", fsdd_root, None)
+    assert len(table) == 3000 and not rejects
+    assert sorted(table["label"].unique()) == [str(d) for d in range(10)]
+    assert table["group"].nunique() == 3000  # default group: the recording
+    assert {"speaker", "accent", "gender"} <= set(table.columns)
+    by_speaker, _ = list_recordings("fsdd", fsdd_root, "speaker")
+    assert by_speaker["group"].nunique() == 6
+
+
+def test_fsdd_adapter_parses_file_names_without_metadata(fsdd_root, tmp_path):
+    root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["theo"], range(2))
+    (root / "metadata.csv").unlink()
+    write(root / "recordings" / "hello.wav", tone(300, 0.2, 8000), 8000)
+    table, rejects = list_recordings("fsdd", root, None)
+    assert len(table) == 20 and set(table["speaker"]) == {"theo"}
+    assert rejects == [
+        {
+            "path": (root / "recordings" / "hello.wav").as_posix(),
+            "reason": "file name does not match {digit}_{speaker}_{take}.wav",
+        }
+    ]
+
+
+def test_adapter_errors_name_the_problem(tmp_path):
+    with pytest.raises(AdapterError, match="not a folder"):
+        list_recordings("demo", tmp_path / "absent", None)
+    (tmp_path / "metadata.csv").write_text("filename,label\naudio/a.wav,tone\n")
+    with pytest.raises(AdapterError, match=r"missing column.*session"):
+        list_recordings("demo", tmp_path, None)
+    (tmp_path / "metadata.csv").write_text(
+        "filename,label,session,snr_db\n../../etc/passwd,tone,s,0\n"
+    )
+    with pytest.raises(ManifestError, match="outside the dataset root"):
+        list_recordings("demo", tmp_path, None)
+    (tmp_path / "metadata.csv").write_text("filename,label,session,snr_db\naudio/a.wav,tone,s,0\n")
+    with pytest.raises(AdapterError, match="group_by='speaker'"):
+        list_recordings("demo", tmp_path, "speaker")
+
+
+def _bad_corpus(tmp_path):
+    """A demo-layout folder: 10 good clips plus one of each kind of broken file."""
+    rows = []
+    for i in range(10):
+        write(tmp_path / "audio" / f"good{i}.wav", tone(300 + 50 * i, 0.5, 16000), 16000)
+        rows.append((f"audio/good{i}.wav", "tone"))
+    stereo = np.stack([tone(440, 0.5, 96000), tone(660, 0.5, 96000)], axis=1)
+    write(tmp_path / "audio" / "stereo96k.wav", stereo, 96000, subtype="PCM_24")
+    write(tmp_path / "audio" / "short.wav", tone(440, 0.01, 8000), 8000, subtype="PCM_U8")
+    rows += [("audio/stereo96k.wav", "tone"), ("audio/short.wav", "tone")]
+    (tmp_path / "audio" / "zero.wav").write_bytes(b"")
+    (tmp_path / "audio" / "text.wav").write_text("not audio")
+    write(tmp_path / "audio" / "silence.wav", np.zeros(16000, np.float32), 16000)
+    truncated(tmp_path / "audio" / "cut.wav")
+    (tmp_path / "audio" / "copy.wav").write_bytes((tmp_path / "audio" / "good0.wav").read_bytes())
+    rows += [(f"audio/{n}.wav", "tone") for n in ("zero", "text", "silence", "cut", "copy", "gone")]
+    pd.DataFrame(
+        {
+            "filename": [r[0] for r in rows],
+            "label": [r[1] for r in rows],
+            "session": [f"s{i % 3}" for i in range(len(rows))],
+            "snr_db": 0.0,
+        }
+    ).to_csv(tmp_path / "metadata.csv", index=False)
+    return tmp_path
+
+
+def test_ingest_rejects_bad_files_with_reasons_and_keeps_the_rest(tmp_path):
+    root = _bad_corpus(tmp_path / "corpus")
+    cfg = DataConfig(adapter="demo", root=str(root), max_reject_fraction=0.5)
+    manifest, rejects = ingest(cfg, tmp_path / "out")
+    assert len(manifest) == 12  # 10 good + stereo 96 kHz + 10 ms 8-bit
+    stereo = manifest[manifest["path"].str.endswith("stereo96k.wav")].iloc[0]
+    assert (stereo["channels"], stereo["sample_rate"]) == (2, 96000)
+    reasons = {
+        p.rsplit("/", 1)[1]: r for p, r in zip(rejects["path"], rejects["reason"], strict=True)
+    }
+    assert reasons["zero.wav"].startswith("empty file")
+    assert reasons["text.wav"].startswith("not decodable")
+    assert reasons["silence.wav"].startswith("silent")
+    assert reasons["cut.wav"].startswith("truncated")
+    assert (
+        reasons["copy.wav"].startswith("duplicate: identical bytes to")
+        and "good0.wav" in reasons["copy.wav"]
+    )
+    assert reasons["gone.wav"] == "listed in the metadata but missing"
+    written = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert list(written.columns[:7]) == [
+        "path",
+        "label",
+        "group",
+        "duration_s",
+        "sample_rate",
+        "channels",
+        "sha256",
+    ]
+
+
+def test_ingest_fails_past_the_reject_fraction_but_writes_rejects_first(tmp_path):
+    root = _bad_corpus(tmp_path / "corpus")
+    cfg = DataConfig(adapter="demo", root=str(root), max_reject_fraction=0.1)
+    with pytest.raises(IngestError, match=r"rejected 6 of 18 .*data.max_reject_fraction"):
+        ingest(cfg, tmp_path / "out")
+    assert len(pd.read_csv(tmp_path / "out" / "rejects.csv")) == 6
+
+
+def _manifest(n_groups=20, per_group=5, labels=("a", "b", "c")):
+    rows = []
+    for g in range(n_groups):
+        for i in range(per_group):
+            rows.append(
+                {
+                    "path": f"g{g}_{i}.wav",
+                    "label": labels[(g + i) % len(labels)],
+                    "group": f"g{g}",
+                    "sha256": f"{g:032x}{i:032x}",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_split_never_leaks(seed):
+    manifest = _manifest()
+    splits = split_manifest(manifest, SplitConfig(strategy="group", seed=seed))
+    table = manifest.merge(splits, on="path")
+    assert (table.groupby("group")["split"].nunique() == 1).all()
+    report = split_report(table, SplitConfig(strategy="group", seed=seed))
+    assert sum(report["groups"].values()) == 20
+    assert report["recordings"]["train"] > report["recordings"]["test"] > 0
+    assert report["checks"]["groups_in_two_splits"] == 0
+
+
+def test_group_split_keeps_label_pure_groups_stratified():
+    manifest = _manifest(n_groups=30, per_group=4, labels=("x",))
+    manifest.loc[manifest["group"].isin([f"g{i}" for i in range(15)]), "label"] = "y"
+    table = manifest.merge(
+        split_manifest(manifest, SplitConfig(strategy="group", val=0.2, test=0.2)), on="path"
+    )
+    counts = table.groupby(["split", "label"]).size().unstack()
+    assert (counts["x"] == counts["y"]).all()  # each label split 9/3/3 groups
+
+
+def test_stratified_split_proportions():
+    manifest = _manifest(n_groups=100, per_group=1)
+    splits = split_manifest(manifest, SplitConfig(strategy="stratified", val=0.1, test=0.2))
+    assert splits["split"].value_counts().to_dict() == {"train": 70, "test": 20, "val": 10}
+
+
+def test_leak_check_catches_groups_and_identical_files():
+    table = _manifest(n_groups=3, per_group=2)
+    table["split"] = ["train", "train", "val", "val", "test", "test"]
+    assert check_leakage(table)["groups_checked"] == 3
+    leaked = table.copy()
+    leaked.loc[1, "split"] = "test"
+    with pytest.raises(LeakageError, match="1 group value"):
+        check_leakage(leaked)
+    copied = table.copy()
+    copied.loc[5, "sha256"] = copied.loc[0, "sha256"]
+    with pytest.raises(LeakageError, match="1 sha256 value"):
+        check_leakage(copied)
+
+
+def test_too_few_groups_is_a_clear_error():
+    with pytest.raises(ValueError, match="is empty"):
+        split_manifest(_manifest(n_groups=2), SplitConfig(strategy="group"))

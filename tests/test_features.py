@@ -1,0 +1,114 @@
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tympan.config import FeatureConfig
+from tympan.features import LogMel, build_cache, open_cache, waveform_batch
+from tympan.features.logmel import n_frames
+
+from audio_helpers import tone, write
+
+
+def test_batch_equals_per_item():
+    cfg = FeatureConfig()
+    frontend = LogMel(cfg)
+    batch = torch.stack(
+        [
+            torch.from_numpy(tone(f, 1.0, 16000, amp=a))
+            for f, a in [(300, 0.9), (1200, 0.01), (3000, 0.3)]
+        ]
+    )
+    together = frontend(batch)
+    alone = torch.cat([frontend(batch[i : i + 1]) for i in range(3)])
+    assert together.shape == (3, 1, cfg.n_mels, n_frames(cfg))
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_silence_gives_finite_values():
+    out = LogMel(FeatureConfig())(torch.zeros(2, 16000))
+    assert torch.isfinite(out).all()
+
+
+def test_tone_energy_lands_in_the_right_mel_band():
+    cfg = FeatureConfig()
+    low, high = LogMel(cfg)(
+        torch.stack([torch.from_numpy(tone(f, 1.0, 16000)) for f in (250, 4000)])
+    )
+    assert low[0].mean(-1).argmax() < high[0].mean(-1).argmax()
+
+
+def _table(tmp_path, n=12):
+    rows = []
+    for i in range(n):
+        path = write(
+            tmp_path / f"c{i}.wav",
+            tone(200 + 100 * i, 0.5 + 0.1 * i, 8000 if i % 2 else 22050),
+            8000 if i % 2 else 22050,
+        )
+        rows.append(
+            {
+                "path": str(path),
+                "label": "odd" if i % 2 else "even",
+                "group": f"g{i}",
+                "split": ["train", "train", "val", "test"][i % 4],
+                "sha256": f"{i:064x}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_cache_is_one_array_with_train_only_stats(tmp_path):
+    cfg = FeatureConfig(dtype="float32")
+    table = _table(tmp_path / "audio")
+    cache = build_cache(table, cfg, tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "features.npy",
+        "index.csv",
+        "meta.json",
+        "stats.json",
+    ]
+    assert isinstance(cache.features, np.memmap) and cache.features.shape == (
+        12,
+        1,
+        cfg.n_mels,
+        n_frames(cfg),
+    )
+    expected = np.asarray(waveform_batch(table["path"].tolist(), cfg))
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(cache.features)), LogMel(cfg)(torch.from_numpy(expected))
+    )
+    train = np.asarray(cache.features[cache.rows("train")], dtype=np.float64)
+    np.testing.assert_allclose(cache.mean, train.mean(axis=(0, 1, 3)), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(cache.std, train.std(axis=(0, 1, 3)), rtol=1e-3, atol=1e-3)
+
+    # changing only val/test audio leaves the statistics untouched
+    changed = table.copy()
+    for i in changed.index[changed["split"] != "train"]:
+        write(tmp_path / "other" / f"{i}.wav", tone(3500, 1.0, 8000, amp=0.9), 8000)
+        changed.loc[i, "path"] = str(tmp_path / "other" / f"{i}.wav")
+        changed.loc[i, "sha256"] = f"{i + 100:064x}"
+    again = build_cache(changed, cfg, tmp_path / "cache2")
+    np.testing.assert_allclose(again.mean, cache.mean, rtol=1e-6)
+    assert again.meta["key"] != cache.meta["key"]
+
+
+def test_cache_key_depends_on_params_not_on_row_order(tmp_path):
+    from tympan.features.cache import cache_key
+
+    shas = [f"{i:064x}" for i in range(5)]
+    cfg = FeatureConfig()
+    assert cache_key(shas, cfg) == cache_key(shas[::-1], cfg)
+    assert cache_key(shas, cfg) != cache_key(shas, replace(cfg, n_mels=64))
+
+
+def test_open_cache_reads_back(tmp_path):
+    build_cache(_table(tmp_path / "audio"), FeatureConfig(), tmp_path / "cache")
+    cache = open_cache(tmp_path / "cache")
+    assert cache.labels == ["even", "odd"]
+    assert cache.features.dtype == np.float16
+    assert cache.targets().tolist() == [0, 1] * 6
+    with pytest.raises(FileNotFoundError):
+        open_cache(tmp_path / "missing")

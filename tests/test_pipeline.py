@@ -1,0 +1,129 @@
+"""`dvc repro` end to end in a temporary git + DVC repo, with the real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import copy_project
+
+pytestmark = pytest.mark.integration
+
+BIN = str(Path(sys.executable).parent)
+
+
+def _run(cwd: Path, *cmd: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
+    return done.stdout + done.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def _set(params_file: Path, section: str, key: str, value) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    raw[section][key] = value
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    params = root / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["demo"].update(clips_per_class=10, groups=5)
+    raw["split"].update(val=0.2, test=0.2)
+    raw["train"].update(seeds=[0, 1], epochs=2, batch_size=16)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "t"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        _run(root, *cmd)
+    return root
+
+
+def test_repro_runs_every_stage_then_nothing(repo):
+    first = _run(repo, "dvc", "repro")
+    assert _ran(first) == {"demo", "ingest", "split", "featurize", "train", "evaluate", "register"}
+    metrics = json.loads((repo / "metrics/test.json").read_text())
+    assert metrics["n_test"] > 0 and set(metrics["seeds"]) == {"0", "1"}
+    assert 0.0 <= metrics["ensemble"]["accuracy"] <= 1.0
+    assert (repo / "plots/confusion.csv").read_text().startswith("actual,predicted")
+    assert (repo / "data/features/features.npy").exists()
+    assert (
+        json.loads((repo / "reports/split.json").read_text())["checks"]["groups_in_two_splits"] == 0
+    )
+
+    second = _run(repo, "dvc", "repro")
+    assert _ran(second) == set()
+    assert "Data and pipelines are up to date" in second
+    assert "up to date" in _run(repo, "dvc", "status")
+
+
+def test_changing_train_lr_reruns_only_downstream(repo):
+    _set(repo / "params.yaml", "train", "lr", 0.0005)
+    output = _run(repo, "dvc", "repro")
+    assert _ran(output) == {"train", "evaluate", "register"}
+    assert "Stage 'featurize' didn't change, skipping" in output
+
+
+def test_mlflow_runs_tags_and_registry(repo):
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tympan-demo")
+    assert experiment.artifact_location == (repo / "mlartifacts").resolve().as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2  # one per train invocation
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    manifest_md5 = next(
+        o["md5"] for o in lock["ingest"]["outs"] if o["path"] == "data/manifest.csv"
+    )
+    features_md5 = next(o["md5"] for o in lock["featurize"]["outs"] if o["path"] == "data/features")
+    for parent in parents:
+        tags = parent.data.tags
+        assert tags["tympan.stage"] == "train" and tags["tympan.preset"] == "demo"
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git.commit"])
+        assert tags["dvc.manifest"] == manifest_md5
+        assert tags["dvc.features"] == features_md5
+        assert parent.data.params["train.seeds"] == "[0, 1]"
+        assert "test_accuracy" in parent.data.metrics
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.tags["tympan.seed"] for c in children) == ["0", "1"]
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, "val_loss")
+            assert [m.step for m in history] == [1, 2]
+            assert "test_accuracy" in child.data.metrics
+    lrs = sorted(p.data.params["train.lr"] for p in parents)
+    assert lrs == ["0.0005", "0.001"]
+
+    versions = {int(v.version): v for v in client.search_model_versions("name='tympan-demo'")}
+    assert sorted(versions) == [1, 2]
+    champion = client.get_model_version_by_alias("tympan-demo", "champion")
+    v1, v2 = (float(versions[i].tags["test_accuracy"]) for i in (1, 2))
+    registered = json.loads((repo / "reports/registered.json").read_text())
+    assert registered["version"] == 2
+    if v2 > v1:
+        assert str(champion.version) == "2" and registered["alias"] == "champion"
+    else:
+        assert str(champion.version) == "1" and registered["alias"] == "challenger"
+        assert str(client.get_model_version_by_alias("tympan-demo", "challenger").version) == "2"
+    assert "champion" in versions[2].tags["tympan.promotion"]

@@ -1,0 +1,179 @@
+"""The registered champion served by the real `mlflow models serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import soundfile as sf
+
+from tympan import stages
+from tympan.config import load_params
+from tympan.serving import Predictor
+
+from audio_helpers import encode
+from conftest import REPO, free_port, fsdd_subset
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tympan-fsdd-test"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fsdd_root):
+    """Train a small FSDD model through the stages, register it, and serve @champion."""
+    tmp = tmp_path_factory.mktemp("serve")
+    root = fsdd_subset(fsdd_root, tmp / "fsdd", ["jackson", "nicolas", "george"], range(0, 12))
+    params = load_params(REPO / "pipelines" / "fsdd.yaml")
+    params = replace(
+        params,
+        data=replace(params.data, root=str(root)),
+        train=replace(params.train, seeds=(0, 1), epochs=4),
+        register=replace(params.register, name=MODEL),
+        tracking=replace(params.tracking, experiment="serving-test"),
+    )
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        stages.run_ingest(params, tmp / "manifest.csv", tmp / "rejects.csv", tmp / "ingest.json")
+        stages.run_split(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "split.json")
+        stages.run_featurize(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "features")
+        stages.run_train(params, tmp / "features", tmp / "manifest.csv", tmp / "models")
+        stages.run_evaluate(
+            params, tmp / "features", tmp / "models", tmp / "test.json", tmp / "plots"
+        )
+        stages.run_register(params, tmp / "models", tmp / "test.json", tmp / "registered.json")
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+    port = free_port()
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed after the server stops
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        if server.poll() is not None:
+            tail = (tmp / "server.log").read_text()[-3000:]
+            pytest.fail(f"mlflow models serve exited {server.returncode}:\n{tail}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"server not ready after 240 s:\n{(tmp / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    yield url, Predictor.load(tmp / "models" / "bundle.pt")
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    log.close()
+
+
+def _clips(fsdd_root: Path) -> list[bytes]:
+    """Unseen FSDD recordings (takes 40+), as files and re-encoded at 44.1 kHz stereo FLAC."""
+    meta = pd.read_csv(fsdd_root / "metadata.csv")
+    picked = meta[meta["take"] >= 40].groupby("digit").head(1).head(6)
+    clips = [(fsdd_root / f).read_bytes() for f in picked["filename"]]
+    wave, rate = sf.read(fsdd_root / picked["filename"].iloc[0], dtype="float32")
+    t_old = np.arange(len(wave)) / rate
+    t_new = np.arange(int(len(wave) * 44100 / rate)) / 44100
+    upsampled = np.interp(t_new, t_old, wave).astype(np.float32)
+    clips.append(encode(np.stack([upsampled, upsampled], axis=1), 44100, fmt="FLAC"))
+    return clips
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_served_predictions_match_in_process_predict(served, fsdd_root):
+    url, predictor = served
+    clips = _clips(fsdd_root)
+    expected = predictor.predict(clips)
+    for body in (
+        {"inputs": {"audio": [_b64(c) for c in clips]}},
+        {"dataframe_split": {"columns": ["audio"], "data": [[_b64(c)] for c in clips]}},
+    ):
+        response = requests.post(f"{url}/invocations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert len(predictions) == len(clips)
+        for got, want in zip(predictions, expected, strict=True):
+            assert got["label"] == want["label"]
+            assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-4, abs=1e-6)
+    # the resampled stereo copy of clip 0 gets the same answer as the original
+    assert predictions[-1]["label"] == predictions[0]["label"]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"inputs": {"audio": ["%%%not-base64%%%"]}}, "item 0: 'audio' is not valid base64"),
+        ({"inputs": {"audio": [_b64(b"hello, I am not a sound")]}}, "item 0: not decodable audio"),
+        ({"inputs": {"audio": [""]}}, "item 0: empty audio"),
+        ({"inputs": {"sound": ["AAAA"]}}, "audio"),
+        ({"instances": 42}, ""),
+    ],
+)
+def test_bad_payloads_get_400_and_the_server_keeps_serving(served, fsdd_root, body, needle):
+    url, _ = served
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert needle in response.json()["message"]
+    good = {"inputs": {"audio": [_b64(_clips(fsdd_root)[0])]}}
+    assert requests.post(f"{url}/invocations", json=good, timeout=60).status_code == 200
+
+
+def test_bad_second_item_is_named(served, fsdd_root):
+    url, _ = served
+    good = _b64(_clips(fsdd_root)[0])
+    response = requests.post(
+        f"{url}/invocations", json={"inputs": {"audio": [good, "@@"]}}, timeout=60
+    )
+    assert response.status_code == 400
+    assert "item 1" in response.json()["message"]
+
+
+def test_not_json_is_rejected(served):
+    url, _ = served
+    response = requests.post(
+        f"{url}/invocations",
+        data="this is not json",
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert 400 <= response.status_code < 500

@@ -1,0 +1,90 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tympan.config import ModelConfig, TrainConfig
+from tympan.models import build_model
+from tympan.training import fit, predict_proba, resolve_device
+from tympan.training.loop import class_weights
+
+
+@pytest.mark.parametrize("shape", [(40, 63), (64, 32), (128, 256)])
+@pytest.mark.parametrize("pool", [2, 8])
+def test_cnn_forward_backward_shapes(shape, pool):
+    model = build_model(ModelConfig(pool=pool), shape, n_classes=5)
+    x = torch.randn(3, 1, *shape, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (3, 5)
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_normalisation_travels_in_the_state_dict():
+    mean, std = torch.linspace(-50, 0, 40), torch.linspace(1, 20, 40)
+    model = build_model(ModelConfig(), (40, 63), 3, mean, std)
+    fresh = build_model(ModelConfig(), (40, 63), 3)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 40, 63)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    torch.testing.assert_close(fresh.normalize.mean.flatten(), mean)
+
+
+def test_unknown_family_is_named():
+    with pytest.raises(KeyError, match="not a known family"):
+        build_model(replace(ModelConfig(), name="vgg99"), (40, 63), 3)
+
+
+def test_balanced_class_weights():
+    weights = class_weights(np.array([0, 0, 0, 1]), 2)
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]))
+
+
+def test_auto_device_falls_back_to_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_fit_learns_and_restores_the_best_epoch(tone_cache):
+    cfg = TrainConfig(seeds=(0,), epochs=8, batch_size=8, lr=1e-3, patience=3)
+    logged = []
+    result = fit(
+        tone_cache, ModelConfig(channels=8, hidden=16), cfg, 0, torch.device("cpu"), logged.append
+    )
+    assert len(logged) == len(result.history) >= 1
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    best = min(result.history, key=lambda e: e.val_loss)
+    assert result.best_epoch == best.epoch
+    rows = tone_cache.rows("val")
+    probs = predict_proba(result.model, tone_cache.features, rows, 4, torch.device("cpu"))
+    targets = tone_cache.targets()[rows]
+    nll = -np.log(probs[np.arange(len(rows)), targets]).mean()
+    assert nll == pytest.approx(
+        best.val_loss, rel=1e-4
+    )  # the restored weights are the best epoch's
+    assert (probs.argmax(1) == targets).mean() == 1.0
+
+
+def test_fit_is_repeatable_for_a_seed(tone_cache):
+    cfg = TrainConfig(seeds=(0,), epochs=2, batch_size=8)
+    runs = [
+        fit(tone_cache, ModelConfig(channels=8, hidden=16), cfg, 3, torch.device("cpu"))
+        for _ in range(2)
+    ]
+    assert [e.val_loss for e in runs[0].history] == pytest.approx(
+        [e.val_loss for e in runs[1].history]
+    )
+
+
+def test_predict_proba_keeps_row_order(tone_cache):
+    model = build_model(ModelConfig(channels=4, hidden=8), tuple(tone_cache.features.shape[2:]), 2)
+    rows = np.array([5, 1, 9, 3])
+    together = predict_proba(model, tone_cache.features, rows, 2, torch.device("cpu"))
+    alone = np.concatenate(
+        [
+            predict_proba(model, tone_cache.features, rows[i : i + 1], 2, torch.device("cpu"))
+            for i in range(4)
+        ]
+    )
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
