@@ -62,7 +62,7 @@ def test_adapter_errors_name_the_problem(tmp_path):
     with pytest.raises(AdapterError, match="not a folder"):
         list_recordings("demo", tmp_path / "absent", None)
     (tmp_path / "metadata.csv").write_text("filename,label\naudio/a.wav,tone\n")
-    with pytest.raises(AdapterError, match=r"missing column.*session"):
+    with pytest.raises(ManifestError, match=r"missing column.*session"):
         list_recordings("demo", tmp_path, None)
     (tmp_path / "metadata.csv").write_text(
         "filename,label,session,snr_db\n../../etc/passwd,tone,s,0\n"

@@ -46,16 +46,21 @@ def test_payload_errors_name_the_item():
         decode_items([good, good, 7])
 
 
-def test_pyfunc_round_trip(tone_bundle, tmp_path):
-    path = tmp_path / "model"
+def _save(bundle, path):
+    """Save the pyfunc exactly as register logs it (signature, example, pinned requirements)."""
     mlflow.pyfunc.save_model(
         path,
         python_model=AudioModel(),
-        artifacts={"bundle": str(tone_bundle)},
+        artifacts={"bundle": str(bundle)},
         signature=signature(),
         input_example=example_input(8000),
         pip_requirements=requirements(),
     )
+    return path
+
+
+def test_pyfunc_round_trip(tone_bundle, tmp_path):
+    path = _save(tone_bundle, tmp_path / "model")
     model = mlflow.pyfunc.load_model(str(path))
     clips, expected = _clips()
     frame = pd.DataFrame({"audio": [base64.b64encode(c).decode() for c in clips]})
@@ -79,14 +84,6 @@ def test_logged_input_example_serves(tone_bundle, tmp_path):
     from mlflow.models import validate_serving_input
     from mlflow.models.utils import load_serving_example
 
-    path = tmp_path / "model"
-    mlflow.pyfunc.save_model(
-        path,
-        python_model=AudioModel(),
-        artifacts={"bundle": str(tone_bundle)},
-        signature=signature(),
-        input_example=example_input(8000),
-        pip_requirements=requirements(),
-    )
+    path = _save(tone_bundle, tmp_path / "model")
     out = validate_serving_input(str(path), load_serving_example(str(path)))
     assert len(out) == 2 and set(out["label"]) <= {"low", "high"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tympan.data.manifest import ManifestError
+from tympan.data.manifest import ManifestError, check_columns
 
 
 class AdapterError(ValueError):
@@ -39,12 +39,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.exists():
         raise AdapterError(f"{path}: not found")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise AdapterError(
-            f"{path}: missing column(s) {', '.join(missing)}; "
-            f"expected {', '.join(required)} (found {', '.join(table.columns)})"
-        )
+    check_columns(table, required, path)
     return table
 
 

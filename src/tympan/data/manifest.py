@@ -18,17 +18,22 @@ class ManifestError(ValueError):
     """A manifest or splits table that breaks the contract."""
 
 
+def check_columns(table: pd.DataFrame, required: tuple[str, ...], path: Path) -> None:
+    """Raise ManifestError naming the file, each missing column and what was expected."""
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: missing column(s) {', '.join(missing)}; "
+            f"expected {', '.join(required)} (found {', '.join(map(str, table.columns))})"
+        )
+
+
 def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Read a CSV written by a tympan stage, naming the file and any missing column."""
     if not path.exists():
         raise ManifestError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
     table = pd.read_csv(path, dtype={"label": str, "group": str, "path": str})
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise ManifestError(
-            f"{path}: missing column(s) {', '.join(missing)}; "
-            f"expected at least {', '.join(required)}"
-        )
+    check_columns(table, required, path)
     return table
 
 
