@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tympan.config import FeatureConfig, ModelConfig, Params, TrainConfig, load_params
-from tympan.features import FeatureCache, build_cache
+from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.serving.bundle import save_bundle
 from tympan.training import fit
 
@@ -89,7 +89,12 @@ TONE_FEATURES = FeatureConfig(
 
 
 @pytest.fixture(scope="session")
-def tone_cache(tmp_path_factory) -> FeatureCache:
+def tone_cache(tone_cache_dir) -> FeatureCache:
+    return open_cache(tone_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tone_cache_dir(tmp_path_factory) -> Path:
     """Low tones vs high tones, 48 clips: any working training loop separates them."""
     tmp = tmp_path_factory.mktemp("tones")
     rng = np.random.default_rng(0)
@@ -107,7 +112,8 @@ def tone_cache(tmp_path_factory) -> FeatureCache:
                 "sha256": f"{i:064x}",
             }
         )
-    return build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
+    build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
+    return tmp / "cache"
 
 
 @pytest.fixture(scope="session")

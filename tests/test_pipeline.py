@@ -63,7 +63,20 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_then_nothing(repo):
     first = _run(repo, "dvc", "repro")
-    assert _ran(first) == {"demo", "ingest", "split", "featurize", "train", "evaluate", "register"}
+    assert _ran(first) == {
+        "demo",
+        "ingest",
+        "split",
+        "featurize",
+        "tune",
+        "train",
+        "evaluate",
+        "register",
+    }
+    assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == {
+        "tuned": False,
+        "params": {},
+    }
     metrics = json.loads((repo / "metrics/test.json").read_text())
     assert metrics["n_test"] > 0 and set(metrics["seeds"]) == {"0", "1"}
     assert 0.0 <= metrics["ensemble"]["accuracy"] <= 1.0
@@ -82,7 +95,8 @@ def test_repro_runs_every_stage_then_nothing(repo):
 def test_changing_train_lr_reruns_only_downstream(repo):
     _set(repo / "params.yaml", "train", "lr", 0.0005)
     output = _run(repo, "dvc", "repro")
-    assert _ran(output) == {"train", "evaluate", "register"}
+    # tune reads the train params as its base (it does no work while disabled)
+    assert _ran(output) == {"tune", "train", "evaluate", "register"}
     assert "Stage 'featurize' didn't change, skipping" in output
 
 
@@ -127,3 +141,37 @@ def test_mlflow_runs_tags_and_registry(repo):
         assert str(champion.version) == "1" and registered["alias"] == "challenger"
         assert str(client.get_model_version_by_alias("tympan-demo", "challenger").version) == "2"
     assert "champion" in versions[2].tags["tympan.promotion"]
+
+
+def test_enabled_tune_feeds_its_best_params_to_train(repo):
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["tune"].update(
+        enabled=True,
+        n_trials=2,
+        seeds=[0],
+        sampler="grid",
+        pruner="none",
+        storage="sqlite:///optuna.db",
+        space={"train.lr": {"type": "categorical", "choices": [0.002, 0.004]}},
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    output = _run(repo, "dvc", "repro")
+    assert _ran(output) == {"tune", "train", "evaluate", "register"}
+    best = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
+    assert best["tuned"] is True and best["trials"]["complete"] == 2
+    assert best["params"]["train.lr"] in (0.002, 0.004)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tympan-demo")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`tympan.stage` = 'train'",
+        order_by=["attributes.start_time DESC"],
+    )
+    latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert latest.data.params["train.lr"] == str(best["params"]["train.lr"])
+    assert latest.data.tags["optuna.best_trial"] == str(best["best_trial"])
+    tune_runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`tympan.stage` = 'tune'"
+    )
+    trial_runs = [r for r in tune_runs if "optuna.trial" in r.data.tags]
+    assert len([r for r in trial_runs if "tympan.seed" not in r.data.tags]) == 2

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from tympan.config import ConfigError, load_params
 
-STAGES = ("demo", "ingest", "split", "featurize", "train", "evaluate", "register")
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tympan", description=__doc__)
@@ -46,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
         "out",
     )
     add("train", "train one model per seed, tracked in MLflow", "features", "manifest", "out")
+    sub.choices["train"].add_argument(
+        "--tuned", type=Path, help="best params from the tune stage (applied over the params file)"
+    )
+    tune = sub.add_parser("tune", help="Optuna search over tune.space; resumable, shareable")
+    tune.add_argument("--features", type=Path, required=True)
+    tune.add_argument("--out", type=Path, help="best params file (the stage's output)")
+    tune.add_argument("--trials", type=Path, help="trials table (the stage's output)")
+    tune.add_argument(
+        "--worker",
+        action="store_true",
+        help="only work on the shared study's queued trials; write nothing",
+    )
+    tune.add_argument(
+        "--wait-s",
+        type=float,
+        default=60.0,
+        help="with --worker: wait this long for `tympan tune` to queue trials",
+    )
     add(
         "evaluate",
         "test metrics per seed and for the ensemble; plots",
@@ -138,12 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     from tympan.data.manifest import ManifestError
     from tympan.data.splits import LeakageError
     from tympan.features.cache import FeatureError
+    from tympan.tuning.study import TuneError
 
     run = getattr(stages, f"run_{args.command}")
     paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
+    if args.command == "tune" and not args.worker and (args.out is None or args.trials is None):
+        sys.exit("tympan tune: --out and --trials are required unless --worker")
     try:
         run(params, **paths)
-    except (AdapterError, IngestError, ManifestError, LeakageError, FeatureError) as exc:
+    except (
+        AdapterError,
+        IngestError,
+        ManifestError,
+        LeakageError,
+        FeatureError,
+        TuneError,
+        ConfigError,
+    ) as exc:
         sys.exit(f"tympan {args.command}: {exc}")
 
 

@@ -107,6 +107,47 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SearchParam:
+    """One dimension of the Optuna search space, keyed by `section.field` in `tune.space`."""
+
+    type: str = field(default="float", metadata=_choices("float", "int", "categorical"))
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[object, ...] | None = None
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {
+        "model.dropout": SearchParam("float", 0.1, 0.6),
+        "train.batch_size": SearchParam("categorical", choices=(16, 32, 64)),
+        "train.epochs": SearchParam("int", 10, 60, step=10),
+        "train.lr": SearchParam("float", 1e-4, 3e-3, log=True),
+    }
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Optuna search over `space`; a trial's value is the mean over `seeds`."""
+
+    enabled: bool = False
+    n_trials: int = 12
+    timeout_s: float | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    metric: str = field(
+        default="val_accuracy", metadata=_choices("val_accuracy", "val_f1_macro", "val_loss")
+    )
+    sampler: str = field(default="tpe", metadata=_choices("tpe", "grid", "random"))
+    sampler_seed: int = 0
+    pruner: str = field(default="median", metadata=_choices("median", "hyperband", "none"))
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "tympan-demo"
+    heartbeat_s: int = 30
+    space: dict[str, SearchParam] = field(default_factory=_default_space)
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     """Model registry name and the rule for taking the `champion` alias."""
 
@@ -135,6 +176,7 @@ class Params:
     features: FeatureConfig = FeatureConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = field(default_factory=TuneConfig)
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -206,6 +248,15 @@ def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.", source=source)
     origin = typing.get_origin(hint)
+    if origin is dict:
+        _, inner = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(inner, v, f"{key}.{k}", source, meta) for k, v in value.items()}
+    if hint is object:
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(f"{source}: {key} must be a number, string or boolean, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:

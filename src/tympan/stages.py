@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -89,7 +90,23 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     )
 
 
-def run_train(params: Params, features: Path, manifest: Path, out: Path) -> None:
+def _tuned(params: Params, tuned: Path | None) -> tuple[Params, dict]:
+    """Params with the tune stage's best values applied (none when tuning was off)."""
+    if tuned is None:
+        return params, {}
+    from tympan.tuning.space import apply_overrides
+
+    found = yaml.safe_load(tuned.read_text()) or {}
+    overrides = found.get("params") or {}
+    if not overrides:
+        return params, {}
+    return apply_overrides(params, overrides, source=str(tuned)), found
+
+
+def run_train(
+    params: Params, features: Path, manifest: Path, out: Path, tuned: Path | None = None
+) -> None:
+    params, tuning = _tuned(params, tuned)
     cache = open_cache(features)
     device = resolve_device(params.train.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +117,10 @@ def run_train(params: Params, features: Path, manifest: Path, out: Path) -> None
         {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
+    if tuning:
+        tags.update(
+            {"optuna.study": tuning["study"], "optuna.best_trial": str(tuning["best_trial"])}
+        )
     history: list[dict] = []
     record: dict = {"seeds": {}}
     members: dict[int, dict[str, torch.Tensor]] = {}
@@ -183,6 +204,67 @@ def run_train(params: Params, features: Path, manifest: Path, out: Path) -> None
         f"train: {len(members)} seed(s) on {device}; val accuracy "
         f"{statistics.fmean(accuracies):.4f} +- {statistics.pstdev(accuracies):.4f}; "
         f"MLflow run {record['parent_run_id']}"
+    )
+
+
+def run_tune(
+    params: Params,
+    features: Path,
+    out: Path | None,
+    trials: Path | None,
+    worker: bool = False,
+    wait_s: float = 0.0,
+) -> None:
+    """The tune stage (writes `out` and `trials`) or a worker on a shared study (writes nothing)."""
+    from tympan.tuning.report import write_disabled, write_outputs
+    from tympan.tuning.space import validate_space
+    from tympan.tuning.study import (
+        TuneError,
+        make_objective,
+        open_storage,
+        open_study,
+        parent_run,
+        study_name,
+        top_up,
+        wait_for_queue,
+        wait_for_study,
+        work,
+    )
+
+    if not params.tune.enabled:
+        if worker:
+            raise TuneError(
+                "tune.enabled is false in the params file: there is no study to work on"
+            )
+        write_disabled(out, trials)
+        print(f"tune: disabled (tune.enabled: false); train uses the params file as it is ({out})")
+        return
+    validate_space(params)
+    cache = open_cache(features)
+    storage = open_storage(params, worker=worker)
+    study = open_study(params, storage, study_name(params, cache.meta["key"]))
+    device = resolve_device(params.train.device)
+    if worker:
+        wait_for_queue(study, wait_s)
+    else:
+        added = top_up(study, params)
+        print(
+            f"tune: study {study.study_name}, {added} trial(s) queued, "
+            f"{params.tune.n_trials} in all"
+        )
+    objective = make_objective(params, cache, device, parent_run(study, params))
+    if worker:
+        work(study, objective, params.tune.timeout_s)
+        print(f"tune worker: queue of {study.study_name} is empty")
+        return
+    wait_for_study(
+        study, objective, params.tune.timeout_s, poll_s=max(1.0, params.tune.heartbeat_s / 4)
+    )
+    summary = write_outputs(study, params, study.user_attrs["mlflow_parent_run_id"], out, trials)
+    print(
+        f"tune: best trial {summary['best_trial']} {summary['metric']} {summary['value']:.4f} "
+        f"+- {summary['seed_std']:.4f} with {summary['params']}; {summary['trials']}, "
+        f"{summary['epochs_trained']} seed-epochs -> {out}"
     )
 
 

@@ -1,5 +1,12 @@
 """The training loop, its callbacks, seeding and per-seed ensembles."""
 
-from tympan.training.loop import EpochLog, SeedResult, fit, predict_proba, resolve_device
+from tympan.training.loop import (
+    EpochLog,
+    SeedResult,
+    SeedTrainer,
+    fit,
+    predict_proba,
+    resolve_device,
+)
 
-__all__ = ["EpochLog", "SeedResult", "fit", "predict_proba", "resolve_device"]
+__all__ = ["EpochLog", "SeedResult", "SeedTrainer", "fit", "predict_proba", "resolve_device"]

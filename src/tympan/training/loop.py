@@ -104,6 +104,120 @@ def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+class SeedTrainer:
+    """One seed's training, advanced an epoch at a time.
+
+    Each trainer keeps its own torch and numpy random state, so several seeds can be stepped
+    in lockstep (the tune stage reports their mean every epoch) and still give exactly what
+    `fit` gives for each seed alone. Early stopping watches the validation loss; `finish`
+    restores the weights of the best epoch.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        seed_everything(seed)
+        self.cache, self.cfg, self.device = cache, cfg, device
+        self.targets = cache.targets()
+        self.train_rows, self.val_rows = cache.rows("train"), cache.rows("val")
+        n_classes = len(cache.labels)
+        self.model = build_model(
+            model_cfg,
+            tuple(cache.features.shape[2:]),
+            n_classes,
+            torch.from_numpy(cache.mean),
+            torch.from_numpy(cache.std),
+        ).to(device)
+        train_targets = self.targets[self.train_rows]
+        self.weight = (
+            class_weights(train_targets, n_classes).to(device) if cfg.class_weights else None
+        )
+        self.loss_fn = nn.CrossEntropyLoss(weight=self.weight)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="min",
+            factor=cfg.lr_factor,
+            patience=cfg.lr_patience,
+            min_lr=cfg.min_lr,
+        )
+        self.rng = np.random.default_rng(seed)
+        self.result = SeedResult(seed=seed, model=self.model)
+        self.best_loss, self.waited = float("inf"), 0
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self._torch_state = torch.get_rng_state()
+        self._cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @property
+    def done(self) -> bool:
+        return self.result.stopped_early or len(self.result.history) >= self.cfg.epochs
+
+    @property
+    def best(self) -> EpochLog | None:
+        """The epoch whose weights `finish` restores (lowest validation loss so far)."""
+        return self.result.history[self.result.best_epoch - 1] if self.result.best_epoch else None
+
+    def step(self) -> EpochLog:
+        """Train one epoch, validate, update the LR schedule and early stopping."""
+        torch.set_rng_state(self._torch_state)
+        if self._cuda_state is not None:
+            torch.cuda.set_rng_state(self._cuda_state, self.device)
+        self.model.train()
+        total, count = 0.0, 0
+        for x, y in _batches(
+            self.cache.features,
+            self.train_rows,
+            self.targets,
+            self.cfg.batch_size,
+            self.device,
+            self.rng,
+        ):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        self._torch_state = torch.get_rng_state()
+        if self._cuda_state is not None:
+            self._cuda_state = torch.cuda.get_rng_state(self.device)
+        val_targets = self.targets[self.val_rows]
+        probs = predict_proba(
+            self.model, self.cache.features, self.val_rows, self.cfg.batch_size, self.device
+        )
+        val_loss = _nll(probs, val_targets, self.weight)
+        metrics = classification_metrics(val_targets, probs)
+        entry = EpochLog(
+            len(self.result.history) + 1,
+            total / max(count, 1),
+            val_loss,
+            metrics["accuracy"],
+            metrics["f1_macro"],
+            self.optimizer.param_groups[0]["lr"],
+        )
+        self.result.history.append(entry)
+        self.plateau.step(val_loss)
+        if val_loss < self.best_loss:
+            self.best_loss, self.waited = val_loss, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.result.best_epoch = entry.epoch
+        else:
+            self.waited += 1
+            self.result.stopped_early = self.waited >= self.cfg.patience
+        return entry
+
+    def finish(self) -> SeedResult:
+        self.model.load_state_dict(self.best_state)
+        return self.result
+
+
 def fit(
     cache: FeatureCache,
     model_cfg: ModelConfig,
@@ -111,72 +225,26 @@ def fit(
     seed: int,
     device: torch.device,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    progress: bool = True,
 ) -> SeedResult:
-    """Train one seed; stop after `cfg.patience` epochs without a lower val loss.
+    """Train one seed until `cfg.epochs` or `cfg.patience` epochs without a lower val loss.
 
     The returned model holds the weights of its best epoch (lowest validation loss).
     """
-    seed_everything(seed)
-    targets = cache.targets()
-    train_rows, val_rows = cache.rows("train"), cache.rows("val")
-    n_classes = len(cache.labels)
-    input_shape = tuple(cache.features.shape[2:])
-    model = build_model(
-        model_cfg, input_shape, n_classes, torch.from_numpy(cache.mean), torch.from_numpy(cache.std)
-    ).to(device)
-    weight = class_weights(targets[train_rows], n_classes).to(device) if cfg.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
-    )
-    rng = np.random.default_rng(seed)
-    result = SeedResult(seed=seed, model=model)
-    best_loss, best_state, waited = float("inf"), copy.deepcopy(model.state_dict()), 0
-    val_targets = targets[val_rows]
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"seed {seed}", unit="epoch")
-    for epoch in bar:
-        model.train()
-        total, count = 0.0, 0
-        for x, y in _batches(cache.features, train_rows, targets, cfg.batch_size, device, rng):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            count += len(y)
-        probs = predict_proba(model, cache.features, val_rows, cfg.batch_size, device)
-        val_loss = _nll(probs, val_targets, weight)
-        metrics = classification_metrics(val_targets, probs)
-        entry = EpochLog(
-            epoch,
-            total / max(count, 1),
-            val_loss,
-            metrics["accuracy"],
-            metrics["f1_macro"],
-            optimizer.param_groups[0]["lr"],
-        )
-        result.history.append(entry)
-        bar.set_postfix(
-            loss=f"{entry.train_loss:.3f}",
-            val_loss=f"{val_loss:.3f}",
-            val_acc=f"{entry.val_accuracy:.3f}",
-            val_f1=f"{entry.val_f1_macro:.3f}",
-        )
-        if on_epoch is not None:
-            on_epoch(entry)
-        plateau.step(val_loss)
-        if val_loss < best_loss:
-            best_loss, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
-            result.best_epoch = epoch
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                result.stopped_early = True
-                break
-    bar.close()
-    model.load_state_dict(best_state)
-    return result
+    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device)
+    with tqdm(total=cfg.epochs, desc=f"seed {seed}", unit="epoch", disable=not progress) as bar:
+        while not trainer.done:
+            entry = trainer.step()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{entry.train_loss:.3f}",
+                val_loss=f"{entry.val_loss:.3f}",
+                val_acc=f"{entry.val_accuracy:.3f}",
+                val_f1=f"{entry.val_f1_macro:.3f}",
+            )
+            if on_epoch is not None:
+                on_epoch(entry)
+    return trainer.finish()
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray, weight: torch.Tensor | None) -> float:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Start a throwaway PostgreSQL server for the distributed-tuning tests:
+#   scripts/postgres.sh DATA_DIR PORT     -> prints the database URL on the last line
+# Installs Debian's postgresql package when no server binaries are found (needs root and the
+# Debian registry). The cluster trusts local connections, listens on 127.0.0.1 only, and is
+# stopped with: pg_ctl -D DATA_DIR stop
+set -euo pipefail
+data=$1 port=$2
+bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2 && apt-get install -y -qq postgresql >&2
+  bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+fi
+as_user=()
+if [ "$(id -u)" = 0 ]; then  # the server refuses to run as root
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  mkdir -p "$data" && chown postgres "$data" && chmod 700 "$data"
+  as_user=(runuser -u postgres --)
+fi
+"${as_user[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust >/dev/null
+"${as_user[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
+  -o "-c listen_addresses=127.0.0.1 -p $port -k $data" start >&2
+"${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres optuna
+echo "postgresql+psycopg2://postgres@127.0.0.1:$port/optuna"

@@ -1,0 +1,1 @@
+"""Optuna search over the training function, with the space declared in params.yaml."""

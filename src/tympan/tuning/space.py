@@ -1,0 +1,124 @@
+"""The search space from params.yaml: checked before any trial, sampled into a Params copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import optuna
+
+from tympan.config import (
+    ConfigError,
+    ModelConfig,
+    Params,
+    SearchParam,
+    TrainConfig,
+    params_from_dict,
+    to_dict,
+)
+
+TUNABLE = {"model": ModelConfig, "train": TrainConfig}
+NOT_TUNABLE = {"model.name", "train.seeds", "train.device"}
+
+
+def apply_overrides(params: Params, overrides: dict[str, Any], source: str) -> Params:
+    """A copy of `params` with `section.field` values replaced and the result re-validated."""
+    raw = to_dict(params)
+    for name, value in overrides.items():
+        section, key = name.split(".", 1)
+        raw[section][key] = value
+    return params_from_dict(raw, source=source)
+
+
+def _check_one(name: str, spec: SearchParam, where: str) -> None:
+    section, _, key = name.partition(".")
+    if section not in TUNABLE or not key:
+        raise ConfigError(
+            f"{where}: tune.space key {name!r} must be model.<field> or train.<field>"
+        )
+    fields = {f.name for f in dataclasses.fields(TUNABLE[section])}
+    if key not in fields or name in NOT_TUNABLE:
+        tunable = sorted(f"{section}.{f}" for f in fields if f"{section}.{f}" not in NOT_TUNABLE)
+        raise ConfigError(
+            f"{where}: tune.space.{name} is not a tunable param (known: {', '.join(tunable)})"
+        )
+    if spec.type == "categorical":
+        if not spec.choices or len(set(spec.choices)) < 2:
+            raise ConfigError(
+                f"{where}: tune.space.{name} is categorical with fewer than two distinct "
+                f"choices ({spec.choices}); fix the value in params.yaml instead of tuning it"
+            )
+        return
+    if spec.low is None or spec.high is None:
+        raise ConfigError(f"{where}: tune.space.{name} ({spec.type}) needs low and high")
+    if not spec.low < spec.high:
+        raise ConfigError(
+            f"{where}: tune.space.{name} has an empty or inverted range "
+            f"(low={spec.low:g}, high={spec.high:g})"
+        )
+    if spec.log and spec.low <= 0:
+        raise ConfigError(f"{where}: tune.space.{name} is log-scaled, so low must be > 0")
+    if spec.step is not None and (spec.step <= 0 or spec.step > spec.high - spec.low):
+        raise ConfigError(f"{where}: tune.space.{name} step {spec.step:g} does not fit the range")
+    if spec.log and spec.step is not None:
+        raise ConfigError(f"{where}: tune.space.{name} cannot have both log and step")
+    if spec.type == "int" and not all(
+        float(v).is_integer() for v in (spec.low, spec.high, spec.step or 1)
+    ):
+        raise ConfigError(f"{where}: tune.space.{name} is int, so low/high/step must be integers")
+
+
+def _corners(spec: SearchParam) -> list[Any]:
+    if spec.type == "categorical":
+        return list(spec.choices or ())
+    if spec.type == "int":
+        return [int(spec.low), int(spec.high)]
+    return [float(spec.low), float(spec.high)]  # suggest_float returns floats
+
+
+def validate_space(params: Params, where: str = "params.yaml") -> None:
+    """Every problem is a ConfigError naming the key, before any trial runs."""
+    space = params.tune.space
+    if not space:
+        raise ConfigError(f"{where}: tune.space is empty; list at least one param to search")
+    for name, spec in space.items():
+        _check_one(name, spec, where)
+        for value in _corners(spec):  # the sampled values must fit the target field's type
+            apply_overrides(params, {name: value}, source=f"{where}: tune.space.{name}")
+    if params.tune.sampler == "grid":
+        grid_values(params)
+
+
+def grid_values(params: Params) -> dict[str, list[Any]]:
+    """The grid for GridSampler: categorical choices, or low..high by step."""
+    grid: dict[str, list[Any]] = {}
+    for name, spec in params.tune.space.items():
+        if spec.type == "categorical":
+            grid[name] = list(spec.choices or ())
+        elif spec.step is not None:
+            count = math.floor((spec.high - spec.low) / spec.step + 1e-9) + 1
+            values = [spec.low + i * spec.step for i in range(count)]
+            grid[name] = [int(v) for v in values] if spec.type == "int" else values
+        else:
+            raise ConfigError(
+                f"tune.sampler=grid needs a finite grid: give tune.space.{name} choices or a step"
+            )
+    return grid
+
+
+def sample(trial: optuna.Trial, params: Params) -> dict[str, Any]:
+    """Ask the trial for every dimension of the space; -> `{"train.lr": 0.001, ...}`."""
+    values: dict[str, Any] = {}
+    for name, spec in params.tune.space.items():
+        if spec.type == "categorical":
+            values[name] = trial.suggest_categorical(name, list(spec.choices or ()))
+        elif spec.type == "int":
+            values[name] = trial.suggest_int(
+                name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log
+            )
+        else:
+            values[name] = trial.suggest_float(
+                name, spec.low, spec.high, step=spec.step, log=spec.log
+            )
+    return values

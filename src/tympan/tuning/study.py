@@ -1,0 +1,353 @@
+"""Optuna studies over tympan's training function: storage, queue, workers, objective.
+
+The study holds exactly `tune.n_trials` queued trials: `tympan tune` (the DVC stage) tops the
+queue up, and every process, the stage itself or `tympan tune --worker` on other machines,
+pops queued trials until none is left. A trial that was running in a killed process stops
+sending heartbeats; the next process to look fails it and re-queues a copy
+(RetryHeartbeatStaleTrialCallback), so a restarted study continues where it stopped and still ends
+at exactly `n_trials` finished (complete or pruned) trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import mlflow
+import optuna
+import sqlalchemy
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from tympan import tracking
+from tympan.config import Params, to_dict
+from tympan.features import FeatureCache
+from tympan.training import SeedTrainer
+from tympan.tuning.space import apply_overrides, grid_values, sample
+
+log = logging.getLogger(__name__)
+# Heartbeats and stale-trial retry are what make studies resumable; Optuna still labels them
+# experimental, which would print a warning on every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+QUEUED = "tympan.queued"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TuneError(RuntimeError):
+    """A study that cannot run: storage unreachable, wrong direction, SQLite with workers."""
+
+
+class SurplusTrial(RuntimeError):
+    """A trial created after the queue ran empty (a race between workers); recorded as failed."""
+
+
+def direction(metric: str) -> str:
+    return "minimize" if metric == "val_loss" else "maximize"
+
+
+def masked(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(params: Params, worker: bool = False) -> RDBStorage:
+    """RDB storage with heartbeats and retry of trials whose process died."""
+    cfg = params.tune
+    if worker and cfg.storage.startswith("sqlite"):
+        raise TuneError(
+            f"tune.storage={cfg.storage}: SQLite locks the whole database on every write, so "
+            "several workers stall or fail; share one study through PostgreSQL instead, e.g. "
+            "postgresql+psycopg2://user:password@127.0.0.1:5432/optuna"
+        )
+    try:
+        return RDBStorage(
+            cfg.storage,
+            heartbeat_interval=cfg.heartbeat_s,
+            grace_period=2 * cfg.heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            engine_kwargs={"pool_pre_ping": True} if not cfg.storage.startswith("sqlite") else {},
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300]
+        raise TuneError(
+            f"cannot open the Optuna storage {masked(cfg.storage)} ({reason}); check tune.storage, "
+            "that the server is up on that host and port, and that the database exists"
+        ) from None
+
+
+def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
+    cfg = params.tune
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_values(params), seed=cfg.sampler_seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.sampler_seed)
+    return optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=5)
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    if params.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if params.tune.pruner == "hyperband":
+        max_epochs = params.train.epochs
+        spec = params.tune.space.get("train.epochs")
+        if spec is not None:
+            max_epochs = int(max(spec.high or 0, *(spec.choices or (0,))))
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def study_name(params: Params, feature_key: str) -> str:
+    """`tune.study_name` plus a hash of all that decides a trial's result.
+
+    The base model/train params, the space, seeds, metric, sampler, pruner and the feature
+    cache key go in; `n_trials`, `timeout_s`, storage and heartbeat do not. The same config
+    therefore resumes its study (also with a larger n_trials), and a changed one starts anew
+    instead of reusing trials trained on something else.
+    """
+    tune = to_dict(params.tune)
+    for volatile in ("enabled", "n_trials", "timeout_s", "storage", "heartbeat_s", "study_name"):
+        tune.pop(volatile)
+    identity = {
+        "model": to_dict(params.model),
+        "train": to_dict(params.train),
+        "tune": tune,
+        "features": feature_key,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{params.tune.study_name}-{digest}"
+
+
+def open_study(params: Params, storage: RDBStorage, name: str) -> optuna.Study:
+    cfg = params.tune
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(params),
+        pruner=make_pruner(params),
+        direction=direction(cfg.metric),
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != direction(cfg.metric):
+        raise TuneError(
+            f"study {name!r} in {masked(cfg.storage)} was created to "
+            f"{study.direction.name.lower()}, but tune.metric={cfg.metric} needs "
+            f"{direction(cfg.metric)}; choose another tune.study_name"
+        )
+    return study
+
+
+def top_up(study: optuna.Study, params: Params) -> int:
+    """Queue trials until finished + running + queued == n_trials; -> how many were added.
+
+    With the grid sampler the queue holds the grid points themselves (in a seeded order, at
+    most n_trials of them), so the whole table is run exactly once.
+    """
+    counted = study.get_trials(
+        deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+    )
+    if params.tune.sampler != "grid":
+        missing = max(0, params.tune.n_trials - len(counted))
+        for _ in range(missing):
+            study.enqueue_trial({}, user_attrs={QUEUED: True})
+        return missing
+    grid = grid_values(params)
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    random.Random(params.tune.sampler_seed).shuffle(points)
+    seen = [t.params or t.system_attrs.get("fixed_params", {}) for t in counted]
+    todo = [p for p in points[: params.tune.n_trials] if p not in seen]
+    for point in todo:
+        study.enqueue_trial(point, user_attrs={QUEUED: True})
+    return len(todo)
+
+
+def _count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def work(
+    study: optuna.Study, objective: Callable[[optuna.Trial], float], timeout_s: float | None
+) -> None:
+    """Run queued trials in this process until the queue is empty or time is up."""
+    optuna.storages.fail_stale_trials(study)
+
+    def stop_when_empty(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if not _count(study, TrialState.WAITING):
+            study.stop()
+
+    if _count(study, TrialState.WAITING):
+        study.optimize(
+            objective, timeout=timeout_s, catch=(SurplusTrial,), callbacks=[stop_when_empty]
+        )
+
+
+def wait_for_queue(study: optuna.Study, wait_s: float) -> None:
+    """A worker started before `tympan tune` queued the study waits up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while not study.get_trials(deepcopy=False) and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def wait_for_study(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    timeout_s: float | None,
+    poll_s: float,
+) -> None:
+    """Work, then wait for trials running elsewhere; re-queued trials are worked here too."""
+    start = time.monotonic()
+    while True:
+        left = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            log.warning(
+                "tune.timeout_s reached with %d trial(s) unfinished",
+                _count(study, TrialState.WAITING, TrialState.RUNNING),
+            )
+            return
+        work(study, objective, left)
+        if not _count(study, TrialState.WAITING, TrialState.RUNNING):
+            return
+        time.sleep(poll_s)
+
+
+def parent_run(study: optuna.Study, params: Params) -> str:
+    """The study's MLflow parent run, shared by every worker (its id is a study attribute)."""
+    tracking.setup(params.tracking.experiment)
+    client = MlflowClient()
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            log.warning(
+                "study's MLflow run %s is not in this tracking store; starting another", run_id
+            )
+    tags = tracking.run_tags("tune", params.preset)
+    tags.update(
+        {"optuna.study": params.tune.study_name, "optuna.storage": masked(params.tune.storage)}
+    )
+    with mlflow.start_run(run_name=f"tune-{params.tune.study_name}", tags=tags) as run:
+        mlflow.log_params({f"tune.{k}": v for k, v in to_dict(params.tune).items() if k != "space"})
+        mlflow.log_dict(to_dict(params.tune)["space"], "search_space.json")
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def _best_value(trainer: SeedTrainer, metric: str) -> float:
+    """The seed's `metric` at its best epoch so far (the weights early stopping keeps)."""
+    return float(getattr(trainer.best, metric))
+
+
+def make_objective(
+    params: Params, cache: FeatureCache, device: Any, parent_run_id: str
+) -> Callable[[optuna.Trial], float]:
+    """Sample -> config -> the training function over `tune.seeds` in lockstep -> seed mean."""
+    cfg = params.tune
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+
+    def objective(trial: optuna.Trial) -> float:
+        if not trial.user_attrs.get(QUEUED):
+            trial.set_user_attr("tympan.surplus", "created after the queue ran empty")
+            raise SurplusTrial(f"trial {trial.number}: the study already has its n_trials")
+        sampled = sample(trial, params)
+        config = apply_overrides(params, sampled, source=f"trial {trial.number}")
+        tags = {
+            "tympan.stage": "tune",
+            "tympan.preset": params.preset,
+            "optuna.trial": str(trial.number),
+            "optuna.study": cfg.study_name,
+        }
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}",
+            parent_run_id=parent_run_id,
+            experiment_id=experiment_id,
+            tags=tags,
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({**sampled, "trial": trial.number})
+            trainers = {
+                seed: SeedTrainer(cache, config.model, config.train, seed, device)
+                for seed in cfg.seeds
+            }
+            seed_runs = {
+                seed: client.create_run(
+                    experiment_id,
+                    run_name=f"trial-{trial.number}-seed-{seed}",
+                    tags={**tags, "mlflow.parentRunId": run.info.run_id, "tympan.seed": str(seed)},
+                ).info.run_id
+                for seed in cfg.seeds
+            }
+            epoch, state, pruned = 0, "complete", None
+            try:
+                while any(not t.done for t in trainers.values()):
+                    epoch += 1
+                    for seed, trainer in trainers.items():
+                        if trainer.done:
+                            continue
+                        entry = trainer.step()
+                        now = int(time.time() * 1000)
+                        client.log_batch(
+                            seed_runs[seed],
+                            metrics=[
+                                Metric(k, float(v), now, entry.epoch)
+                                for k, v in vars(entry).items()
+                                if k != "epoch"
+                            ],
+                        )
+                    mean = statistics.fmean(_best_value(t, cfg.metric) for t in trainers.values())
+                    trial.report(mean, epoch)
+                    mlflow.log_metric(f"seed_mean_{cfg.metric}", mean, step=epoch)
+                    if trial.should_prune():
+                        state = "pruned"
+                        raise optuna.TrialPruned(f"epoch {epoch}: seed mean {mean:.4f}")
+            except optuna.TrialPruned as exc:  # re-raised below, once the run is closed
+                pruned = exc
+            except BaseException:
+                state = "failed"
+                raise
+            finally:
+                values = [_best_value(t, cfg.metric) for t in trainers.values() if t.best]
+                epochs = sum(len(t.result.history) for t in trainers.values())
+                trial.set_user_attr("epochs_trained", epochs)
+                if values:
+                    trial.set_user_attr("seed_values", values)
+                    trial.set_user_attr("seed_std", statistics.pstdev(values))
+                    mlflow.log_metrics(
+                        {
+                            f"{cfg.metric}_mean": statistics.fmean(values),
+                            f"{cfg.metric}_std": statistics.pstdev(values),
+                            "epochs_trained": epochs,
+                        }
+                    )
+                mlflow.set_tag("optuna.state", state)
+                for seed_run in seed_runs.values():
+                    client.set_terminated(seed_run, "FINISHED" if state != "failed" else "FAILED")
+        if pruned is not None:
+            raise pruned
+        value = statistics.fmean(values)
+        log.info(
+            "trial %d: %s %.4f +- %.4f over seeds %s (%d epochs)",
+            trial.number,
+            cfg.metric,
+            value,
+            statistics.pstdev(values),
+            list(cfg.seeds),
+            epochs,
+        )
+        return value
+
+    return objective

@@ -1,0 +1,382 @@
+"""The tune stage: space checks, lockstep seeds, real Optuna storage, resume, workers, dashboard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import requests
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tympan import stages
+from tympan.config import (
+    ConfigError,
+    ModelConfig,
+    Params,
+    SearchParam,
+    TrainConfig,
+    TuneConfig,
+    to_dict,
+)
+from tympan.features import open_cache
+from tympan.training import SeedTrainer, fit
+from tympan.tuning.space import grid_values, validate_space
+from tympan.tuning.study import TuneError, open_storage, study_name
+
+from conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+SMALL_SPACE = {
+    "model.dropout": SearchParam("categorical", choices=(0.1, 0.3)),
+    "train.lr": SearchParam("categorical", choices=(0.001, 0.003)),
+}
+
+
+def tune_params(tmp: Path, **tune) -> Params:
+    """The repo's params shrunk to the tone cache: tiny model, a few epochs, two seeds."""
+    from tympan.config import load_params
+
+    base = load_params(REPO / "params.yaml")
+    cfg = replace(
+        TuneConfig(),
+        enabled=True,
+        n_trials=4,
+        seeds=(0, 1),
+        sampler="grid",
+        pruner="none",
+        storage=f"sqlite:///{tmp / 'optuna.db'}",
+        study_name="t",
+        heartbeat_s=1,
+        space=SMALL_SPACE,
+    )
+    return replace(
+        base,
+        model=ModelConfig(channels=4, hidden=8),
+        train=replace(base.train, epochs=3, batch_size=8),
+        tune=replace(cfg, **tune),
+        tracking=replace(base.tracking, experiment="tune-test"),
+    )
+
+
+def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
+    stages.run_tune(params, cache_dir, tmp / "best.yaml", tmp / "trials.csv", **kw)
+    return yaml.safe_load((tmp / "best.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"train.lr": SearchParam("float", 0.01, 0.001)}, "empty or inverted range"),
+        ({"train.lr": SearchParam("float", 0.01, 0.01)}, "empty or inverted range"),
+        ({"train.momentum": SearchParam("float", 0.1, 0.9)}, "not a tunable param"),
+        (
+            {"optimizer.lr": SearchParam("float", 0.1, 0.9)},
+            "must be model.<field> or train.<field>",
+        ),
+        ({"train.seeds": SearchParam("categorical", choices=(1, 2))}, "not a tunable param"),
+        ({"train.batch_size": SearchParam("categorical", choices=(32,))}, "fewer than two"),
+        ({"train.batch_size": SearchParam("categorical", choices=(32, 32))}, "fewer than two"),
+        ({"train.lr": SearchParam("float", 0.0, 0.1, log=True)}, "log-scaled, so low must be > 0"),
+        ({"train.batch_size": SearchParam("float", 8, 64)}, "train.batch_size must be an integer"),
+        ({"train.epochs": SearchParam("int", 5.5, 10)}, "must be integers"),
+        ({}, "tune.space is empty"),
+    ],
+)
+def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, message):
+    params = tune_params(tmp_path, space=space)
+    with pytest.raises(ConfigError, match=message):
+        validate_space(params)
+
+
+def test_grid_reproduces_the_s5_table():
+    space = {
+        "model.dropout": SearchParam("categorical", choices=(0.3, 0.5, 0.7)),
+        "train.batch_size": SearchParam("categorical", choices=(16, 32)),
+        "train.epochs": SearchParam("int", 10, 20, step=10),
+    }
+    params = replace(Params(), tune=replace(TuneConfig(), sampler="grid", space=space))
+    grid = grid_values(params)
+    assert grid == {
+        "model.dropout": [0.3, 0.5, 0.7],
+        "train.batch_size": [16, 32],
+        "train.epochs": [10, 20],
+    }
+    with pytest.raises(ConfigError, match="grid needs a finite grid"):
+        validate_space(
+            replace(
+                params,
+                tune=replace(
+                    params.tune, space={"train.lr": SearchParam("float", 1e-4, 1e-2, log=True)}
+                ),
+            )
+        )
+
+
+def test_unreachable_storage_is_a_clear_error(tmp_path):
+    port = free_port()  # nothing listens there
+    params = tune_params(tmp_path, storage=f"postgresql+psycopg2://u:secret@127.0.0.1:{port}/x")
+    with pytest.raises(TuneError, match="cannot open the Optuna storage") as err:
+        open_storage(params)
+    assert "secret" not in str(err.value)
+
+
+def test_sqlite_is_refused_for_workers(tmp_path):
+    with pytest.raises(TuneError, match="PostgreSQL"):
+        open_storage(tune_params(tmp_path), worker=True)
+
+
+def test_lockstep_seeds_equal_sequential_fit(tone_cache):
+    model_cfg, cfg = ModelConfig(channels=4, hidden=8), TrainConfig(epochs=3, batch_size=8)
+    device = torch.device("cpu")
+    trainers = [SeedTrainer(tone_cache, model_cfg, cfg, seed, device) for seed in (0, 1)]
+    while not all(t.done for t in trainers):
+        for trainer in trainers:
+            if not trainer.done:
+                trainer.step()
+    for seed, trainer in zip((0, 1), trainers, strict=True):
+        alone = fit(tone_cache, model_cfg, cfg, seed, device, progress=False)
+        assert [e.val_loss for e in trainer.finish().history] == [e.val_loss for e in alone.history]
+
+
+def test_study_writes_best_params_and_tracks_every_trial(tmp_path, tone_cache_dir, mlflow_store):
+    params = tune_params(tmp_path)
+    best = _run_tune(params, tone_cache_dir, tmp_path)
+    assert best["tuned"] is True and best["trials"] == {"complete": 4, "pruned": 0, "fail": 0}
+    assert set(best["params"]) == {"model.dropout", "train.lr"}
+    assert best["epochs_trained"] == 4 * 2 * 3  # trials x seeds x epochs (no early stop)
+    name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+    study = optuna.load_study(study_name=name, storage=params.tune.storage)
+    combos = {(t.params["model.dropout"], t.params["train.lr"]) for t in study.trials}
+    assert combos == {(0.1, 0.001), (0.1, 0.003), (0.3, 0.001), (0.3, 0.003)}  # the whole grid
+    assert best["value"] == pytest.approx(study.best_value)
+    for trial in study.trials:
+        assert trial.user_attrs["seed_std"] >= 0 and len(trial.user_attrs["seed_values"]) == 2
+        assert sorted(trial.intermediate_values) == [1, 2, 3]
+
+    client = MlflowClient()
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["optuna.best_trial"] == str(best["best_trial"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
+    assert {"tuning/optimization_history.png", "tuning/param_importances.png"} <= artifacts
+    runs = client.search_runs([parent.info.experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trial_runs) == 4
+    for run in trial_runs:
+        assert run.data.tags["optuna.state"] == "complete"
+        seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(r.data.tags["tympan.seed"] for r in seeds) == ["0", "1"]
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert client.get_run(best_run).data.tags["tympan.best_trial"] == "true"
+
+
+def test_rerun_resumes_and_a_larger_budget_continues(tmp_path, tone_cache_dir, mlflow_store):
+    params = tune_params(tmp_path, sampler="tpe", n_trials=2)
+    _run_tune(params, tone_cache_dir, tmp_path)
+    name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+    first = [
+        (t.number, t.value)
+        for t in optuna.load_study(study_name=name, storage=params.tune.storage).trials
+    ]
+    again = _run_tune(params, tone_cache_dir, tmp_path)  # same budget: nothing to run
+    assert again["trials"]["complete"] == 2
+    more = _run_tune(
+        replace(params, tune=replace(params.tune, n_trials=3)), tone_cache_dir, tmp_path
+    )
+    study = optuna.load_study(study_name=name, storage=params.tune.storage)
+    assert more["trials"]["complete"] == 3 and len(study.trials) == 3
+    assert [(t.number, t.value) for t in study.trials[:2]] == first
+    other = replace(params, train=replace(params.train, weight_decay=0.01))
+    assert study_name(other, "k") != study_name(params, "k")  # a changed base starts anew
+
+
+def test_pruned_trials_are_recorded_as_pruned(tmp_path, tone_cache_dir, mlflow_store):
+    space = {"train.lr": SearchParam("float", 1e-5, 1e-2, log=True)}
+    params = tune_params(tmp_path, sampler="random", pruner="median", n_trials=8, space=space)
+    params = replace(params, train=replace(params.train, epochs=6, patience=6))
+    best = _run_tune(params, tone_cache_dir, tmp_path)
+    assert best["trials"]["complete"] + best["trials"]["pruned"] == 8
+    table = (tmp_path / "trials.csv").read_text()
+    assert table.startswith("number,state,value")
+
+
+def _write_params(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
+    return path
+
+
+def _tympan(params_file: Path, *args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "tympan"), "--params", str(params_file), "tune", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.integration
+def test_killed_study_resumes_with_the_lost_trial_retried(tmp_path, tone_cache_dir):
+    params = tune_params(tmp_path, sampler="tpe", n_trials=3, heartbeat_s=1)
+    params = replace(params, train=replace(params.train, epochs=40, patience=40))
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    outs = [
+        "--features",
+        str(tone_cache_dir),
+        "--out",
+        str(tmp_path / "best.yaml"),
+        "--trials",
+        str(tmp_path / "trials.csv"),
+    ]
+    name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+    first = _tympan(params_file, *outs, env=env)
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name=name, storage=params.tune.storage)
+        except KeyError:
+            continue
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert running, f"no trial started: {first.communicate()[0][-2000:]}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(3)  # past the grace period of two heartbeats
+
+    second = _tympan(params_file, *outs, env=env)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output[-3000:]
+    study = optuna.load_study(study_name=name, storage=params.tune.storage)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [running[0].number]
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == running[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    base = Path(tempfile.mkdtemp(prefix="tympan-pg-"))
+    base.chmod(0o755)  # the server runs as the postgres user, which must reach its data folder
+    data = base / "data"
+    port = free_port()
+    started = subprocess.run(
+        [str(REPO / "scripts" / "postgres.sh"), str(data), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if started.returncode != 0:
+        pytest.fail(f"could not start PostgreSQL:\n{started.stderr[-3000:]}")
+    url = started.stdout.strip().splitlines()[-1]
+    yield url
+    stop = ["pg_ctl", "-D", str(data), "-m", "fast", "stop"]
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    stop[0] = str(bindir / "pg_ctl")
+    if os.geteuid() == 0:
+        stop = ["runuser", "-u", "postgres", "--", *stop]
+    subprocess.run(stop, capture_output=True, timeout=60)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_workers_share_one_study_on_postgresql(tmp_path, tone_cache_dir, postgres):
+    params = tune_params(tmp_path, sampler="tpe", n_trials=6, storage=postgres, heartbeat_s=2)
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()  # create the store
+    coordinator = _tympan(
+        params_file,
+        "--features",
+        str(tone_cache_dir),
+        "--out",
+        str(tmp_path / "best.yaml"),
+        "--trials",
+        str(tmp_path / "trials.csv"),
+        env=env,
+    )
+    workers = [
+        _tympan(params_file, "--worker", "--features", str(tone_cache_dir), env=env)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in (coordinator, *workers)]
+    for process, output in zip((coordinator, *workers), outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+    study = optuna.load_study(study_name=name, storage=postgres)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 6  # exactly n_trials
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert "tympan.surplus" in trial.user_attrs  # only a race-created extra may fail
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["trials"]["complete"] == len(
+        study.get_trials(states=(TrialState.COMPLETE,))
+    )
+    runs = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
+        [
+            MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+            .get_experiment_by_name("tune-test")
+            .experiment_id
+        ],
+        filter_string="tags.`tympan.stage` = 'tune'",
+    )
+    assert (
+        len({r.data.tags.get("optuna.trial") for r in runs if "optuna.trial" in r.data.tags}) == 6
+    )
+
+
+@pytest.mark.integration
+def test_dashboard_reads_the_study_over_http(tmp_path, tone_cache_dir, mlflow_store):
+    params = tune_params(
+        tmp_path, n_trials=2, space={"train.lr": SearchParam("categorical", choices=(0.001, 0.003))}
+    )
+    _run_tune(params, tone_cache_dir, tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "optuna-dashboard"),
+            params.tune.storage,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None, "dashboard down"
+                time.sleep(0.5)
+        assert response.status_code == 200
+        studies = response.json()["study_summaries"]
+        name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+        assert [s["study_name"] for s in studies] == [name]
+        trials = requests.get(
+            f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=10
+        ).json()["trials"]
+        assert len(trials) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # its server does not stop on SIGTERM
+        server.wait(timeout=30)
