@@ -216,6 +216,18 @@ def _write_params(params: Params, path: Path) -> Path:
     return path
 
 
+def _stage_args(tmp: Path, cache_dir: Path) -> list[str]:
+    """`tympan tune` arguments of the DVC stage, with outputs in `tmp`."""
+    return [
+        "--features",
+        str(cache_dir),
+        "--out",
+        str(tmp / "best.yaml"),
+        "--trials",
+        str(tmp / "trials.csv"),
+    ]
+
+
 def _tympan(params_file: Path, *args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "tympan"), "--params", str(params_file), "tune", *args],
@@ -233,14 +245,7 @@ def test_killed_study_resumes_with_the_lost_trial_retried(tmp_path, tone_cache_d
     params = replace(params, train=replace(params.train, epochs=40, patience=40))
     params_file = _write_params(params, tmp_path / "params.yaml")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
-    outs = [
-        "--features",
-        str(tone_cache_dir),
-        "--out",
-        str(tmp_path / "best.yaml"),
-        "--trials",
-        str(tmp_path / "trials.csv"),
-    ]
+    outs = _stage_args(tmp_path, tone_cache_dir)
     name = study_name(params, open_cache(tone_cache_dir).meta["key"])
     first = _tympan(params_file, *outs, env=env)
     deadline = time.monotonic() + 120
@@ -300,16 +305,7 @@ def test_workers_share_one_study_on_postgresql(tmp_path, tone_cache_dir, postgre
     params_file = _write_params(params, tmp_path / "params.yaml")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()  # create the store
-    coordinator = _tympan(
-        params_file,
-        "--features",
-        str(tone_cache_dir),
-        "--out",
-        str(tmp_path / "best.yaml"),
-        "--trials",
-        str(tmp_path / "trials.csv"),
-        env=env,
-    )
+    coordinator = _tympan(params_file, *_stage_args(tmp_path, tone_cache_dir), env=env)
     workers = [
         _tympan(params_file, "--worker", "--features", str(tone_cache_dir), env=env)
         for _ in range(2)

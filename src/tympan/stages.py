@@ -350,6 +350,20 @@ def matrix_to_text(matrix: np.ndarray, labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def promotion(
+    metric: str, value: float, best: float, min_delta: float, champion_version: str
+) -> tuple[str, str]:
+    """`champion` only when `value` beats the champion's `best` by more than `min_delta`."""
+    if value > best + min_delta:
+        verdict, alias = "beats", "champion"
+    else:
+        verdict, alias = "does not beat", "challenger"
+    return alias, (
+        f"test {metric} {value:.4f} {verdict} champion v{champion_version} "
+        f"({best:.4f}) by more than {min_delta}"
+    )
+
+
 def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None:
     from tympan.serving.pyfunc import log_audio_model
 
@@ -369,8 +383,8 @@ def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None
         "dvc.data": tags.get("dvc.data", "unknown"),
         "dvc.features": tags.get("dvc.features", "unknown"),
         "tympan.preset": params.preset,
-        f"test_{cfg.metric}": f"{value:.6f}",
-        f"test_{cfg.metric}_seed_std": f"{spread:.6f}",
+        f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
+        f"test_{cfg.metric}_seed_std": repr(spread),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
@@ -383,18 +397,7 @@ def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None
         alias, reason = "champion", "no champion yet"
     else:
         best = float(champion.tags.get(f"test_{cfg.metric}", "-inf"))
-        if value > best + cfg.min_delta:
-            alias = "champion"
-            reason = (
-                f"test {cfg.metric} {value:.4f} beats champion v{champion.version} "
-                f"({best:.4f}) by more than {cfg.min_delta}"
-            )
-        else:
-            alias = "challenger"
-            reason = (
-                f"test {cfg.metric} {value:.4f} does not beat champion v{champion.version} "
-                f"({best:.4f}) by more than {cfg.min_delta}"
-            )
+        alias, reason = promotion(cfg.metric, value, best, cfg.min_delta, str(champion.version))
     client.set_registered_model_alias(cfg.name, alias, version)
     client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
     result = {

@@ -166,7 +166,8 @@ def top_up(study: optuna.Study, params: Params) -> int:
     grid = grid_values(params)
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     random.Random(params.tune.sampler_seed).shuffle(points)
-    seen = [t.params or t.system_attrs.get("fixed_params", {}) for t in counted]
+    # a queued point's params are its fixed_params (a running trial may have suggested only some)
+    seen = [t.system_attrs.get("fixed_params") or t.params for t in counted]
     todo = [p for p in points[: params.tune.n_trials] if p not in seen]
     for point in todo:
         study.enqueue_trial(point, user_attrs={QUEUED: True})
