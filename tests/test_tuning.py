@@ -376,3 +376,32 @@ def test_dashboard_reads_the_study_over_http(tmp_path, tone_cache_dir, mlflow_st
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # its server does not stop on SIGTERM
         server.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_workers_starting_together_on_an_empty_database(tmp_path, postgres):
+    import threading
+
+    import psycopg2
+
+    admin = psycopg2.connect(postgres.replace("postgresql+psycopg2", "postgresql"))
+    admin.autocommit = True
+    admin.cursor().execute("CREATE DATABASE fresh_race")
+    admin.close()
+    url = postgres.rsplit("/", 1)[0] + "/fresh_race"
+    params = tune_params(tmp_path, storage=url)
+    barrier, errors = threading.Barrier(4), []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            open_storage(params, worker=True)
+        except Exception as exc:  # collected and reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []

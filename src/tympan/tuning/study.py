@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 QUEUED = "tympan.queued"
+SCHEMA_RACE_RETRIES = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -72,20 +73,29 @@ def open_storage(params: Params, worker: bool = False) -> RDBStorage:
             "several workers stall or fail; share one study through PostgreSQL instead, e.g. "
             "postgresql+psycopg2://user:password@127.0.0.1:5432/optuna"
         )
-    try:
-        return RDBStorage(
-            cfg.storage,
-            heartbeat_interval=cfg.heartbeat_s,
-            grace_period=2 * cfg.heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True} if not cfg.storage.startswith("sqlite") else {},
-        )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300]
-        raise TuneError(
-            f"cannot open the Optuna storage {masked(cfg.storage)} ({reason}); check tune.storage, "
-            "that the server is up on that host and port, and that the database exists"
-        ) from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return RDBStorage(
+                cfg.storage,
+                heartbeat_interval=cfg.heartbeat_s,
+                grace_period=2 * cfg.heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True},
+            )
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started together on an empty database all create Optuna's tables; the
+            # losers see a duplicate-key error. Once one has won, opening simply works.
+            if attempt == SCHEMA_RACE_RETRIES:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0][:300]
+            raise TuneError(
+                f"cannot open the Optuna storage {masked(cfg.storage)} ({reason}); check "
+                "tune.storage, that the server is up on that host and port, and that the "
+                "database exists"
+            ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
