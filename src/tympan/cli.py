@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def _summary(registered: Path, metrics: Path) -> None:
     )
     for key in ens:
         print(f"  {key:<10} {ens[key]:.4f}   seeds {mean[key]:.4f} +- {std[key]:.4f}")
-    print("\nLook further:")
+    activate = os.path.relpath(Path(sys.executable).parent / "activate")
+    print("\nLook further (the commands need the project's environment on PATH):")
+    print(f"  . {activate}")
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
-    print("  dvc metrics show        dvc plots show   (then open dvc_plots/index.html)")
+    print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
     print(
         f"  MLFLOW_TRACKING_URI={uri} mlflow models serve "
         f"-m models:/{reg['name']}@champion --env-manager local -h 127.0.0.1 -p 5000"
