@@ -177,3 +177,20 @@ def test_not_json_is_rejected(served):
         timeout=60,
     )
     assert 400 <= response.status_code < 500
+
+
+def test_client_posts_files_and_reports_errors(served, fsdd_root, tmp_path, capsys):
+    from tympan.serving import client
+
+    url, predictor = served
+    meta = pd.read_csv(fsdd_root / "metadata.csv")
+    files = [fsdd_root / f for f in meta[meta["take"] == 45]["filename"].head(3)]
+    client.main([*map(str, files), "--url", f"{url}/invocations"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = predictor.predict([f.read_bytes() for f in files])
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == [e["label"] for e in expected]
+    (tmp_path / "bad.wav").write_text("not audio")
+    with pytest.raises(SystemExit, match=r"400.*item 0: not decodable audio"):
+        client.main([str(tmp_path / "bad.wav"), "--url", f"{url}/invocations"])
+    with pytest.raises(SystemExit, match="cannot reach"):
+        client.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}/invocations"])
