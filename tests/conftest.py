@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,6 @@ from audio_helpers import tone, write
 
 REPO = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("TYMPAN_FSDD", REPO.parent / "shared" / "datasets" / "fsdd"))
-
-
-def tiny(params: Params, root: Path | None = None) -> Params:
-    """The real config shrunk to seconds of CPU: few clips, two seeds, two epochs."""
-    return replace(
-        params,
-        demo=replace(params.demo, clips_per_class=12, groups=6),
-        data=replace(params.data, root=str(root) if root else params.data.root),
-        split=replace(params.split, val=0.2, test=0.2),
-        train=replace(params.train, seeds=(0, 1), epochs=2, batch_size=16),
-    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import hashlib
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -104,7 +105,8 @@ def _bad_corpus(tmp_path):
 def test_ingest_rejects_bad_files_with_reasons_and_keeps_the_rest(tmp_path):
     root = _bad_corpus(tmp_path / "corpus")
     cfg = DataConfig(adapter="demo", root=str(root), max_reject_fraction=0.5)
-    manifest, rejects = ingest(cfg, tmp_path / "out")
+    out = tmp_path / "out"
+    manifest, rejects = ingest(cfg, out / "manifest.csv", out / "rejects.csv", out / "summary.json")
     assert len(manifest) == 12  # 10 good + stereo 96 kHz + 10 ms 8-bit
     stereo = manifest[manifest["path"].str.endswith("stereo96k.wav")].iloc[0]
     assert (stereo["channels"], stereo["sample_rate"]) == (2, 96000)
@@ -135,9 +137,12 @@ def test_ingest_rejects_bad_files_with_reasons_and_keeps_the_rest(tmp_path):
 def test_ingest_fails_past_the_reject_fraction_but_writes_rejects_first(tmp_path):
     root = _bad_corpus(tmp_path / "corpus")
     cfg = DataConfig(adapter="demo", root=str(root), max_reject_fraction=0.1)
+    out = tmp_path / "out"
     with pytest.raises(IngestError, match=r"rejected 6 of 18 .*data.max_reject_fraction"):
-        ingest(cfg, tmp_path / "out")
-    assert len(pd.read_csv(tmp_path / "out" / "rejects.csv")) == 6
+        ingest(cfg, out / "manifest.csv", out / "rejects.csv", out / "summary.json")
+    assert len(pd.read_csv(out / "rejects.csv")) == 6
+    assert json.loads((out / "summary.json").read_text())["rejected"] == 6
+    assert not (out / "manifest.csv").exists()
 
 
 def _manifest(n_groups=20, per_group=5, labels=("a", "b", "c")):

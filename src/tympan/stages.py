@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 BUNDLE = "bundle.pt"
 TRAIN_RECORD = "train.json"
 HISTORY = "history.csv"
+CURVES = "learning_curves.png"
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -50,16 +52,7 @@ def run_demo(params: Params, out: Path) -> None:
 
 
 def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> None:
-    work = manifest.parent
-    table, rejected = ingest(params.data, work)
-    for written, wanted in (
-        (work / "manifest.csv", manifest),
-        (work / "rejects.csv", rejects),
-        (work / "summary.json", summary),
-    ):
-        if written != wanted:
-            wanted.parent.mkdir(parents=True, exist_ok=True)
-            written.replace(wanted)
+    table, rejected = ingest(params.data, manifest, rejects, summary)
     print(f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects})")
 
 
@@ -196,8 +189,8 @@ def run_train(
             members,
         )
         pd.DataFrame(history).to_csv(out / HISTORY, index=False)
-        learning_curves(pd.DataFrame(history), out / "learning_curves.png")
-        mlflow.log_artifact(str(out / "learning_curves.png"), "plots")
+        learning_curves(pd.DataFrame(history), out / CURVES)
+        mlflow.log_artifact(str(out / CURVES), "plots")
         mlflow.log_artifact(str(out / HISTORY), "plots")
     _write_json(out / TRAIN_RECORD, record)
     print(
@@ -319,8 +312,7 @@ def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, pl
         plots / "confusion.png",
         f"test, ensemble of {len(per_seed)} (accuracy {ensemble['accuracy']:.3f})",
     )
-    history = pd.read_csv(models / HISTORY)
-    learning_curves(history, plots / "learning_curves.png")
+    shutil.copyfile(models / CURVES, plots / CURVES)  # drawn by train from the same history
 
     tracking.connect()
     client = MlflowClient()

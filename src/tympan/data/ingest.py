@@ -22,13 +22,16 @@ class IngestError(RuntimeError):
     """Too many recordings were rejected to trust the dataset."""
 
 
-def ingest(cfg: DataConfig, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write `manifest.csv`, `rejects.csv` and `summary.json` to `out_dir`.
+def ingest(
+    cfg: DataConfig, manifest_path: Path, rejects_path: Path, summary_path: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write the manifest, the rejects table and a summary to the given paths.
 
     Rejects are always written before the reject-fraction check, so a failing run still
     leaves the list of files and reasons to fix.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in (manifest_path, rejects_path, summary_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     candidates, rejects = list_recordings(cfg.adapter, Path(cfg.root), cfg.group_by)
     accepted = []
     seen: dict[str, str] = {}
@@ -61,7 +64,7 @@ def ingest(cfg: DataConfig, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     manifest = pd.DataFrame(accepted)
     reject_table = pd.DataFrame(rejects, columns=list(REJECT_COLUMNS))
-    reject_table.to_csv(out_dir / "rejects.csv", index=False)
+    reject_table.to_csv(rejects_path, index=False)
     total = len(manifest) + len(reject_table)
     fraction = len(reject_table) / total if total else 1.0
     reasons = Counter(r.split(":")[0].split(" (")[0] for r in reject_table["reason"])
@@ -73,17 +76,17 @@ def ingest(cfg: DataConfig, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         "reject_fraction": round(fraction, 4),
         "reasons": dict(reasons),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_path.write_text(json.dumps(summary, indent=1))
     for reject in rejects:
         log.warning("rejected %s: %s", reject["path"], reject["reason"])
     if not len(manifest) or fraction > cfg.max_reject_fraction:
         raise IngestError(
             f"rejected {len(reject_table)} of {total} recordings ({fraction:.1%} > "
             f"data.max_reject_fraction={cfg.max_reject_fraction:.1%}); reasons {dict(reasons)}; "
-            f"see {out_dir / 'rejects.csv'} and fix the files or raise the limit"
+            f"see {rejects_path} and fix the files or raise the limit"
         )
     front = ["path", "label", "group", "duration_s", "sample_rate", "channels", "sha256"]
     manifest = manifest[front + [c for c in manifest.columns if c not in front]]
-    manifest.to_csv(out_dir / "manifest.csv", index=False)
+    manifest.to_csv(manifest_path, index=False)
     log.info("ingest: %d accepted, %d rejected", len(manifest), len(reject_table))
     return manifest, reject_table

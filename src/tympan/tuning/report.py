@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tympan.config import Params
-from tympan.tuning.study import TuneError, direction, masked
+from tympan.tuning.study import TuneError, count_trials, direction, masked
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def write_outputs(
         )
     best = study.best_trial
     counts = {
-        state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+        state.name.lower(): count_trials(study, state)
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     }
     table = trials_table(study)

@@ -184,7 +184,8 @@ def top_up(study: optuna.Study, params: Params) -> int:
     return len(todo)
 
 
-def _count(study: optuna.Study, *states: TrialState) -> int:
+def count_trials(study: optuna.Study, *states: TrialState) -> int:
+    """Trials of the study in any of `states`."""
     return len(study.get_trials(deepcopy=False, states=states))
 
 
@@ -195,10 +196,10 @@ def work(
     optuna.storages.fail_stale_trials(study)
 
     def stop_when_empty(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-        if not _count(study, TrialState.WAITING):
+        if not count_trials(study, TrialState.WAITING):
             study.stop()
 
-    if _count(study, TrialState.WAITING):
+    if count_trials(study, TrialState.WAITING):
         study.optimize(
             objective, timeout=timeout_s, catch=(SurplusTrial,), callbacks=[stop_when_empty]
         )
@@ -224,11 +225,11 @@ def wait_for_study(
         if left is not None and left <= 0:
             log.warning(
                 "tune.timeout_s reached with %d trial(s) unfinished",
-                _count(study, TrialState.WAITING, TrialState.RUNNING),
+                count_trials(study, TrialState.WAITING, TrialState.RUNNING),
             )
             return
         work(study, objective, left)
-        if not _count(study, TrialState.WAITING, TrialState.RUNNING):
+        if not count_trials(study, TrialState.WAITING, TrialState.RUNNING):
             return
         time.sleep(poll_s)
 
