@@ -207,6 +207,7 @@ def test_pruned_trials_are_recorded_as_pruned(tmp_path, tone_cache_dir, mlflow_s
     params = replace(params, train=replace(params.train, epochs=6, patience=6))
     best = _run_tune(params, tone_cache_dir, tmp_path)
     assert best["trials"]["complete"] + best["trials"]["pruned"] == 8
+    assert best["trials"]["pruned"] >= 1  # lrs near 1e-5 barely learn: the median prunes them
     table = (tmp_path / "trials.csv").read_text()
     assert table.startswith("number,state,value")
 
