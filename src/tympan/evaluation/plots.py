@@ -1,4 +1,6 @@
-"""Learning curves and confusion matrices as PNG (MLflow artifacts, DVC image plots)."""
+"""Evaluation figures as PNG (MLflow artifacts, DVC image plots): learning curves, confusion
+matrix, ROC and precision-recall curves, spectrograms of the worst predictions, regression fit.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +57,60 @@ def confusion_matrix_plot(matrix: np.ndarray, labels: list[str], path: Path, tit
                 fontsize=8,
             )
     ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_plot(roc: pd.DataFrame, pr: pd.DataFrame, path: Path, title: str) -> None:
+    """ROC (left) and precision-recall (right), one line per class; frames from metrics.py."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for name, rows in roc.groupby("class", sort=False):
+        ax_roc.plot(rows["fpr"], rows["tpr"], label=str(name))
+    for name, rows in pr.groupby("class", sort=False):
+        ax_pr.plot(rows["recall"], rows["precision"], label=str(name))
+    ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one vs rest)")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (one vs rest)")
+    for ax in (ax_roc, ax_pr):
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def spectrogram_plot(features: np.ndarray, path: Path, title: str, hop_s: float) -> None:
+    """One clip's features `(channels, n_bins, frames)` as an image (first channel), time in s."""
+    image = np.asarray(features, dtype=np.float32)[0]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    shown = ax.imshow(
+        image,
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=(0.0, image.shape[1] * hop_s, 0, image.shape[0]),
+    )
+    fig.colorbar(shown, ax=ax, label="dB")
+    ax.set(xlabel="time (s)", ylabel="mel bin")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def regression_plots(targets: np.ndarray, predicted: np.ndarray, path: Path, title: str) -> None:
+    """Predicted against true (left, with the identity line) and residuals (right)."""
+    fig, (ax_fit, ax_res) = plt.subplots(1, 2, figsize=(10, 4.5))
+    ax_fit.scatter(targets, predicted, s=8, alpha=0.6)
+    low, high = float(np.min(targets)), float(np.max(targets))
+    ax_fit.plot([low, high], [low, high], ":", color="grey")
+    ax_fit.set(xlabel="true", ylabel="predicted", title="predicted vs true")
+    ax_res.scatter(predicted, predicted - targets, s=8, alpha=0.6)
+    ax_res.axhline(0.0, linestyle=":", color="grey")
+    ax_res.set(xlabel="predicted", ylabel="predicted - true", title="residuals")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,222 @@
+"""The test-set fingerprint that promotion compares, and the model card of a registered version.
+
+The card is markdown built only from files the pipeline wrote (split report, test metrics,
+per-class and per-attribute tables, the registration decision), so it states what was measured
+and nothing else. It is logged with the run, set as the model version's description, and kept
+in `reports/model_card.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+
+
+def fingerprint(index: pd.DataFrame) -> dict[str, Any]:
+    """Hash of the test clips (their audio sha256 and label), with counts, for `index` rows of
+    the test split. Two evaluations are comparable only when their hashes are equal."""
+    pairs = sorted(index["sha256"].astype(str) + ":" + index["label"].astype(str))
+    digest = hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
+    return {
+        "hash": digest,
+        "clips": len(index),
+        "groups": int(index["group"].nunique()),
+        "per_class": {
+            str(k): int(v) for k, v in index["label"].value_counts().sort_index().items()
+        },
+    }
+
+
+def promotion(
+    metric: str,
+    value: float,
+    test_hash: str,
+    champion: dict[str, str] | None,
+    min_delta: float,
+) -> tuple[str, str]:
+    """-> (`champion` or `challenger`, the reason). Pure: the registry is read by the caller.
+
+    `champion` holds the current champion's version and tags (`version`, `test_<metric>`,
+    `tympan.test_set`). A new version takes `champion` only when there is none, or when both
+    were tested on the same test set and it beats the champion by more than `min_delta`
+    (lower is better for MAE and RMSE).
+    """
+    if champion is None:
+        return "champion", "no champion yet"
+    version = champion["version"]
+    their_hash = champion.get("tympan.test_set")
+    if their_hash != test_hash:
+        return "challenger", (
+            f"not comparable with champion v{version}: tested on a different test set "
+            f"({test_hash} vs {their_hash}); promote by hand if intended"
+        )
+    best = float(champion.get(f"test_{metric}", "nan"))
+    if math.isnan(best):
+        return "challenger", f"champion v{version} has no test_{metric} tag to compare with"
+    lower = metric in LOWER_IS_BETTER
+    gain = best - value if lower else value - best
+    if gain > min_delta:
+        verdict, alias = "beats", "champion"
+    else:
+        verdict, alias = "does not beat", "challenger"
+    direction = "lower" if lower else "higher"
+    return alias, (
+        f"test {metric} {value:.4f} {verdict} champion v{version} ({best:.4f}) by more than "
+        f"{min_delta} ({direction} is better; same test set {test_hash})"
+    )
+
+
+@dataclass
+class CardInputs:
+    """What the card is written from (all read from pipeline outputs)."""
+
+    name: str
+    version: str
+    alias: str
+    reason: str
+    preset: str
+    metric: str
+    tags: dict[str, str]
+    split: dict[str, Any]
+    test_set: dict[str, Any]
+    results: dict[str, Any]
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)
+    breakdown: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def known_limits(card: CardInputs) -> list[str]:
+    """Limits read off the evidence: sample size, split kind, weakest class and subgroup."""
+    limits = []
+    n = card.test_set["clips"]
+    value = card.results["ensemble"].get(card.metric)
+    if value is not None and 0 <= value <= 1 and n:
+        half = 1.96 * math.sqrt(value * (1 - value) / n)
+        limits.append(
+            f"Test set of {n} clips from {card.test_set['groups']} groups: the {card.metric} "
+            f"{value:.3f} has a binomial 95% interval of about +-{half:.3f}; the seed spread "
+            f"is +-{card.results['seed_std'].get(card.metric, float('nan')):.3f}."
+        )
+    strategy = card.split.get("strategy")
+    if strategy == "stratified":
+        limits.append(
+            "Split is stratified by recording, not by group: the same speaker or session can "
+            "appear in training and test, so the figures overstate accuracy on unseen ones."
+        )
+    elif strategy == "group":
+        limits.append(
+            f"Split by group ({card.split.get('groups', {}).get('test', '?')} test groups never "
+            "seen in training); performance on groups unlike these is not measured."
+        )
+    if card.classes:
+        worst = min(card.classes.items(), key=lambda kv: kv[1]["accuracy"])
+        limits.append(
+            f"Weakest class: {worst[0]} (accuracy {worst[1]['accuracy']:.3f} on "
+            f"{worst[1]['support']} clips)."
+        )
+    for attribute, values in card.breakdown.items():
+        if len(values) > 1:
+            low = min(values.items(), key=lambda kv: kv[1]["accuracy"])
+            high = max(values.items(), key=lambda kv: kv[1]["accuracy"])
+            limits.append(
+                f"By {attribute}: accuracy from {low[1]['accuracy']:.3f} ({attribute}={low[0]}, "
+                f"{low[1]['n']} clips) to {high[1]['accuracy']:.3f} ({attribute}={high[0]})."
+            )
+    features = card.params.get("features", {})
+    if features:
+        limits.append(
+            f"Inputs are resampled to {features.get('sample_rate')} Hz and mixed to mono; "
+            f"the model sees {features.get('seconds')} s windows: shorter audio is padded, "
+            "longer audio is windowed and the windows' probabilities are combined."
+        )
+    side = card.params.get("model", {}).get("side_attributes") or []
+    if side:
+        limits.append(
+            f"Requests must carry {', '.join(side)}; values unseen in training are refused."
+        )
+    return limits
+
+
+def model_card(card: CardInputs) -> str:
+    """The card as markdown."""
+    ens, mean, std = (card.results[k] for k in ("ensemble", "seed_mean", "seed_std"))
+    seeds = card.results.get("seeds", {})
+    metrics_rows = [
+        [k, f"{ens[k]:.4f}", f"{mean[k]:.4f} +- {std[k]:.4f}" if k in mean else "-"] for k in ens
+    ]
+    split_rows = [
+        [s, card.split.get("recordings", {}).get(s, "?"), card.split.get("groups", {}).get(s, "?")]
+        for s in ("train", "val", "test")
+    ]
+    tag = card.tags.get
+    parts = [
+        f"# Model card: {card.name} v{card.version} (@{card.alias})",
+        "",
+        f"Promotion: {card.reason}.",
+        "",
+        "## Data",
+        "",
+        f"- Preset: `{card.preset}`; git commit `{tag('git.commit', 'unknown')}`",
+        f"- DVC data hash `{tag('dvc.data', 'unknown')}`, manifest `{tag('dvc.manifest', '?')}`, "
+        f"features `{tag('dvc.features', 'unknown')}`",
+        f"- Test set `{card.test_set['hash']}`: {card.test_set['clips']} clips, "
+        f"{card.test_set['groups']} groups",
+        f"- Split `{card.split.get('strategy')}` (seed {card.split.get('seed')}); checked: "
+        f"{card.split.get('checks', {})}",
+        "",
+        _table(["split", "recordings", "groups"], split_rows),
+        "",
+        "## Test metrics",
+        "",
+        f"Ensemble of {len(seeds)} seeds (averaged probabilities); per-seed mean +- std. "
+        f"Headline: `{card.metric}`.",
+        "",
+        _table(["metric", "ensemble", "seeds"], metrics_rows),
+    ]
+    if card.classes:
+        parts += [
+            "",
+            "## Per class",
+            "",
+            _table(
+                ["class", "accuracy", "precision", "f1", "support"],
+                [
+                    [c, *(f"{v[k]:.3f}" for k in ("accuracy", "precision", "f1")), v["support"]]
+                    for c, v in card.classes.items()
+                ],
+            ),
+        ]
+    for attribute, values in card.breakdown.items():
+        parts += [
+            "",
+            f"## By {attribute}",
+            "",
+            _table(
+                [attribute, "clips", "accuracy", "macro F1"],
+                [
+                    [k, v["n"], f"{v['accuracy']:.3f}", f"{v['f1_macro']:.3f}"]
+                    for k, v in values.items()
+                ],
+            ),
+        ]
+    if card.params:
+        flat = [
+            [f"{section}.{key}", value]
+            for section, values in card.params.items()
+            for key, value in values.items()
+        ]
+        parts += ["", "## Params", "", _table(["param", "value"], flat)]
+    parts += ["", "## Known limits", ""] + [f"- {line}" for line in known_limits(card)]
+    return "\n".join(parts) + "\n"

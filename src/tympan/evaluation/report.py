@@ -1,0 +1,238 @@
+"""The evaluate stage's outputs: metrics JSON for DVC and MLflow, plot data, figures.
+
+`classification_report` takes every seed's test probabilities and writes, under `metrics/`:
+    test.json       every metric per seed, seed mean and std, and the probability-averaged
+                    ensemble (S1's method)
+    headline.json   the registry metric for the ensemble and its seed spread (what
+                    `dvc exp show` is read by)
+    classes.json    per-class accuracy, precision, F1 and support of the ensemble
+    breakdown.json  accuracy and macro F1 per value of each `evaluate.breakdown` column
+and under `plots/`: confusion.csv (DVC confusion template) and confusion.txt, roc/<class>.csv
+and pr/<class>.csv (DVC linear plots, one file per class), classes.csv (bar), worst.csv with
+worst/*.png (the k worst predictions with their spectrograms), test_predictions.csv, and the
+figures confusion.png and curves.png.
+`regression_report` is the same for a regression model: mae/rmse/r2, scatter.csv, fit.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tympan.evaluation import metrics as m
+from tympan.evaluation.plots import (
+    confusion_matrix_plot,
+    curves_plot,
+    regression_plots,
+    spectrogram_plot,
+)
+
+
+class EvaluationError(ValueError):
+    """A report that cannot be made from the inputs (e.g. a breakdown column that is absent)."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The scored clips: `index` rows (path, label, side attributes...) aligned with `targets`
+    `(clips,)` and `features` `(clips, 1, n_bins, frames)` (for the spectrograms)."""
+
+    index: pd.DataFrame
+    targets: np.ndarray
+    labels: list[str]
+    features: np.ndarray
+    hop_s: float
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def safe_name(text: str) -> str:
+    """A class label or file stem usable as a file name."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "_"
+
+
+def seed_summary(per_seed: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+    """Mean and population std across seeds of every metric all seeds have."""
+    names = set.intersection(*(set(s) for s in per_seed.values()))
+    first = next(iter(per_seed.values()))
+    names_in_order = [k for k in first if k in names]
+    mean = {k: statistics.fmean(s[k] for s in per_seed.values()) for k in names_in_order}
+    std = {k: statistics.pstdev(s[k] for s in per_seed.values()) for k in names_in_order}
+    return mean, std
+
+
+def headline(results: dict, metric: str) -> dict[str, float]:
+    """`{test_<metric>, test_<metric>_seed_mean, test_<metric>_seed_std, n_test}`."""
+    if metric not in results["ensemble"]:
+        raise EvaluationError(
+            f"register.metric={metric!r} was not computed for this test set "
+            f"(have: {', '.join(results['ensemble'])})"
+        )
+    return {
+        f"test_{metric}": results["ensemble"][metric],
+        f"test_{metric}_seed_mean": results["seed_mean"][metric],
+        f"test_{metric}_seed_std": results["seed_std"][metric],
+        "n_test": results["n_test"],
+    }
+
+
+def classification_report(
+    test: HeldOut,
+    per_seed_probs: dict[str, np.ndarray],
+    metric: str,
+    breakdown_by: tuple[str, ...],
+    worst_k: int,
+    metrics_dir: Path,
+    plots: Path,
+) -> dict:
+    """Write every metric file and plot (see the module docstring); -> test.json's content."""
+    missing = [c for c in breakdown_by if c not in test.index.columns]
+    if missing:
+        raise EvaluationError(
+            f"evaluate.breakdown: column(s) {', '.join(missing)} not in the feature index "
+            f"(have: {', '.join(test.index.columns)}); add them to the manifest"
+        )
+    targets, labels = test.targets, test.labels
+    per_seed = {s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()}
+    probs = np.mean(list(per_seed_probs.values()), axis=0)
+    mean, std = seed_summary(per_seed)
+    results = {
+        "n_test": len(targets),
+        "ensemble": m.classification_metrics(targets, probs),
+        "seed_mean": mean,
+        "seed_std": std,
+        "seeds": per_seed,
+    }
+    classes = m.per_class(targets, probs, labels)
+    by_attribute = {c: m.breakdown(targets, probs, test.index[c]) for c in breakdown_by}
+    _write_json(metrics_dir / "test.json", results)
+    _write_json(metrics_dir / "headline.json", headline(results, metric))
+    _write_json(metrics_dir / "classes.json", classes)
+    _write_json(metrics_dir / "breakdown.json", by_attribute)
+
+    plots.mkdir(parents=True, exist_ok=True)
+    names = np.asarray(labels)
+    predicted = probs.argmax(axis=1)
+    table = pd.DataFrame(
+        {
+            "path": test.index["path"].to_numpy(),
+            "actual": names[targets],
+            "predicted": names[predicted],
+            "confidence": probs.max(axis=1).round(4),
+            "p_actual": probs[np.arange(len(targets)), targets].round(4),
+        }
+    )
+    table[["actual", "predicted"]].to_csv(plots / "confusion.csv", index=False)
+    table.to_csv(plots / "test_predictions.csv", index=False)
+    pd.DataFrame(
+        [{"class": k, **v} for k, v in classes.items()], columns=["class", "accuracy", "support"]
+    ).to_csv(plots / "classes.csv", index=False)
+    matrix = m.confusion(targets, probs)
+    (plots / "confusion.txt").write_text(matrix_to_text(matrix, labels))
+    confusion_matrix_plot(
+        matrix,
+        labels,
+        plots / "confusion.png",
+        f"test, ensemble of {len(per_seed)} (accuracy {results['ensemble']['accuracy']:.3f})",
+    )
+    roc, pr = m.roc_curves(targets, probs, labels), m.pr_curves(targets, probs, labels)
+    for folder, frame in (("roc", roc), ("pr", pr)):
+        _replace_dir(plots / folder)
+        for name, rows in frame.groupby("class", sort=False):
+            rows.drop(columns="class").to_csv(
+                plots / folder / f"{safe_name(str(name))}.csv", index=False
+            )
+    auc = results["ensemble"].get("roc_auc")
+    curves_plot(
+        roc,
+        pr,
+        plots / "curves.png",
+        "test, ensemble" + (f" (ROC AUC {auc:.3f})" if auc is not None else ""),
+    )
+    _worst(test, table, probs, worst_k, plots)
+    return results
+
+
+def matrix_to_text(matrix: np.ndarray, labels: list[str]) -> str:
+    """The confusion matrix as an aligned text table (rows true, columns predicted)."""
+    width = max(len(label) for label in labels) + 1
+    lines = ["true \\ predicted".ljust(width) + " ".join(label.rjust(width) for label in labels)]
+    for label, row in zip(labels, matrix, strict=True):
+        lines.append(label.ljust(width) + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def _replace_dir(path: Path) -> None:
+    """Empty a generated folder so that files from an earlier run (old classes) do not linger."""
+    if path.exists():
+        for child in path.iterdir():
+            child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _worst(
+    test: HeldOut, table: pd.DataFrame, probs: np.ndarray, k: int, plots: Path
+) -> pd.DataFrame:
+    """The k test clips whose true class got the lowest probability: CSV and spectrograms."""
+    order = m.worst_predictions(test.targets, probs, k)
+    worst = table.iloc[order].reset_index(drop=True)
+    worst.insert(0, "rank", np.arange(1, len(worst) + 1))
+    images = []
+    _replace_dir(plots / "worst")
+    for rank, i in enumerate(order, start=1):
+        row = table.iloc[i]
+        image = f"worst/{rank:02d}_{safe_name(Path(row['path']).stem)}.png"
+        spectrogram_plot(
+            test.features[i],
+            plots / image,
+            f"#{rank} {row['path']}\ntrue {row['actual']} (p={row['p_actual']:.3f}), "
+            f"predicted {row['predicted']} (p={row['confidence']:.3f})",
+            test.hop_s,
+        )
+        images.append(image)
+    worst["image"] = images
+    worst.to_csv(plots / "worst.csv", index=False)
+    return worst
+
+
+def regression_report(
+    paths: list[str],
+    targets: np.ndarray,
+    per_seed_predictions: dict[str, np.ndarray],
+    metric: str,
+    metrics_dir: Path,
+    plots: Path,
+) -> dict:
+    """MAE, RMSE, R^2 per seed, mean +- std and for the averaged prediction; scatter, fit.png."""
+    per_seed = {s: m.regression_metrics(targets, p) for s, p in per_seed_predictions.items()}
+    predicted = np.mean(list(per_seed_predictions.values()), axis=0)
+    mean, std = seed_summary(per_seed)
+    results = {
+        "n_test": len(targets),
+        "ensemble": m.regression_metrics(targets, predicted),
+        "seed_mean": mean,
+        "seed_std": std,
+        "seeds": per_seed,
+    }
+    _write_json(metrics_dir / "test.json", results)
+    _write_json(metrics_dir / "headline.json", headline(results, metric))
+    plots.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {"path": paths, "actual": targets, "predicted": predicted, "residual": predicted - targets}
+    ).to_csv(plots / "scatter.csv", index=False)
+    regression_plots(
+        targets,
+        predicted,
+        plots / "fit.png",
+        f"test, mean of {len(per_seed)} (MAE {results['ensemble']['mae']:.3g})",
+    )
+    return results
