@@ -98,6 +98,7 @@ def tone_cache_dir(tmp_path_factory) -> Path:
                 "group": str(i),
                 "split": ["train", "train", "train", "train", "val", "test"][i % 6],
                 "sha256": f"{i:064x}",
+                "mic": ["a", "b"][(i // 2) % 2],  # a side attribute, both mics in each class
             }
         )
     build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
@@ -123,5 +124,25 @@ def tone_bundle(tone_cache, tmp_path_factory) -> Path:
         tone_cache.mean,
         tone_cache.std,
         members,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tone_side_bundle(tone_cache, tmp_path_factory) -> Path:
+    """A one-member bundle whose model also takes the side attribute `mic` (values a, b)."""
+    model_cfg = ModelConfig(channels=8, hidden=16, side_attributes=("mic",))
+    model = fit(tone_cache, model_cfg, TrainConfig(epochs=4, batch_size=8), 0, torch.device("cpu"))
+    path = tmp_path_factory.mktemp("side_bundle") / "bundle.pt"
+    save_bundle(
+        path,
+        TONE_FEATURES,
+        model_cfg,
+        tone_cache.labels,
+        tuple(tone_cache.features.shape[2:]),
+        tone_cache.mean,
+        tone_cache.std,
+        {0: model.model.state_dict()},
+        side_vocab=model.model.side_vocab,
     )
     return path

@@ -95,22 +95,3 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path):
 def test_summary_without_a_run_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run `dvc repro` first"):
         main(["summary", "--registered", str(tmp_path / "r.json")])
-
-
-@pytest.mark.parametrize(
-    ("value", "best", "delta", "alias"),
-    [
-        (0.90, 0.85, 0.0, "champion"),  # better
-        (0.80, 0.85, 0.0, "challenger"),  # worse
-        (0.85, 0.85, 0.0, "challenger"),  # equal is not better
-        (0.86, 0.85, 0.02, "challenger"),  # better, but within min_delta
-        (0.88, 0.85, 0.02, "champion"),  # better by more than min_delta
-    ],
-)
-def test_promotion_rule(value, best, delta, alias):
-    from tympan.stages import promotion
-
-    got, reason = promotion("accuracy", value, best, delta, "3")
-    assert got == alias
-    assert ("does not beat" in reason) == (alias == "challenger")
-    assert "champion v3" in reason

@@ -186,6 +186,8 @@ def test_promotion_needs_the_same_test_set_and_knows_lower_is_better():
     got, reason = promotion("accuracy", 0.99, "xyz", CHAMPION, 0.0)
     assert got == "challenger" and "different test set (xyz vs abc)" in reason
     assert promotion("accuracy", 0.5, "xyz", None, 0.0) == ("champion", "no champion yet")
+    untagged = promotion("accuracy", 0.99, "xyz", {"version": "1", "test_accuracy": "0.5"}, 0.0)
+    assert untagged[0] == "challenger" and "no test-set hash" in untagged[1]
     champion = {"version": "1", "test_mae": "0.40", "tympan.test_set": "abc"}
     assert promotion("mae", 0.30, "abc", champion, 0.05)[0] == "champion"
     assert promotion("mae", 0.37, "abc", champion, 0.05)[0] == "challenger"

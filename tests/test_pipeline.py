@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -81,6 +82,16 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert metrics["n_test"] > 0 and set(metrics["seeds"]) == {"0", "1"}
     assert 0.0 <= metrics["ensemble"]["accuracy"] <= 1.0
     assert (repo / "plots/confusion.csv").read_text().startswith("actual,predicted")
+    headline = json.loads((repo / "metrics/headline.json").read_text())
+    assert headline["test_accuracy"] == metrics["ensemble"]["accuracy"]
+    breakdown = json.loads((repo / "metrics/breakdown.json").read_text())
+    assert set(breakdown) == {"snr_db", "session"}
+    labels = set(json.loads((repo / "metrics/classes.json").read_text()))
+    assert {p.stem for p in (repo / "plots/roc").glob("*.csv")} == labels
+    assert len(pd.read_csv(repo / "plots/worst.csv")) == 10
+    card = (repo / "reports/model_card.md").read_text()
+    assert card.startswith("# Model card: tympan-demo v1 (@champion)")
+    assert "## By snr_db" in card and "## Known limits" in card
     assert (repo / "data/features/features.npy").exists()
     assert (
         json.loads((repo / "reports/split.json").read_text())["checks"]["groups_in_two_splits"] == 0
@@ -92,12 +103,24 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "up to date" in _run(repo, "dvc", "status")
 
 
-def test_changing_train_lr_reruns_only_downstream(repo):
+def test_changing_train_lr_reruns_only_downstream(repo, tmp_path):
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "first repro")
     _set(repo / "params.yaml", "train", "lr", 0.0005)
     output = _run(repo, "dvc", "repro")
     # tune reads the train params as its base (it does no work while disabled)
     assert _ran(output) == {"tune", "train", "evaluate", "register"}
     assert "Stage 'featurize' didn't change, skipping" in output
+    # DVC compares the two experiments: metrics by name, plots rendered for both revisions
+    diff = json.loads(_run(repo, "dvc", "metrics", "diff", "--json", "--all"))
+    assert "test_accuracy" in diff["metrics/headline.json"]
+    old = json.loads(_run(repo, "git", "show", "HEAD:metrics/headline.json"))
+    new = json.loads((repo / "metrics/headline.json").read_text())
+    change = diff["metrics/headline.json"]["test_accuracy"]
+    assert (change["old"], change["new"]) == (old["test_accuracy"], new["test_accuracy"])
+    _run(repo, "dvc", "plots", "diff", "HEAD", "-o", str(tmp_path / "dvc_plots"))
+    html = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "plots/roc" in html and "plots/worst" in html
 
 
 def test_mlflow_runs_tags_and_registry(repo):
@@ -141,6 +164,11 @@ def test_mlflow_runs_tags_and_registry(repo):
         assert str(champion.version) == "1" and registered["alias"] == "challenger"
         assert str(client.get_model_version_by_alias("tympan-demo", "challenger").version) == "2"
     assert "champion" in versions[2].tags["tympan.promotion"]
+    # same data, same split: the two versions are comparable, and each carries its card
+    assert versions[1].tags["tympan.test_set"] == versions[2].tags["tympan.test_set"]
+    assert "same test set" in versions[2].tags["tympan.promotion"]
+    assert versions[2].description.startswith("# Model card: tympan-demo v2")
+    assert float(versions[2].tags["test_accuracy_seed_std"]) >= 0.0
 
 
 def test_enabled_tune_feeds_its_best_params_to_train(repo):

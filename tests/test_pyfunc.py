@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from tympan.features import window_starts
 from tympan.serving import PayloadError, Predictor
 from tympan.serving.bundle import decode_items
 from tympan.serving.pyfunc import AudioModel, example_input, requirements, signature
@@ -48,12 +49,13 @@ def test_payload_errors_name_the_item():
 
 def _save(bundle, path):
     """Save the pyfunc exactly as register logs it (signature, example, pinned requirements)."""
+    side_vocab = Predictor.load(bundle).side_vocab
     mlflow.pyfunc.save_model(
         path,
         python_model=AudioModel(),
         artifacts={"bundle": str(bundle)},
-        signature=signature(),
-        input_example=example_input(8000),
+        signature=signature(tuple(side_vocab)),
+        input_example=example_input(8000, side_vocab),
         pip_requirements=requirements(),
     )
     return path
@@ -65,8 +67,9 @@ def test_pyfunc_round_trip(tone_bundle, tmp_path):
     clips, expected = _clips()
     frame = pd.DataFrame({"audio": [base64.b64encode(c).decode() for c in clips]})
     out = model.predict(frame)
-    assert list(out.columns) == ["label", "probabilities"]
+    assert list(out.columns) == ["label", "probabilities", "windows"]
     assert out["label"].tolist() == expected
+    assert out["windows"].tolist() == [1, 1, 1, 1]  # clips of training length are one window
     direct = Predictor.load(tone_bundle).predict(clips)
     for row, ref in zip(out["probabilities"], direct, strict=True):
         assert row == pytest.approx(ref["probabilities"], rel=1e-5)
@@ -87,3 +90,74 @@ def test_logged_input_example_serves(tone_bundle, tmp_path):
     path = _save(tone_bundle, tmp_path / "model")
     out = validate_serving_input(str(path), load_serving_example(str(path)))
     assert len(out) == 2 and set(out["label"]) <= {"low", "high"}
+
+
+def test_payload_size_limit_comes_from_the_environment(monkeypatch):
+    clip = encode(tone(300, 1.0, 16000), 16000)  # 32 kB
+    monkeypatch.setenv("TYMPAN_MAX_ITEM_MB", "0.01")
+    with pytest.raises(PayloadError, match=r"item 1: larger than the 0.01 MiB limit"):
+        decode_items([base64.b64encode(encode(tone(300, 0.05, 8000), 8000)).decode(), clip])
+    monkeypatch.setenv("TYMPAN_MAX_ITEM_MB", "1")
+    assert decode_items([clip]) == [clip]
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "hop", "min_last", "starts"),
+    [
+        (3000, 4000, 2000, 0.5, [0]),  # shorter than a window: padded like training
+        (6000, 4000, 2000, 0.5, [0]),  # up to window + hop: one window, cropped like training
+        (8000, 4000, 2000, 0.5, [0, 2000, 4000]),  # tiles exactly: no extra window
+        (9000, 4000, 2000, 0.5, [0, 2000, 4000, 6000]),  # tail holds 3000 >= 2000 samples
+        (9000, 4000, 2000, 0.8, [0, 2000, 4000]),  # tail of 3000 < 3200: dropped
+    ],
+)
+def test_window_starts(length, window, hop, min_last, starts):
+    assert window_starts(length, window, hop, min_last) == starts
+
+
+def test_long_recording_is_windowed_and_averaged(tone_bundle):
+    predictor = Predictor.load(tone_bundle)  # 0.5 s windows, hop 0.5 s, at 8 kHz
+    wave = np.concatenate([tone(300, 1.5, 8000), tone(3000, 1.5, 8000)])  # 3 s: 6 windows
+    (answer,) = predictor.predict([encode(wave, 8000)])
+    assert answer["windows"] == 6
+    pieces = [encode(wave[i : i + 4000], 8000) for i in range(0, 24000, 4000)]
+    per_window = predictor.predict_proba(pieces)
+    assert [predictor.labels[i] for i in per_window.argmax(1)] == ["low"] * 3 + ["high"] * 3
+    np.testing.assert_allclose(
+        list(answer["probabilities"].values()), per_window.mean(0), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_side_attributes_are_required_and_checked(tone_side_bundle, tmp_path):
+    predictor = Predictor.load(tone_side_bundle)
+    assert predictor.side_vocab == {"mic": ["a", "b"]}
+    clips, _ = _clips()
+    answers = predictor.predict(clips, {"mic": ["a", "b", "b", "a"]})
+    assert len(answers) == 4
+    with pytest.raises(PayloadError, match="missing side attribute 'mic'"):
+        predictor.predict(clips)
+    with pytest.raises(PayloadError, match=r"item 2: unknown mic 'c' \(known: a, b\)"):
+        predictor.predict(clips, {"mic": ["a", "b", "c", "a"]})
+    with pytest.raises(PayloadError, match="item 1: missing side attribute 'mic'"):
+        predictor.predict(clips, {"mic": ["a", None, "a", "a"]})
+
+    path = _save(tone_side_bundle, tmp_path / "model")
+    model = mlflow.pyfunc.load_model(str(path))
+    frame = pd.DataFrame(
+        {"audio": [base64.b64encode(c).decode() for c in clips], "mic": ["a", "b", "b", "a"]}
+    )
+    out = model.predict(frame)
+    assert out["label"].tolist() == [a["label"] for a in answers]
+    with pytest.raises(MlflowException, match="missing side attribute 'mic'") as err:
+        model.predict(frame[["audio"]])
+    assert err.value.get_http_status_code() == 400
+
+
+def test_logged_input_example_with_side_attributes_serves(tone_side_bundle, tmp_path):
+    from mlflow.models import validate_serving_input
+    from mlflow.models.utils import load_serving_example
+
+    path = _save(tone_side_bundle, tmp_path / "model")
+    assert '"mic"' in load_serving_example(str(path))
+    out = validate_serving_input(str(path), load_serving_example(str(path)))
+    assert len(out) == 2

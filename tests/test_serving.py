@@ -1,8 +1,13 @@
-"""The registered champion served by the real `mlflow models serve` on 127.0.0.1."""
+"""The registered champion served by the real `mlflow models serve` on 127.0.0.1.
+
+The model declares the side attribute `speaker` (as S1's models use `language`), so every
+request carries it, and the server runs with a 1 MiB item limit to test the limit over HTTP.
+"""
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import signal
 import subprocess
@@ -26,18 +31,23 @@ from conftest import REPO, free_port, fsdd_subset
 
 pytestmark = pytest.mark.integration
 
+SILENCE_WAV = encode(np.zeros(8000, dtype=np.float32), 8000)
+
 MODEL = "tympan-fsdd-test"
+SPEAKERS = ["jackson", "nicolas", "george"]
+LIMIT_MB = "1"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, fsdd_root):
     """Train a small FSDD model through the stages, register it, and serve @champion."""
     tmp = tmp_path_factory.mktemp("serve")
-    root = fsdd_subset(fsdd_root, tmp / "fsdd", ["jackson", "nicolas", "george"], range(0, 12))
+    root = fsdd_subset(fsdd_root, tmp / "fsdd", SPEAKERS, range(0, 12))
     params = load_params(REPO / "pipelines" / "fsdd.yaml")
     params = replace(
         params,
         data=replace(params.data, root=str(root)),
+        model=replace(params.model, side_attributes=("speaker",)),
         train=replace(params.train, seeds=(0, 1), epochs=4),
         register=replace(params.register, name=MODEL),
         tracking=replace(params.tracking, experiment="serving-test"),
@@ -51,9 +61,17 @@ def served(tmp_path_factory, fsdd_root):
         stages.run_featurize(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "features")
         stages.run_train(params, tmp / "features", tmp / "manifest.csv", tmp / "models")
         stages.run_evaluate(
-            params, tmp / "features", tmp / "models", tmp / "test.json", tmp / "plots"
+            params, tmp / "features", tmp / "models", tmp / "metrics", tmp / "plots", tmp / "t.json"
         )
-        stages.run_register(params, tmp / "models", tmp / "test.json", tmp / "registered.json")
+        stages.run_register(
+            params,
+            tmp / "models",
+            tmp / "metrics",
+            tmp / "split.json",
+            tmp / "t.json",
+            tmp / "registered.json",
+            tmp / "card.md",
+        )
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -76,7 +94,7 @@ def served(tmp_path_factory, fsdd_root):
             "-p",
             str(port),
         ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "TYMPAN_MAX_ITEM_MB": LIMIT_MB},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -103,17 +121,20 @@ def served(tmp_path_factory, fsdd_root):
     log.close()
 
 
-def _clips(fsdd_root: Path) -> list[bytes]:
-    """Unseen FSDD recordings (takes 40+), as files and re-encoded at 44.1 kHz stereo FLAC."""
+def _clips(fsdd_root: Path) -> tuple[list[bytes], list[str]]:
+    """Unseen FSDD recordings (takes 40+) of the trained speakers, as files and one re-encoded
+    at 44.1 kHz stereo FLAC; and each clip's speaker."""
     meta = pd.read_csv(fsdd_root / "metadata.csv")
-    picked = meta[meta["take"] >= 40].groupby("digit").head(1).head(6)
+    meta = meta[meta["speaker"].isin(SPEAKERS) & (meta["take"] >= 40)]
+    picked = meta.groupby("digit").head(1).head(6)
     clips = [(fsdd_root / f).read_bytes() for f in picked["filename"]]
+    speakers = [*picked["speaker"], picked["speaker"].iloc[0]]
     wave, rate = sf.read(fsdd_root / picked["filename"].iloc[0], dtype="float32")
     t_old = np.arange(len(wave)) / rate
     t_new = np.arange(int(len(wave) * 44100 / rate)) / 44100
     upsampled = np.interp(t_new, t_old, wave).astype(np.float32)
     clips.append(encode(np.stack([upsampled, upsampled], axis=1), 44100, fmt="FLAC"))
-    return clips
+    return clips, speakers
 
 
 def _b64(data: bytes) -> str:
@@ -122,11 +143,16 @@ def _b64(data: bytes) -> str:
 
 def test_served_predictions_match_in_process_predict(served, fsdd_root):
     url, predictor = served
-    clips = _clips(fsdd_root)
-    expected = predictor.predict(clips)
+    clips, speakers = _clips(fsdd_root)
+    expected = predictor.predict(clips, {"speaker": speakers})
     for body in (
-        {"inputs": {"audio": [_b64(c) for c in clips]}},
-        {"dataframe_split": {"columns": ["audio"], "data": [[_b64(c)] for c in clips]}},
+        {"inputs": {"audio": [_b64(c) for c in clips], "speaker": speakers}},
+        {
+            "dataframe_split": {
+                "columns": ["audio", "speaker"],
+                "data": [[_b64(c), s] for c, s in zip(clips, speakers, strict=True)],
+            }
+        },
     ):
         response = requests.post(f"{url}/invocations", json=body, timeout=60)
         assert response.status_code == 200, response.text
@@ -134,17 +160,53 @@ def test_served_predictions_match_in_process_predict(served, fsdd_root):
         assert len(predictions) == len(clips)
         for got, want in zip(predictions, expected, strict=True):
             assert got["label"] == want["label"]
+            assert got["windows"] == 1
             assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-4, abs=1e-6)
     # the resampled stereo copy of clip 0 gets the same answer as the original
     assert predictions[-1]["label"] == predictions[0]["label"]
 
 
+def test_long_recording_is_windowed_over_http(served, fsdd_root):
+    url, predictor = served
+    clips, speakers = _clips(fsdd_root)
+    waves = [sf.read(io.BytesIO(c), dtype="float32")[0] for c in clips[:5]]
+    long = encode(np.concatenate(waves), 8000)  # about 2 s of several digits
+    expected = predictor.predict([long], {"speaker": [speakers[0]]})[0]
+    assert expected["windows"] > 1
+    body = {"inputs": {"audio": [_b64(long)], "speaker": [speakers[0]]}}
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    (got,) = response.json()["predictions"]
+    assert got["windows"] == expected["windows"]
+    assert got["probabilities"] == pytest.approx(expected["probabilities"], rel=1e-4, abs=1e-6)
+
+
+def _oversized() -> str:
+    """A valid WAV just over the server's 1 MiB item limit (about 33 s at 16 kHz)."""
+    return _b64(encode(np.zeros(600_000, dtype=np.float32), 16000))
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"inputs": {"audio": ["%%%not-base64%%%"]}}, "item 0: 'audio' is not valid base64"),
-        ({"inputs": {"audio": [_b64(b"hello, I am not a sound")]}}, "item 0: not decodable audio"),
-        ({"inputs": {"audio": [""]}}, "item 0: empty audio"),
+        (
+            {"inputs": {"audio": ["%%%not-base64%%%"], "speaker": ["george"]}},
+            "item 0: 'audio' is not valid base64",
+        ),
+        (
+            {"inputs": {"audio": [_b64(b"hello, I am not a sound")], "speaker": ["george"]}},
+            "item 0: not decodable audio",
+        ),
+        ({"inputs": {"audio": [""], "speaker": ["george"]}}, "item 0: empty audio"),
+        (
+            {"inputs": {"audio": [_oversized()], "speaker": ["george"]}},
+            "item 0: larger than the 1 MiB limit",
+        ),
+        ({"inputs": {"audio": [_b64(SILENCE_WAV)]}}, "missing side attribute 'speaker'"),
+        (
+            {"inputs": {"audio": [_b64(SILENCE_WAV)], "speaker": ["yweweler"]}},
+            "item 0: unknown speaker 'yweweler' (known: george, jackson, nicolas)",
+        ),
         ({"inputs": {"sound": ["AAAA"]}}, "audio"),
         ({"instances": 42}, ""),
     ],
@@ -154,15 +216,19 @@ def test_bad_payloads_get_400_and_the_server_keeps_serving(served, fsdd_root, bo
     response = requests.post(f"{url}/invocations", json=body, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert needle in response.json()["message"]
-    good = {"inputs": {"audio": [_b64(_clips(fsdd_root)[0])]}}
+    clips, speakers = _clips(fsdd_root)
+    good = {"inputs": {"audio": [_b64(clips[0])], "speaker": speakers[:1]}}
     assert requests.post(f"{url}/invocations", json=good, timeout=60).status_code == 200
 
 
 def test_bad_second_item_is_named(served, fsdd_root):
     url, _ = served
-    good = _b64(_clips(fsdd_root)[0])
+    clips, speakers = _clips(fsdd_root)
+    good = _b64(clips[0])
     response = requests.post(
-        f"{url}/invocations", json={"inputs": {"audio": [good, "@@"]}}, timeout=60
+        f"{url}/invocations",
+        json={"inputs": {"audio": [good, "@@"], "speaker": speakers[:2]}},
+        timeout=60,
     )
     assert response.status_code == 400
     assert "item 1" in response.json()["message"]
@@ -185,12 +251,14 @@ def test_client_posts_files_and_reports_errors(served, fsdd_root, tmp_path, caps
     url, predictor = served
     meta = pd.read_csv(fsdd_root / "metadata.csv")
     files = [fsdd_root / f for f in meta[meta["take"] == 45]["filename"].head(3)]
-    client.main([*map(str, files), "--url", f"{url}/invocations"])
+    client.main([*map(str, files), "--url", f"{url}/invocations", "--side", "speaker=george"])
     lines = capsys.readouterr().out.strip().splitlines()
-    expected = predictor.predict([f.read_bytes() for f in files])
+    expected = predictor.predict([f.read_bytes() for f in files], {"speaker": ["george"] * 3})
     assert [line.split(": ")[1].split(" ")[0] for line in lines] == [e["label"] for e in expected]
     (tmp_path / "bad.wav").write_text("not audio")
     with pytest.raises(SystemExit, match=r"400.*item 0: not decodable audio"):
-        client.main([str(tmp_path / "bad.wav"), "--url", f"{url}/invocations"])
+        client.main(
+            [str(tmp_path / "bad.wav"), "--url", f"{url}/invocations", "--side", "speaker=george"]
+        )
     with pytest.raises(SystemExit, match="cannot reach"):
         client.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}/invocations"])

@@ -65,18 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "evaluate",
-        "test metrics per seed and for the ensemble; plots",
+        "test metrics per seed and for the ensemble; plots, worst predictions, breakdowns",
         "features",
         "models",
         "metrics",
         "plots",
+        "test-set",
     )
     add(
         "register",
-        "log the pyfunc model, register it, set champion or challenger",
+        "log the pyfunc model, register it, set champion or challenger, write the model card",
         "models",
         "metrics",
+        "split",
+        "test-set",
         "out",
+        "card",
     )
     preset = sub.add_parser("preset", help="make pipelines/NAME.yaml the active params.yaml")
     preset.add_argument("name", help="a preset in pipelines/ (e.g. demo, fsdd)")
@@ -101,12 +105,16 @@ def _summary(registered: Path, metrics: Path) -> None:
         "per-seed mean +- std):"
     )
     for key in ens:
-        print(f"  {key:<10} {ens[key]:.4f}   seeds {mean[key]:.4f} +- {std[key]:.4f}")
+        print(f"  {key:<18} {ens[key]:.4f}   seeds {mean[key]:.4f} +- {std[key]:.4f}")
+    card = registered.parent / "model_card.md"
+    if card.exists():
+        print(f"Model card: {card} (also the version's description in mlflow ui)")
     activate = os.path.relpath(Path(sys.executable).parent / "activate")
     print("\nLook further (the commands need the project's environment on PATH):")
     print(f"  . {activate}")
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
+    print("  dvc exp show --drop 'metrics/(test|classes|breakdown).json:.*'")
     print(
         f"  MLFLOW_TRACKING_URI={uri} mlflow models serve "
         f"-m models:/{reg['name']}@champion --env-manager local -h 127.0.0.1 -p 5000"
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     from tympan.data.ingest import IngestError
     from tympan.data.manifest import ManifestError
     from tympan.data.splits import LeakageError
+    from tympan.evaluation.report import EvaluationError
     from tympan.features.cache import FeatureError
     from tympan.tuning.study import TuneError
 
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         ManifestError,
         LeakageError,
         FeatureError,
+        EvaluationError,
         TuneError,
         ConfigError,
     ) as exc:

@@ -77,6 +77,20 @@ class FeatureConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Windows of `features.seconds` over recordings longer than one window.
+
+    A recording is cut every `hop` seconds; a last, shorter window is kept (zero-padded) when it
+    holds at least `min_last` of a window. Window probabilities are combined per recording by
+    `aggregate`. Serving windows long requests the same way and reports the window count.
+    """
+
+    hop: float = 0.5
+    min_last: float = 0.5
+    aggregate: str = field(default="mean", metadata=_choices("mean", "max"))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Network family and its shape parameters (see tympan.models)."""
 
@@ -87,6 +101,10 @@ class ModelConfig:
     hidden: int = 128
     dropout_conv: float = 0.1
     dropout: float = 0.2
+    # Manifest columns (e.g. language) embedded and joined to the audio features before the
+    # dense layers; served models then require them in every request.
+    side_attributes: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
+    side_dim: int = 4
 
 
 @dataclass(frozen=True)
@@ -148,13 +166,33 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-set report: `breakdown` lists manifest columns to score per value."""
+
+    breakdown: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
+    worst_k: int = 10
+
+
+HEADLINE_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "f1_weighted",
+    "precision",
+    "recall",
+    "roc_auc",
+    "mae",
+    "rmse",
+    "r2",
+)
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     """Model registry name and the rule for taking the `champion` alias."""
 
     name: str = "tympan-demo"
-    metric: str = field(
-        default="accuracy", metadata=_choices("accuracy", "f1_macro", "precision", "recall")
-    )
+    metric: str = field(default="accuracy", metadata=_choices(*HEADLINE_METRICS))
     min_delta: float = 0.0
 
 
@@ -174,9 +212,11 @@ class Params:
     demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
     features: FeatureConfig = FeatureConfig()
+    segment: SegmentConfig = SegmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -265,8 +305,10 @@ def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
         return _coerce(inner, value, key, source, meta)
     if origin is tuple:
         inner = typing.get_args(hint)[0]
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"{source}: {key} must be a non-empty list, got {value!r}")
+        allow_empty = bool(meta and meta.get("allow_empty"))
+        if not isinstance(value, list | tuple) or not (value or allow_empty):
+            kind = "a list" if allow_empty else "a non-empty list"
+            raise ConfigError(f"{source}: {key} must be {kind}, got {value!r}")
         return tuple(_coerce(inner, v, f"{key}[{i}]", source, meta) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):

@@ -11,11 +11,11 @@ import json
 import logging
 import shutil
 import statistics
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -23,13 +23,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tympan import tracking
-from tympan.config import Params, flatten, to_dict
+from tympan.config import ConfigError, Params, flatten, to_dict
 from tympan.data import demo
 from tympan.data.ingest import ingest
 from tympan.data.manifest import read_manifest, read_table
 from tympan.data.splits import split_manifest, split_report
-from tympan.evaluation.metrics import classification_metrics, confusion
-from tympan.evaluation.plots import confusion_matrix_plot, learning_curves
+from tympan.evaluation.plots import learning_curves
 from tympan.features import build_cache, open_cache
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict_proba, resolve_device
@@ -65,8 +64,8 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     splits.to_csv(out, index=False)
     _write_json(report, checked)
     print(
-        f"split ({params.split.strategy}): {checked['recordings']} recordings, "
-        f"{checked['groups']} groups, no group or file in two splits"
+        f"split ({params.split.strategy}): recordings {checked['recordings']}, "
+        f"groups {checked['groups']}; no group or file in two splits"
     )
 
 
@@ -187,6 +186,8 @@ def run_train(
             cache.mean,
             cache.std,
             members,
+            params.segment,
+            result.model.side_vocab,
         )
         pd.DataFrame(history).to_csv(out / HISTORY, index=False)
         learning_curves(pd.DataFrame(history), out / CURVES)
@@ -261,62 +262,48 @@ def run_tune(
     )
 
 
-def _summary(per_seed: dict[str, dict[str, float]]) -> tuple[dict, dict]:
-    names = next(iter(per_seed.values())).keys()
-    mean = {k: statistics.fmean(s[k] for s in per_seed.values()) for k in names}
-    std = {k: statistics.pstdev(s[k] for s in per_seed.values()) for k in names}
-    return mean, std
+def run_evaluate(
+    params: Params, features: Path, models: Path, metrics: Path, plots: Path, test_set: Path
+) -> None:
+    """Score the test split with every seed and the ensemble; write `metrics/` and `plots/`,
+    and the test set's fingerprint (what register compares before promoting)."""
+    from tympan.evaluation.card import fingerprint
+    from tympan.evaluation.report import HeldOut, classification_report
 
-
-def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, plots: Path) -> None:
     cache = open_cache(features)
     record = json.loads((models / TRAIN_RECORD).read_text())
     predictor = Predictor.load(models / BUNDLE)
     device = torch.device("cpu")
     rows = cache.rows("test")
-    targets = cache.targets()[rows]
+    side = cache.side_codes(predictor.side_vocab) if predictor.side_vocab else None
     per_seed_probs = {
-        seed: predict_proba(member, cache.features, rows, 256, device)
+        seed: predict_proba(member, cache.features, rows, 256, device, side)
         for seed, member in zip(record["seeds"], predictor.members, strict=True)
     }
-    per_seed = {seed: classification_metrics(targets, p) for seed, p in per_seed_probs.items()}
-    ensemble_probs = np.mean(list(per_seed_probs.values()), axis=0)
-    ensemble = classification_metrics(targets, ensemble_probs)
-    mean, std = _summary(per_seed)
-    results = {
-        "n_test": len(rows),
-        "ensemble": ensemble,
-        "seed_mean": mean,
-        "seed_std": std,
-        "seeds": per_seed,
-    }
-    _write_json(metrics, results)
-
-    plots.mkdir(parents=True, exist_ok=True)
-    predicted = ensemble_probs.argmax(axis=1)
-    labels = np.asarray(cache.labels)
-    predictions = pd.DataFrame(
-        {
-            "path": cache.index["path"].to_numpy()[rows],
-            "actual": labels[targets],
-            "predicted": labels[predicted],
-            "confidence": ensemble_probs.max(axis=1).round(4),
-        }
+    test = HeldOut(
+        index=cache.index.iloc[rows].reset_index(drop=True),
+        targets=cache.targets()[rows],
+        labels=cache.labels,
+        features=cache.features[rows],
+        hop_s=params.features.hop_length / params.features.sample_rate,
     )
-    predictions[["actual", "predicted"]].to_csv(plots / "confusion.csv", index=False)
-    predictions.to_csv(plots / "test_predictions.csv", index=False)
-    matrix = confusion(targets, ensemble_probs)
-    confusion_matrix_plot(
-        matrix,
-        cache.labels,
-        plots / "confusion.png",
-        f"test, ensemble of {len(per_seed)} (accuracy {ensemble['accuracy']:.3f})",
+    results = classification_report(
+        test,
+        per_seed_probs,
+        params.register.metric,
+        params.evaluate.breakdown,
+        params.evaluate.worst_k,
+        metrics,
+        plots,
     )
     shutil.copyfile(models / CURVES, plots / CURVES)  # drawn by train from the same history
+    held_out = fingerprint(test.index)
+    _write_json(test_set, held_out)
+    ensemble, mean, std = results["ensemble"], results["seed_mean"], results["seed_std"]
 
     tracking.connect()
     client = MlflowClient()
-    for seed, values in per_seed.items():
+    for seed, values in results["seeds"].items():
         run_id = record["seeds"][seed]["run_id"]
         for key, value in values.items():
             client.log_metric(run_id, f"test_{key}", value)
@@ -324,44 +311,42 @@ def run_evaluate(params: Params, features: Path, models: Path, metrics: Path, pl
         mlflow.log_metrics({f"test_{k}": v for k, v in ensemble.items()})
         mlflow.log_metrics({f"test_seed_mean_{k}": v for k, v in mean.items()})
         mlflow.log_metrics({f"test_seed_std_{k}": v for k, v in std.items()})
-        mlflow.log_artifact(str(metrics), "metrics")
-        mlflow.log_artifact(str(plots / "confusion.png"), "plots")
-        mlflow.log_artifact(str(plots / "test_predictions.csv"), "plots")
-        mlflow.log_text(matrix_to_text(matrix, cache.labels), "plots/confusion.txt")
+        mlflow.log_artifacts(str(metrics), "metrics")
+        mlflow.log_artifacts(str(plots), "plots")
+        mlflow.log_artifact(str(test_set), "metrics")
+        mlflow.set_tag("tympan.test_set", held_out["hash"])
     print(
         f"evaluate: test accuracy ensemble {ensemble['accuracy']:.4f}, per seed "
-        f"{mean['accuracy']:.4f} +- {std['accuracy']:.4f} on {len(rows)} clips"
+        f"{mean['accuracy']:.4f} +- {std['accuracy']:.4f} on {len(rows)} clips; "
+        f"worst {params.evaluate.worst_k} in {plots / 'worst.csv'}"
     )
 
 
-def matrix_to_text(matrix: np.ndarray, labels: list[str]) -> str:
-    width = max(len(label) for label in labels) + 1
-    lines = ["true \\ predicted".ljust(width) + " ".join(label.rjust(width) for label in labels)]
-    for label, row in zip(labels, matrix, strict=True):
-        lines.append(label.ljust(width) + " ".join(str(v).rjust(width) for v in row))
-    return "\n".join(lines) + "\n"
+def run_register(
+    params: Params,
+    models: Path,
+    metrics: Path,
+    split: Path,
+    test_set: Path,
+    out: Path,
+    card: Path,
+) -> None:
+    """Log and register the pyfunc; `@champion` on evidence (same test set, better by more than
+    `register.min_delta`), else `@challenger`; tags, reason and model card on the version."""
+    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
 
-
-def promotion(
-    metric: str, value: float, best: float, min_delta: float, champion_version: str
-) -> tuple[str, str]:
-    """`champion` only when `value` beats the champion's `best` by more than `min_delta`."""
-    if value > best + min_delta:
-        verdict, alias = "beats", "champion"
-    else:
-        verdict, alias = "does not beat", "challenger"
-    return alias, (
-        f"test {metric} {value:.4f} {verdict} champion v{champion_version} "
-        f"({best:.4f}) by more than {min_delta}"
-    )
-
-
-def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None:
-    from tympan.serving.pyfunc import log_audio_model
+    from tympan.evaluation.card import CardInputs, model_card, promotion
+    from tympan.serving.pyfunc import example_input, log_audio_model
 
     cfg = params.register
     record = json.loads((models / TRAIN_RECORD).read_text())
-    results = json.loads(metrics.read_text())
+    results = json.loads((metrics / "test.json").read_text())
+    held_out = json.loads(test_set.read_text())
+    if cfg.metric not in results["ensemble"]:
+        raise ConfigError(
+            f"register.metric={cfg.metric!r} is not among the test metrics "
+            f"({', '.join(results['ensemble'])}) in {metrics / 'test.json'}"
+        )
     value = results["ensemble"][cfg.metric]
     spread = results["seed_std"][cfg.metric]
     tracking.connect()
@@ -369,29 +354,68 @@ def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
         info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
         tags = dict(run.data.tags)
+    # The logged example must go through the scoring path as a server would receive it.
+    predictor = Predictor.load(models / BUNDLE)
+    example = example_input(params.features.sample_rate, predictor.side_vocab)
+    with warnings.catch_warnings():
+        # Deprecated in MLflow 3.13 in favour of mlflow.models.predict, which needs a fresh
+        # environment; this check stays in-process on purpose.
+        warnings.simplefilter("ignore", FutureWarning)
+        validate_serving_input(info.model_uri, convert_input_example_to_serving_input(example))
+
     version = str(info.registered_model_version)
     version_tags = {
         "git.commit": tags.get("git.commit", "unknown"),
         "dvc.data": tags.get("dvc.data", "unknown"),
+        "dvc.manifest": tags.get("dvc.manifest", "unknown"),
         "dvc.features": tags.get("dvc.features", "unknown"),
         "tympan.preset": params.preset,
+        "tympan.test_set": held_out["hash"],
+        "tympan.metric": cfg.metric,
         f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
+        f"test_{cfg.metric}_seed_mean": repr(results["seed_mean"][cfg.metric]),
         f"test_{cfg.metric}_seed_std": repr(spread),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
 
     try:
-        champion = client.get_model_version_by_alias(cfg.name, "champion")
+        current = client.get_model_version_by_alias(cfg.name, "champion")
+        champion = {"version": str(current.version), **current.tags}
     except MlflowException:
         champion = None
-    if champion is None:
-        alias, reason = "champion", "no champion yet"
-    else:
-        best = float(champion.tags.get(f"test_{cfg.metric}", "-inf"))
-        alias, reason = promotion(cfg.metric, value, best, cfg.min_delta, str(champion.version))
+    alias, reason = promotion(cfg.metric, value, held_out["hash"], champion, cfg.min_delta)
     client.set_registered_model_alias(cfg.name, alias, version)
     client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
+
+    metric_files = {name: metrics / f"{name}.json" for name in ("classes", "breakdown")}
+    text = model_card(
+        CardInputs(
+            name=cfg.name,
+            version=version,
+            alias=alias,
+            reason=reason,
+            preset=params.preset,
+            metric=cfg.metric,
+            tags=version_tags,
+            split=json.loads(split.read_text()),
+            test_set=held_out,
+            results=results,
+            classes=_read_optional(metric_files["classes"]),
+            breakdown=_read_optional(metric_files["breakdown"]),
+            params={
+                "features": to_dict(params.features),
+                "segment": to_dict(params.segment),
+                "model": to_dict(params.model),
+                "train": to_dict(params.train),
+            },
+        )
+    )
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(text)
+    client.log_text(record["parent_run_id"], text, "model_card.md")
+    client.update_model_version(cfg.name, version, description=text)
+    log.info("model card: %s (also the description of %s v%s)", card, cfg.name, version)
     result = {
         "name": cfg.name,
         "version": int(version),
@@ -400,9 +424,14 @@ def run_register(params: Params, models: Path, metrics: Path, out: Path) -> None
         "metric": cfg.metric,
         "value": value,
         "seed_std": spread,
+        "test_set": held_out["hash"],
         "model_uri": f"models:/{cfg.name}/{version}",
         "run_id": record["parent_run_id"],
         "tracking_uri": tracking.tracking_uri(),
     }
     _write_json(out, result)
     print(f"register: {cfg.name} v{version} -> @{alias} ({reason})")
+
+
+def _read_optional(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -51,6 +51,11 @@ def promotion(
         return "champion", "no champion yet"
     version = champion["version"]
     their_hash = champion.get("tympan.test_set")
+    if their_hash is None:
+        return "challenger", (
+            f"champion v{version} has no test-set hash to compare with (registered before "
+            "tympan recorded one); promote by hand if intended"
+        )
     if their_hash != test_hash:
         return "challenger", (
             f"not comparable with champion v{version}: tested on a different test set "

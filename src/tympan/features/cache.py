@@ -2,7 +2,8 @@
 
 Layout of a cache directory:
     features.npy   (clips, 1, n_mels, frames), float16 or float32, np.load(mmap_mode="r")
-    index.csv      one row per array row: path, label, group, split, sha256
+    index.csv      one row per array row: path, label, group, split, sha256, then the
+                   manifest's side attributes (speaker, language, ...) for models and reports
     stats.json     per-mel-bin mean and std over the *train* rows only
     meta.json      feature params, label list, shape and the cache key
 
@@ -30,6 +31,10 @@ from tympan.features.logmel import LogMel, n_frames, waveform_batch
 log = logging.getLogger(__name__)
 
 
+# Manifest columns that describe the file rather than the recording; not kept in the index.
+PROBED = ("duration_s", "sample_rate", "channels")
+
+
 class FeatureError(RuntimeError):
     """A clip that ingest accepted but featurize could not read."""
 
@@ -48,6 +53,30 @@ class FeatureCache:
     def rows(self, split: str) -> np.ndarray:
         """Array rows of one split, in index order."""
         return np.flatnonzero(self.index["split"].to_numpy() == split)
+
+    def side_codes(self, vocab: dict[str, list[str]]) -> np.ndarray:
+        """Side attribute values as codes `(clips, len(vocab))`; 0 is a value not in `vocab`."""
+        columns = []
+        for name, values in vocab.items():
+            if name not in self.index.columns:
+                raise FeatureError(
+                    f"side attribute {name!r} is not a column of the feature index "
+                    f"(columns: {', '.join(self.index.columns)}); is it in the manifest?"
+                )
+            lookup = {value: i + 1 for i, value in enumerate(values)}
+            columns.append(self.index[name].map(lookup).fillna(0).to_numpy(dtype=np.int64))
+        return np.stack(columns, axis=1) if columns else np.zeros((len(self.index), 0), np.int64)
+
+    def side_vocab(self, names: tuple[str, ...]) -> dict[str, list[str]]:
+        """Each side attribute's values seen in the train split, sorted (code i + 1)."""
+        train = self.index.iloc[self.rows("train")]
+        missing = [n for n in names if n not in self.index.columns]
+        if missing:
+            raise FeatureError(
+                f"side attribute(s) {', '.join(missing)} not in the feature index "
+                f"(columns: {', '.join(self.index.columns)}); add them to the manifest"
+            )
+        return {name: sorted(train[name].unique().tolist()) for name in names}
 
     def targets(self) -> np.ndarray:
         """Class index per row `(clips,)`."""
@@ -97,7 +126,9 @@ def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> Featu
     array.flush()
     del array
 
-    index = table[["path", "label", "group", "split", "sha256"]].reset_index(drop=True)
+    core = ["path", "label", "group", "split", "sha256"]
+    side = [c for c in table.columns if c not in (*core, *PROBED)]
+    index = table[core + side].reset_index(drop=True)
     index.insert(0, "row", np.arange(len(index)))
     index.to_csv(out_dir / "index.csv", index=False)
 
@@ -147,13 +178,20 @@ def _train_stats(
     return mean, std
 
 
+def _read_index(path: Path) -> pd.DataFrame:
+    """The index with every column but `row` as text (side attributes are categories)."""
+    index = pd.read_csv(path, dtype=str, keep_default_na=False)
+    index["row"] = index["row"].astype(np.int64)
+    return index
+
+
 def open_cache(out_dir: Path) -> FeatureCache:
     """Open a cache written by `build_cache` without reading the array into memory."""
     meta = json.loads((out_dir / "meta.json").read_text())
     stats = json.loads((out_dir / "stats.json").read_text())
     return FeatureCache(
         features=np.load(out_dir / "features.npy", mmap_mode="r"),
-        index=pd.read_csv(out_dir / "index.csv", dtype={"label": str, "group": str}),
+        index=_read_index(out_dir / "index.csv"),
         labels=meta["labels"],
         mean=np.asarray(stats["mean"], dtype=np.float32),
         std=np.asarray(stats["std"], dtype=np.float32),

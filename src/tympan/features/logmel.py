@@ -12,7 +12,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from tympan.audio import Source, load_waveform
+from tympan.audio import Source, fix_length, load_waveform
 from tympan.config import FeatureConfig
 
 
@@ -73,3 +73,30 @@ def waveform_batch(sources: Sequence[Source], cfg: FeatureConfig) -> torch.Tenso
     """Decode, downmix, resample and fix the length of several clips: -> `(batch, samples)`."""
     length = n_samples(cfg)
     return torch.stack([load_waveform(s, cfg.sample_rate, length, cfg.crop) for s in sources])
+
+
+def window_starts(length: int, window: int, hop: int, min_last: float) -> list[int]:
+    """Start samples of the windows over a recording of `length` samples.
+
+    Up to `window + hop` samples is one window at 0 (the caller pads or crops it like a
+    training clip). Longer: a window every `hop` samples while it fits, then one more if audio
+    is left uncovered and that last window holds at least `min_last` of a window of audio
+    (zero-padded by the caller).
+    """
+    if length <= window + hop:
+        return [0]
+    starts = list(range(0, length - window + 1, hop))
+    tail = starts[-1] + hop
+    if length > starts[-1] + window and length - tail >= min_last * window:
+        starts.append(tail)
+    return starts
+
+
+def windows(wave: torch.Tensor, cfg: FeatureConfig, hop_s: float, min_last: float) -> torch.Tensor:
+    """`(samples,)` at `cfg.sample_rate` -> `(n_windows, window)` (see `window_starts`)."""
+    window = n_samples(cfg)
+    hop = max(1, round(hop_s * cfg.sample_rate))
+    starts = window_starts(wave.shape[-1], window, hop, min_last)
+    if len(starts) == 1:
+        return fix_length(wave, window, cfg.crop).unsqueeze(0)
+    return torch.stack([fix_length(wave[s : s + window], window, "start") for s in starts])

@@ -12,10 +12,14 @@ class SmallCNN(nn.Module):
     """`(batch, 1, n_mels, frames)` -> logits `(batch, n_classes)`.
 
     One convolution of `channels` filters (`kernel` x `kernel`, ReLU), `pool` x `pool` max-pool,
-    dropout, then a `hidden`-unit dense layer with dropout and the output layer.
+    dropout, then a `hidden`-unit dense layer with dropout and the output layer. `extra` inputs
+    `(batch, extra)` (side-attribute embeddings) join the flattened features before the dense
+    layer.
     """
 
-    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int], n_classes: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, input_shape: tuple[int, int], n_classes: int, extra: int = 0
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, cfg.channels, cfg.kernel, padding="valid"),
@@ -27,11 +31,14 @@ class SmallCNN(nn.Module):
         with torch.no_grad():
             flat = self.features(torch.zeros(1, 1, *input_shape)).shape[1]
         self.head = nn.Sequential(
-            nn.Linear(flat, cfg.hidden),
+            nn.Linear(flat + extra, cfg.hidden),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, n_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        flat = self.features(x)
+        if extra is not None:
+            flat = torch.cat([flat, extra], dim=1)
+        return self.head(flat)

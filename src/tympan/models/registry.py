@@ -11,7 +11,9 @@ from tympan.config import ModelConfig
 from tympan.features import Normalizer
 from tympan.models.cnn import SmallCNN
 
-Builder = Callable[[ModelConfig, tuple[int, int], int], nn.Module]
+# (cfg, input_shape, n_classes, extra) -> a module with forward(x, extra=None); `extra` is the
+# width of the side-attribute vector joined before the family's dense layers.
+Builder = Callable[[ModelConfig, tuple[int, int], int, int], nn.Module]
 
 FAMILIES: dict[str, Builder] = {"s3_cnn": SmallCNN}
 
@@ -19,7 +21,9 @@ FAMILIES: dict[str, Builder] = {"s3_cnn": SmallCNN}
 class AudioClassifier(nn.Module):
     """Train-split normalisation followed by a network from the registry.
 
-    `(batch, 1, n_mels, frames)` log-mel -> logits `(batch, n_classes)`. The statistics are
+    `(batch, 1, n_mels, frames)` log-mel, and side-attribute codes `(batch, n_side)` when the
+    model declares side attributes -> logits `(batch, n_classes)`. Each side attribute has an
+    embedding of `side_dim` per value (row 0: a value unseen in training). The statistics are
     buffers, so they travel in the state dict with the weights.
     """
 
@@ -30,13 +34,27 @@ class AudioClassifier(nn.Module):
         n_classes: int,
         mean: torch.Tensor,
         std: torch.Tensor,
+        side_vocab: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
+        self.side_vocab = dict(side_vocab or {})
         self.normalize = Normalizer(mean, std)
-        self.net = FAMILIES[cfg.name](cfg, input_shape, n_classes)
+        self.embed = nn.ModuleList(
+            nn.Embedding(len(values) + 1, cfg.side_dim) for values in self.side_vocab.values()
+        )
+        extra = cfg.side_dim * len(self.embed)
+        self.net = FAMILIES[cfg.name](cfg, input_shape, n_classes, extra)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.embed:
+            return self.net(self.normalize(x))
+        if side is None or side.shape != (x.shape[0], len(self.embed)):
+            raise ValueError(
+                f"this model needs side attributes {list(self.side_vocab)} as codes "
+                f"(batch, {len(self.embed)}), got {None if side is None else tuple(side.shape)}"
+            )
+        extra = torch.cat([emb(side[:, i]) for i, emb in enumerate(self.embed)], dim=1)
+        return self.net(self.normalize(x), extra)
 
 
 def build_model(
@@ -45,6 +63,7 @@ def build_model(
     n_classes: int,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
+    side_vocab: dict[str, list[str]] | None = None,
 ) -> AudioClassifier:
     """Build a family by `cfg.name`; statistics default to identity (filled by a state dict)."""
     if cfg.name not in FAMILIES:
@@ -52,4 +71,4 @@ def build_model(
     n_mels = input_shape[0]
     mean = torch.zeros(n_mels) if mean is None else mean
     std = torch.ones(n_mels) if std is None else std
-    return AudioClassifier(cfg, input_shape, n_classes, mean, std)
+    return AudioClassifier(cfg, input_shape, n_classes, mean, std, side_vocab)

@@ -1,9 +1,11 @@
 """The MLflow pyfunc wrapper around `Predictor`, and how it is logged.
 
 Request: a DataFrame (from `inputs` or `dataframe_split`) with an `audio` column of base64 WAV,
-FLAC or OGG bytes, any sample rate or channel count. Response: one row per item with `label`
-and `probabilities` (label -> probability). Bad items raise an MLflow INVALID_PARAMETER_VALUE
-error, which the scoring server returns as HTTP 400 with the message.
+FLAC or OGG bytes, any sample rate or channel count, plus one column per side attribute the
+model declares (e.g. `language`). Response: one row per item with `label`, `probabilities`
+(label -> probability) and `windows` (how many windows a long recording was cut into; 1 for a
+clip of training length). Bad items raise an MLflow INVALID_PARAMETER_VALUE error, which the
+scoring server returns as HTTP 400 with the message.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import soundfile as sf
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Map, Schema
@@ -41,20 +44,42 @@ class AudioModel(mlflow.pyfunc.PythonModel):
             )
         try:
             items = decode_items(model_input[INPUT_COLUMN].tolist())
-            return pd.DataFrame(self.predictor.predict(items), columns=["label", "probabilities"])
+            side = {
+                name: model_input[name].tolist()
+                for name in self.predictor.side_vocab
+                if name in model_input.columns
+            }
+            return pd.DataFrame(
+                self.predictor.predict(items, side), columns=["label", "probabilities", "windows"]
+            )
         except PayloadError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
-def signature() -> ModelSignature:
+def signature(side: tuple[str, ...] = ()) -> ModelSignature:
+    """Audio plus side-attribute columns in; label, probabilities and window count out.
+
+    Side columns are optional in the schema so that a missing one reaches the model, which
+    answers with a message naming the attribute instead of a schema error.
+    """
     return ModelSignature(
-        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec(Map("double"), "probabilities")]),
+        inputs=Schema(
+            [ColSpec("string", INPUT_COLUMN)]
+            + [ColSpec("string", name, required=False) for name in side]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec(Map("double"), "probabilities"),
+                ColSpec("long", "windows"),
+            ]
+        ),
     )
 
 
-def example_input(sample_rate: int) -> pd.DataFrame:
-    """Two short clips (a tone and a chirp-like sweep) as base64 WAV, the logged input example."""
+def example_input(sample_rate: int, side_vocab: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Two short clips (a tone and a sweep) as base64 WAV, the logged input example, with each
+    side attribute's first known value."""
     t = np.arange(int(0.25 * sample_rate)) / sample_rate
     clips = [0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * (300 + 1200 * t) * t)]
     encoded = []
@@ -62,7 +87,8 @@ def example_input(sample_rate: int) -> pd.DataFrame:
         buffer = io.BytesIO()
         sf.write(buffer, clip.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
         encoded.append(base64.b64encode(buffer.getvalue()).decode())
-    return pd.DataFrame({INPUT_COLUMN: encoded})
+    side = {name: [values[0]] * len(encoded) for name, values in (side_vocab or {}).items()}
+    return pd.DataFrame({INPUT_COLUMN: encoded, **side})
 
 
 def requirements() -> list[str]:
@@ -83,13 +109,14 @@ def requirements() -> list[str]:
 
 def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
     """Log the pyfunc (bundle + tympan's own code) in the active run; -> ModelInfo."""
+    side_vocab = torch.load(bundle, map_location="cpu", weights_only=True)["side_vocab"]
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=AudioModel(),
         artifacts={"bundle": str(bundle)},
         code_paths=[str(Path(tympan.__file__).parent)],
-        signature=signature(),
-        input_example=example_input(sample_rate),
+        signature=signature(tuple(side_vocab)),
+        input_example=example_input(sample_rate, side_vocab),
         pip_requirements=requirements(),
         registered_model_name=registered_name,
     )

@@ -67,30 +67,44 @@ def _batches(
     batch_size: int,
     device: torch.device,
     rng: np.random.Generator | None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(batch, 1, n_mels, frames)` float32 inputs and `(batch,)` targets from the memmap."""
+    side: np.ndarray | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Yield float32 inputs `(batch, 1, n_mels, frames)`, side codes `(batch, n_side)` (None
+    without side attributes) and targets `(batch,)` from the memmap."""
     order = rows[rng.permutation(len(rows))] if rng is not None else rows
     pin = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        x = torch.from_numpy(np.asarray(features[np.sort(chunk)], dtype=np.float32))
-        y = torch.from_numpy(targets[np.sort(chunk)])
-        if pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        chunk = np.sort(order[start : start + batch_size])
+        x = torch.from_numpy(np.asarray(features[chunk], dtype=np.float32))
+        y = torch.from_numpy(targets[chunk])
+        s = None if side is None else move(torch.from_numpy(side[chunk]))
+        yield move(x), s, move(y)
 
 
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, features: np.ndarray, rows: np.ndarray, batch_size: int, device: torch.device
+    model: nn.Module,
+    features: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    side: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Class probabilities `(len(rows), n_classes)` for the given rows, in row order."""
+    """Class probabilities `(len(rows), n_classes)` for the given rows, in row order.
+
+    `side`: side-attribute codes for every row of `features` `(clips, n_side)`, when the model
+    declares side attributes.
+    """
     model.eval()
     dummy = np.zeros(len(features), dtype=np.int64)
     sorted_rows = np.sort(rows)
     out = [
-        torch.softmax(model(x), dim=1).cpu()
-        for x, _ in _batches(features, sorted_rows, dummy, batch_size, device, None)
+        torch.softmax(model(x, s) if s is not None else model(x), dim=1).cpu()
+        for x, s, _ in _batches(features, sorted_rows, dummy, batch_size, device, None, side)
     ]
     probs = torch.cat(out).numpy() if out else np.zeros((0, 0))
     position = {r: i for i, r in enumerate(sorted_rows)}
@@ -126,12 +140,15 @@ class SeedTrainer:
         self.targets = cache.targets()
         self.train_rows, self.val_rows = cache.rows("train"), cache.rows("val")
         n_classes = len(cache.labels)
+        vocab = cache.side_vocab(model_cfg.side_attributes)
+        self.side = cache.side_codes(vocab) if vocab else None
         self.model = build_model(
             model_cfg,
             tuple(cache.features.shape[2:]),
             n_classes,
             torch.from_numpy(cache.mean),
             torch.from_numpy(cache.std),
+            vocab,
         ).to(device)
         train_targets = self.targets[self.train_rows]
         self.weight = (
@@ -171,16 +188,18 @@ class SeedTrainer:
             torch.cuda.set_rng_state(self._cuda_state, self.device)
         self.model.train()
         total, count = 0.0, 0
-        for x, y in _batches(
+        for x, side, y in _batches(
             self.cache.features,
             self.train_rows,
             self.targets,
             self.cfg.batch_size,
             self.device,
             self.rng,
+            self.side,
         ):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(x), y)
+            logits = self.model(x, side) if side is not None else self.model(x)
+            loss = self.loss_fn(logits, y)
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(y)
@@ -190,7 +209,12 @@ class SeedTrainer:
             self._cuda_state = torch.cuda.get_rng_state(self.device)
         val_targets = self.targets[self.val_rows]
         probs = predict_proba(
-            self.model, self.cache.features, self.val_rows, self.cfg.batch_size, self.device
+            self.model,
+            self.cache.features,
+            self.val_rows,
+            self.cfg.batch_size,
+            self.device,
+            self.side,
         )
         val_loss = _nll(probs, val_targets, self.weight)
         metrics = classification_metrics(val_targets, probs)
