@@ -114,7 +114,7 @@ def _summary(registered: Path, metrics: Path) -> None:
     print(f"  . {activate}")
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
-    print("  dvc exp show --drop 'metrics/(test|classes|breakdown).json:.*'")
+    print("  dvc exp show --drop '.*' --keep 'Experiment|Created|test_|train\\.(lr|epochs)$'")
     print(
         f"  MLFLOW_TRACKING_URI={uri} mlflow models serve "
         f"-m models:/{reg['name']}@champion --env-manager local -h 127.0.0.1 -p 5000"

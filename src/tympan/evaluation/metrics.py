@@ -152,7 +152,7 @@ def breakdown(
     out: dict[str, dict[str, float]] = {}
     values = values.astype(str).to_numpy()
     predicted = probs.argmax(axis=1)
-    for value in sorted(set(values)):
+    for value in sorted(set(values), key=_natural):
         mask = values == value
         _, _, f1, _ = precision_recall_fscore_support(
             targets[mask],
@@ -167,3 +167,11 @@ def breakdown(
             "f1_macro": float(f1),
         }
     return out
+
+
+def _natural(value: str) -> tuple:
+    """Numbers in numeric order (-6 before 0 before 12), then text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
