@@ -159,15 +159,25 @@ class PeakRss:
 
 
 def start_server(
-    model_uri: str, tracking_uri: str, port: int, workers: int, log: Path
+    model_uri: str,
+    tracking_uri: str,
+    port: int,
+    workers: int,
+    log: Path,
+    threads: int | None = None,
 ) -> subprocess.Popen:
-    """`mlflow models serve` on 127.0.0.1 in its own session, with the venv's bin on PATH."""
+    """`mlflow models serve` on 127.0.0.1 in its own session, with the venv's bin on PATH.
+
+    `threads`: torch/OpenMP threads per worker (OMP_NUM_THREADS); default: torch's own choice.
+    """
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     command = [
         str(bin_dir / "mlflow"),
         "models",
@@ -320,6 +330,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, default=1, help="mlflow models serve --workers")
+    parser.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for each server worker")
     parser.add_argument("--port", type=int, help="default: a free port")
     parser.add_argument("--baseline-calls", type=int, default=1000, help="in-process, timed")
     parser.add_argument("--warmup", type=int, default=300, help="in-process, untimed")
@@ -358,7 +369,9 @@ def main() -> None:
     levels: list[Level] = []
     with tempfile.TemporaryDirectory(prefix="tympan-serve-bench-") as tmp:
         log = Path(tmp) / "server.log"
-        server = start_server(args.model_uri, args.tracking_uri, port, args.workers, log)
+        server = start_server(
+            args.model_uri, args.tracking_uri, port, args.workers, log, args.server_threads
+        )
         try:
             ready_s = wait_ready(server, url, log, args.startup_timeout)
             warm = load(
@@ -391,7 +404,8 @@ def main() -> None:
         f"from {args.clips}, cycled"
     )
     print(
-        f"machine: {cpus} CPUs ({usable} usable); server: --workers {args.workers}, up in "
+        f"machine: {cpus} CPUs ({usable} usable); server: --workers {args.workers}, "
+        f"OMP_NUM_THREADS {args.server_threads or 'default'}, up in "
         f"{ready_s:.1f} s; in-process torch threads {torch_threads}; clients share the machine"
     )
     if warm.errors:
@@ -437,6 +451,7 @@ def main() -> None:
             "tracking_uri": args.tracking_uri,
             "clips": len(clips),
             "workers": args.workers,
+            "server_threads": args.server_threads,
             "cpus": cpus,
             "usable_cpus": usable,
             "torch_threads": torch_threads,
