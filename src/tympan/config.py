@@ -29,12 +29,36 @@ def _choices(*values: str) -> dict[str, tuple[str, ...]]:
 class DataConfig:
     """Where the recordings are and how strict ingest is about them."""
 
-    adapter: str = field(default="demo", metadata=_choices("demo", "fsdd"))
+    adapter: str = field(
+        default="demo",
+        metadata=_choices(
+            "demo",
+            "fsdd",
+            "esc50",
+            "mlend_deception",
+            "filename_pattern",
+            "folder_per_class",
+            "csv",
+        ),
+    )
     root: str = "data/demo"
     group_by: str | None = None
     max_reject_fraction: float = 0.05
     silence_dbfs: float = -60.0
     max_duration_s: float = 600.0
+    # esc50: keep only the ESC-10 subset (rows with esc10 True)
+    esc10: bool = False
+    # filename_pattern: a regex matched against each audio file's name; named groups `label`
+    # (required) and `group` (default: the file's stem); other named groups are side attributes
+    pattern: str | None = None
+    # csv: the metadata file (relative to root) and its columns; `target_column` instead of
+    # `label_column` for a numeric (regression) target
+    metadata: str | None = None
+    path_column: str = "path"
+    label_column: str | None = "label"
+    target_column: str | None = None
+    group_column: str | None = None
+    side_columns: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ group with another column it provides (FSDD: `speaker` for speaker-independent s
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
+from tympan.config import DataConfig
 from tympan.data.manifest import ManifestError, check_columns
 
 
@@ -43,7 +45,10 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return table
 
 
-def demo(root: Path) -> Listing:
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def demo(root: Path, cfg: DataConfig | None = None) -> Listing:
     """The generated demo set: `metadata.csv` (filename,label,session,snr_db) + `audio/`."""
     meta = _read_csv(root / "metadata.csv", ("filename", "label", "session", "snr_db"))
     where = str(root / "metadata.csv")
@@ -62,7 +67,7 @@ def demo(root: Path) -> Listing:
 FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$")
 
 
-def fsdd(root: Path) -> Listing:
+def fsdd(root: Path, cfg: DataConfig | None = None) -> Listing:
     """Free Spoken Digit Dataset: `metadata.csv`, else names `{digit}_{speaker}_{take}.wav`.
 
     Default group: the recording itself; `data.group_by: speaker` gives speaker-independent splits.
@@ -119,14 +124,184 @@ def fsdd(root: Path) -> Listing:
     return out, rejects
 
 
-ADAPTERS: dict[str, Callable[[Path], Listing]] = {"demo": demo, "fsdd": fsdd}
+def esc50(root: Path, cfg: DataConfig | None = None) -> Listing:
+    """ESC-50: `meta/esc50.csv` (filename,fold,target,category,esc10,src_file,take) + `audio/`.
+
+    Label: `category`. Group: `src_file`, the Freesound clip the 5 s excerpts were cut from, so
+    excerpts of one source never straddle splits. `fold` is kept for the official 5-fold
+    protocol; `data.esc10: true` keeps the ESC-10 subset.
+    """
+    columns = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+    meta_path = root / "meta" / "esc50.csv"
+    meta = _read_csv(meta_path, columns)
+    if cfg is not None and cfg.esc10:
+        flags = meta["esc10"].str.strip().str.lower()
+        unknown = sorted(set(flags) - {"true", "false"})
+        if unknown:
+            raise AdapterError(f"{meta_path}: esc10 must be True or False, got {unknown[0]!r}")
+        meta = meta[flags == "true"]
+    where = str(meta_path)
+    table = pd.DataFrame(
+        {
+            "path": [_inside(root / "audio", f, where) for f in meta["filename"]],
+            "label": meta["category"].to_numpy(),
+            "group": meta["src_file"].to_numpy(),
+            "fold": meta["fold"].to_numpy(),
+            "take": meta["take"].to_numpy(),
+        }
+    )
+    return table, []
 
 
-def list_recordings(adapter: str, root: Path, group_by: str | None) -> Listing:
+MLEND_LABELS = {"true story": "true", "deceptive story": "deceptive"}
+
+
+def mlend_deception(root: Path, cfg: DataConfig | None = None) -> Listing:
+    """MLEnd deception: `CBU0521DD_stories_attributes.csv` (filename,Language,Story_type) and
+    `CBU0521DD_stories/*.wav`, one story per file.
+
+    Label: `true` or `deceptive` from Story_type in any case or spacing; another value is a
+    reject naming it. Group: the story (its file), so windows of one story stay together.
+    `language` is kept as a side attribute.
+    """
+    meta_path = root / "CBU0521DD_stories_attributes.csv"
+    meta = _read_csv(meta_path, ("filename", "Language", "Story_type"))
+    where = str(meta_path)
+    rows, rejects = [], []
+    for record in meta.to_dict("records"):
+        path = _inside(root / "CBU0521DD_stories", record["filename"], where)
+        story = " ".join(record["Story_type"].split()).lower()
+        if story not in MLEND_LABELS:
+            rejects.append(
+                {
+                    "path": path,
+                    "reason": f"unknown label {record['Story_type']!r}: "
+                    "expected 'True Story' or 'Deceptive Story'",
+                }
+            )
+            continue
+        rows.append(
+            {
+                "path": path,
+                "label": MLEND_LABELS[story],
+                "group": Path(record["filename"]).stem,
+                "language": " ".join(record["Language"].split()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["path", "label", "group", "language"]), rejects
+
+
+def _audio_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def filename_pattern(root: Path, cfg: DataConfig | None = None) -> Listing:
+    """Label and group parsed from each audio file's name by `data.pattern`.
+
+    S3's layout: `^(?P<group>(?P<label>Argentinian|Other)\\d+)(_\\d+)?\\.wav$` reads both
+    `Argentinian3.wav` and its chunks `Argentinian3_01.wav` with the source recording as group.
+    """
+    if cfg is None or not cfg.pattern:
+        raise AdapterError("the filename_pattern adapter needs data.pattern (a regex)")
+    try:
+        regex = re.compile(cfg.pattern)
+    except re.error as exc:
+        raise AdapterError(f"data.pattern {cfg.pattern!r} is not a valid regex: {exc}") from None
+    if "label" not in regex.groupindex:
+        raise AdapterError(f"data.pattern {cfg.pattern!r} has no named group (?P<label>...)")
+    rows, rejects = [], []
+    for path in _audio_files(root):
+        match = regex.fullmatch(path.name)
+        if match is None:
+            rejects.append(
+                {"path": path.as_posix(), "reason": f"file name does not match {cfg.pattern}"}
+            )
+            continue
+        fields = {k: v for k, v in match.groupdict().items() if v is not None}
+        rows.append({**fields, "path": path.as_posix(), "group": fields.get("group", path.stem)})
+    if not rows:
+        raise AdapterError(f"{root}: no audio file name matches data.pattern {cfg.pattern!r}")
+    table = pd.DataFrame(rows)
+    side = [c for c in table.columns if c not in ("path", "label", "group")]
+    return table[["path", "label", "group", *side]], rejects
+
+
+def folder_per_class(root: Path, cfg: DataConfig | None = None) -> Listing:
+    """`root/<class>/**/*.wav|flac|ogg`: the label is the top folder's name, the group the file."""
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in _audio_files(folder):
+            rows.append({"path": path.as_posix(), "label": folder.name, "group": path.stem})
+    if not rows:
+        raise AdapterError(
+            f"{root}: no class folders with audio files (expected root/<class>/*.wav)"
+        )
+    rejects = [
+        {"path": p.as_posix(), "reason": "audio file outside a class folder"}
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+    ]
+    return pd.DataFrame(rows), rejects
+
+
+def csv_table(root: Path, cfg: DataConfig | None = None) -> Listing:
+    """A metadata table (`data.metadata`, relative to root) with path, label or numeric target,
+    optional group and side-attribute columns, named by `data.*_column`."""
+    if cfg is None or not cfg.metadata:
+        raise AdapterError("the csv adapter needs data.metadata (a CSV file inside data.root)")
+    if (cfg.label_column is None) == (cfg.target_column is None):
+        raise AdapterError("the csv adapter needs exactly one of data.label_column, target_column")
+    meta_path = Path(_inside(root, cfg.metadata, "data.metadata"))
+    value_column = cfg.target_column or cfg.label_column
+    required = tuple(
+        c for c in (cfg.path_column, value_column, cfg.group_column, *cfg.side_columns) if c
+    )
+    meta = _read_csv(meta_path, required)
+    where = str(meta_path)
+    rows, rejects = [], []
+    for record in meta.to_dict("records"):
+        path = _inside(root, record[cfg.path_column], where)
+        value = record[value_column].strip()
+        if not value:
+            rejects.append({"path": path, "reason": f"empty {value_column!r}"})
+            continue
+        if cfg.target_column is not None:
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                reason = f"target {value!r} in {value_column!r} is not a finite number"
+                rejects.append({"path": path, "reason": reason})
+                continue
+        group = record[cfg.group_column] if cfg.group_column else Path(path).stem
+        row = {"path": path, "label": value, "group": group}
+        if cfg.target_column is not None:
+            row["target"] = number
+        row.update({c: record[c] for c in cfg.side_columns})
+        rows.append(row)
+    columns = ["path", "label", "group"] + (["target"] if cfg.target_column else [])
+    return pd.DataFrame(rows, columns=[*columns, *cfg.side_columns]), rejects
+
+
+ADAPTERS: dict[str, Callable[[Path, DataConfig | None], Listing]] = {
+    "demo": demo,
+    "fsdd": fsdd,
+    "esc50": esc50,
+    "mlend_deception": mlend_deception,
+    "filename_pattern": filename_pattern,
+    "folder_per_class": folder_per_class,
+    "csv": csv_table,
+}
+
+
+def list_recordings(
+    adapter: str, root: Path, group_by: str | None, cfg: DataConfig | None = None
+) -> Listing:
     """Run an adapter and apply `group_by`; errors name the folder and the column."""
     if not root.is_dir():
         raise AdapterError(f"data.root {root} is not a folder; point it at the dataset")
-    table, rejects = ADAPTERS[adapter](root)
+    table, rejects = ADAPTERS[adapter](root, cfg)
     if group_by is not None:
         if group_by not in table.columns:
             raise AdapterError(

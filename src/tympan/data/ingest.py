@@ -32,7 +32,7 @@ def ingest(
     """
     for path in (manifest_path, rejects_path, summary_path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    candidates, rejects = list_recordings(cfg.adapter, Path(cfg.root), cfg.group_by)
+    candidates, rejects = list_recordings(cfg.adapter, Path(cfg.root), cfg.group_by, cfg)
     accepted = []
     seen: dict[str, str] = {}
     for row in tqdm(candidates.to_dict("records"), desc="ingest", unit="file"):
