@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_project
+from conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +56,7 @@ def repo(tmp_path_factory) -> Path:
         ["git", "config", "user.email", "t@example.com"],
         ["git", "config", "user.name", "t"],
         ["dvc", "init", "-q"],
+        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],  # the project's default remote
         ["git", "add", "-A"],
         ["git", "commit", "-qm", "init"],
     ):
@@ -203,3 +205,17 @@ def test_enabled_tune_feeds_its_best_params_to_train(repo):
     )
     trial_runs = [r for r in tune_runs if "optuna.trial" in r.data.tags]
     assert len([r for r in trial_runs if "tympan.seed" not in r.data.tags]) == 2
+
+
+def test_default_local_remote_push_and_pull(repo):
+    """`dvc push`/`dvc pull` work out of the box: the remote is a folder beside the project."""
+    remote = (repo.parent / "tympan-dvc-remote").resolve()
+    assert "local" in _run(repo, "dvc", "remote", "list")
+    _run(repo, "dvc", "push")
+    assert remote.is_dir() and any(remote.rglob("*"))
+    shutil.rmtree(repo / "data" / "features")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(repo, "dvc", "pull")
+    assert (repo / "data" / "features" / "features.npy").exists()
+    assert "up to date" in _run(repo, "dvc", "status")
+    assert "Cache and remote 'local' are in sync" in _run(repo, "dvc", "status", "--cloud")
