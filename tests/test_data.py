@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 
 from tympan.config import DataConfig, DemoConfig, SplitConfig
 from tympan.data import demo
@@ -90,7 +91,17 @@ def _bad_corpus(tmp_path):
     write(tmp_path / "audio" / "silence.wav", np.zeros(16000, np.float32), 16000)
     truncated(tmp_path / "audio" / "cut.wav")
     (tmp_path / "audio" / "copy.wav").write_bytes((tmp_path / "audio" / "good0.wav").read_bytes())
-    rows += [(f"audio/{n}.wav", "tone") for n in ("zero", "text", "silence", "cut", "copy", "gone")]
+    nan = tone(440, 0.5, 16000)
+    nan[100], nan[200] = np.nan, np.inf
+    write(tmp_path / "audio" / "nan.wav", nan, 16000, subtype="FLOAT")
+    with sf.SoundFile(
+        tmp_path / "audio" / "hour.wav", "w", 8000, 1, subtype="PCM_U8"
+    ) as hour:  # one hour, written a minute at a time (29 MB)
+        minute = tone(440, 60.0, 8000, amp=0.3)
+        for _ in range(60):
+            hour.write(minute)
+    names = ("zero", "text", "silence", "cut", "copy", "gone", "nan", "hour")
+    rows += [(f"audio/{n}.wav", "tone") for n in names]
     pd.DataFrame(
         {
             "filename": [r[0] for r in rows],
@@ -122,6 +133,8 @@ def test_ingest_rejects_bad_files_with_reasons_and_keeps_the_rest(tmp_path):
         and "good0.wav" in reasons["copy.wav"]
     )
     assert reasons["gone.wav"] == "listed in the metadata but missing"
+    assert reasons["nan.wav"] == "contains NaN or infinite samples"
+    assert reasons["hour.wav"] == "too long: 3600.0 s > data.max_duration_s=600 s"
     written = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert list(written.columns[:7]) == [
         "path",
@@ -138,10 +151,10 @@ def test_ingest_fails_past_the_reject_fraction_but_writes_rejects_first(tmp_path
     root = _bad_corpus(tmp_path / "corpus")
     cfg = DataConfig(adapter="demo", root=str(root), max_reject_fraction=0.1)
     out = tmp_path / "out"
-    with pytest.raises(IngestError, match=r"rejected 6 of 18 .*data.max_reject_fraction"):
+    with pytest.raises(IngestError, match=r"rejected 8 of 20 .*data.max_reject_fraction"):
         ingest(cfg, out / "manifest.csv", out / "rejects.csv", out / "summary.json")
-    assert len(pd.read_csv(out / "rejects.csv")) == 6
-    assert json.loads((out / "summary.json").read_text())["rejected"] == 6
+    assert len(pd.read_csv(out / "rejects.csv")) == 8
+    assert json.loads((out / "summary.json").read_text())["rejected"] == 8
     assert not (out / "manifest.csv").exists()
 
 
