@@ -7,7 +7,7 @@ import torch
 
 from tympan.config import FeatureConfig
 from tympan.features import LogMel, build_cache, open_cache, waveform_batch
-from tympan.features.logmel import n_frames
+from tympan.features.logmel import n_frames, n_samples
 
 from audio_helpers import tone, write
 
@@ -112,3 +112,10 @@ def test_open_cache_reads_back(tmp_path):
     assert cache.targets().tolist() == [0, 1] * 6
     with pytest.raises(FileNotFoundError):
         open_cache(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("n_fft", "hop"), [(512, 256), (401, 160), (256, 128), (255, 100)])
+def test_n_frames_matches_the_front_end(n_fft, hop):
+    cfg = FeatureConfig(sample_rate=16000, seconds=0.5, n_fft=n_fft, hop_length=hop)
+    out = LogMel(cfg)(torch.zeros(1, n_samples(cfg)))
+    assert out.shape[-1] == n_frames(cfg)

@@ -22,8 +22,13 @@ def n_samples(cfg: FeatureConfig) -> int:
 
 
 def n_frames(cfg: FeatureConfig) -> int:
-    """STFT frames of a fixed-length clip (centred frames, as torchaudio computes them)."""
-    return n_samples(cfg) // cfg.hop_length + 1
+    """STFT frames of a fixed-length clip (centred frames, as torchaudio computes them).
+
+    Centring pads `n_fft // 2` on each side, so an odd `n_fft` gives one frame fewer than
+    `samples // hop + 1` when the hop divides the clip.
+    """
+    padded = n_samples(cfg) + 2 * (cfg.n_fft // 2)
+    return (padded - cfg.n_fft) // cfg.hop_length + 1
 
 
 class LogMel(nn.Module):
