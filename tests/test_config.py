@@ -64,3 +64,12 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_cross_field_errors_name_the_file_and_key(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["augment"].update(time_masks=2, time_mask_width=0))
+    with pytest.raises(ConfigError, match=r"params.yaml: augment.time_masks=2 needs augment"):
+        load_params(path)
+    path = _write(tmp_path, lambda raw: raw["augment"].update(noise_p=1.5))
+    with pytest.raises(ConfigError, match=r"augment.noise_p is a probability"):
+        load_params(path)

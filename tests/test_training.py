@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from tympan.config import ModelConfig, TrainConfig
+from tympan.config import AugmentConfig, ModelConfig, TrainConfig
 from tympan.models import build_model
-from tympan.training import fit, predict_proba, resolve_device
+from tympan.training import SeedTrainer, fit, predict_proba, resolve_device
+from tympan.training.augment import Augmenter
 from tympan.training.loop import class_weights
 
 
@@ -88,3 +89,49 @@ def test_predict_proba_keeps_row_order(tone_cache):
         ]
     )
     np.testing.assert_allclose(together, alone, rtol=1e-5)
+
+
+AUGMENT = AugmentConfig(
+    noise_std=2.0,
+    time_shift=0.2,
+    pitch_shift=2,
+    time_masks=1,
+    time_mask_width=4,
+    freq_masks=1,
+    freq_mask_width=4,
+    mixup_alpha=0.4,
+)
+
+
+def test_augmentation_touches_training_batches_only(tone_cache, monkeypatch):
+    seen: list[int] = []
+    original = Augmenter.__call__
+
+    def spy(self, x, y):
+        seen.append(len(x))
+        return original(self, x, y)
+
+    monkeypatch.setattr(Augmenter, "__call__", spy)
+    cfg = TrainConfig(seeds=(0,), epochs=2, batch_size=8)
+    model_cfg = ModelConfig(channels=8, hidden=16)
+    trainer = SeedTrainer(tone_cache, model_cfg, cfg, 0, torch.device("cpu"), AUGMENT)
+    trainer.step()
+    # every training clip once per epoch, and no validation clip
+    assert sum(seen) == len(tone_cache.rows("train"))
+    seen.clear()
+    rows = tone_cache.rows("test")
+    predict_proba(trainer.model, tone_cache.features, rows, 4, torch.device("cpu"))
+    assert seen == []
+
+
+def test_augmented_training_is_repeatable_and_differs_from_plain(tone_cache):
+    cfg = TrainConfig(seeds=(0,), epochs=2, batch_size=8)
+    model_cfg = ModelConfig(channels=8, hidden=16)
+    cpu = torch.device("cpu")
+    a, b = (fit(tone_cache, model_cfg, cfg, 1, cpu, augment=AUGMENT) for _ in range(2))
+    plain = fit(tone_cache, model_cfg, cfg, 1, cpu)
+    losses = [[e.train_loss for e in r.history] for r in (a, b, plain)]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+    off = fit(tone_cache, model_cfg, cfg, 1, cpu, augment=AugmentConfig())
+    assert [e.train_loss for e in off.history] == losses[2]  # all off = no augmentation

@@ -83,7 +83,7 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
         ({"train.momentum": SearchParam("float", 0.1, 0.9)}, "not a tunable param"),
         (
             {"optimizer.lr": SearchParam("float", 0.1, 0.9)},
-            "must be model.<field> or train.<field>",
+            "must be model.<field>, train.<field> or augment.<field>",
         ),
         ({"train.seeds": SearchParam("categorical", choices=(1, 2))}, "not a tunable param"),
         ({"train.batch_size": SearchParam("categorical", choices=(32,))}, "fewer than two"),

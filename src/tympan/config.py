@@ -8,9 +8,10 @@ the file, raised before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,74 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """What to augment and how much; the defaults switch everything off."""
+
+    # Gaussian noise added in dB (standard deviation), to each clip with probability noise_p
+    noise_std: float = 0.0
+    noise_p: float = 0.5
+    # circular roll along frames by up to this fraction of the frames, either sign
+    time_shift: float = 0.0
+    # shift along the bin axis by up to this many bins, either sign
+    pitch_shift: int = 0
+    # SpecAugment: number of masks per clip and maximum width (frames / bins)
+    time_masks: int = 0
+    time_mask_width: int = 0
+    freq_masks: int = 0
+    freq_mask_width: int = 0
+    # mixup: lambda ~ Beta(alpha, alpha) per batch; 0 switches it off
+    mixup_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"augment.{f.name} must be an integer, got {value!r}")
+            else:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"augment.{f.name} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"augment.{f.name} must be finite, got {value!r}")
+            if value < 0:
+                raise ValueError(f"augment.{f.name} must be >= 0, got {value!r}")
+        if self.noise_p > 1:
+            raise ValueError(f"augment.noise_p is a probability in [0, 1], got {self.noise_p}")
+        if self.time_shift > 1:
+            raise ValueError(
+                f"augment.time_shift is a fraction of the frames in [0, 1], got {self.time_shift}"
+            )
+        for axis, unit in (("time", "frames"), ("freq", "bins")):
+            count, width = getattr(self, f"{axis}_masks"), getattr(self, f"{axis}_mask_width")
+            if count > 0 and width == 0:
+                raise ValueError(
+                    f"augment.{axis}_masks={count} needs augment.{axis}_mask_width > 0 "
+                    f"(the maximum mask width in {unit})"
+                )
+            if width > 0 and count == 0:
+                raise ValueError(
+                    f"augment.{axis}_mask_width={width} has no effect without "
+                    f"augment.{axis}_masks > 0 (the number of masks per clip)"
+                )
+
+    @property
+    def noise(self) -> bool:
+        return self.noise_std > 0 and self.noise_p > 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is switched on."""
+        return (
+            self.noise
+            or self.time_shift > 0
+            or self.pitch_shift > 0
+            or self.time_masks > 0
+            or self.freq_masks > 0
+            or self.mixup_alpha > 0
+        )
+
+
+@dataclass(frozen=True)
 class SearchParam:
     """One dimension of the Optuna search space, keyed by `section.field` in `tune.space`."""
 
@@ -239,6 +308,7 @@ class Params:
     segment: SegmentConfig = SegmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
@@ -305,7 +375,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     for name, value in raw.items():
         key = f"{prefix}{name}"
         values[name] = _coerce(hints[name], value, key, source, fields[name].metadata)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a section's own cross-field checks (__post_init__)
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:

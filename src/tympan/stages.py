@@ -123,6 +123,7 @@ def run_train(
                     "features": to_dict(params.features),
                     "model": to_dict(params.model),
                     "train": to_dict(params.train),
+                    "augment": to_dict(params.augment),
                 }
             )
         )
@@ -146,6 +147,7 @@ def run_train(
                     params.train,
                     seed,
                     device,
+                    augment=params.augment,
                     on_epoch=lambda e: mlflow.log_metrics(
                         {k: v for k, v in asdict(e).items() if k != "epoch"}, step=e.epoch
                     ),

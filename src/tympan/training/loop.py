@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tympan.config import ModelConfig, TrainConfig
+from tympan.config import AugmentConfig, ModelConfig, TrainConfig
 from tympan.evaluation.metrics import classification_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model
+from tympan.training.augment import Augmenter, soft_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class SeedTrainer:
         cfg: TrainConfig,
         seed: int,
         device: torch.device,
+        augment: AugmentConfig | None = None,
     ) -> None:
         seed_everything(seed)
         self.cache, self.cfg, self.device = cache, cfg, device
@@ -155,6 +157,10 @@ class SeedTrainer:
             class_weights(train_targets, n_classes).to(device) if cfg.class_weights else None
         )
         self.loss_fn = nn.CrossEntropyLoss(weight=self.weight)
+        # Training batches only: validation (and test, serving) never pass through it.
+        self.augmenter = (
+            Augmenter(augment, n_classes, seed) if augment is not None and augment.enabled else None
+        )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -198,8 +204,13 @@ class SeedTrainer:
             self.side,
         ):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.augmenter is not None:
+                x, soft = self.augmenter(x, y)
             logits = self.model(x, side) if side is not None else self.model(x)
-            loss = self.loss_fn(logits, y)
+            if self.augmenter is not None:
+                loss = soft_cross_entropy(logits, soft.to(logits.device), self.weight)
+            else:
+                loss = self.loss_fn(logits, y)
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(y)
@@ -250,12 +261,14 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[EpochLog], None] | None = None,
     progress: bool = True,
+    augment: AugmentConfig | None = None,
 ) -> SeedResult:
     """Train one seed until `cfg.epochs` or `cfg.patience` epochs without a lower val loss.
 
-    The returned model holds the weights of its best epoch (lowest validation loss).
+    `augment` applies to training batches only. The returned model holds the weights of its
+    best epoch (lowest validation loss).
     """
-    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device)
+    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device, augment)
     with tqdm(total=cfg.epochs, desc=f"seed {seed}", unit="epoch", disable=not progress) as bar:
         while not trainer.done:
             entry = trainer.step()

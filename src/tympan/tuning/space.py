@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 
 from tympan.config import (
+    AugmentConfig,
     ConfigError,
     ModelConfig,
     Params,
@@ -18,8 +19,8 @@ from tympan.config import (
     to_dict,
 )
 
-TUNABLE = {"model": ModelConfig, "train": TrainConfig}
-NOT_TUNABLE = {"model.name", "train.seeds", "train.device"}
+TUNABLE = {"model": ModelConfig, "train": TrainConfig, "augment": AugmentConfig}
+NOT_TUNABLE = {"model.name", "model.side_attributes", "train.seeds", "train.device"}
 
 
 def apply_overrides(params: Params, overrides: dict[str, Any], source: str) -> Params:
@@ -35,7 +36,8 @@ def _check_one(name: str, spec: SearchParam, where: str) -> None:
     section, _, key = name.partition(".")
     if section not in TUNABLE or not key:
         raise ConfigError(
-            f"{where}: tune.space key {name!r} must be model.<field> or train.<field>"
+            f"{where}: tune.space key {name!r} must be model.<field>, train.<field> "
+            "or augment.<field>"
         )
     fields = {f.name for f in dataclasses.fields(TUNABLE[section])}
     if key not in fields or name in NOT_TUNABLE:

@@ -136,6 +136,8 @@ def study_name(params: Params, feature_key: str) -> str:
         "tune": tune,
         "features": feature_key,
     }
+    if params.augment.enabled:  # kept out when off, so studies from before augment resume
+        identity["augment"] = to_dict(params.augment)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.tune.study_name}-{digest}"
 
@@ -292,7 +294,7 @@ def make_objective(
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({**sampled, "trial": trial.number})
             trainers = {
-                seed: SeedTrainer(cache, config.model, config.train, seed, device)
+                seed: SeedTrainer(cache, config.model, config.train, seed, device, config.augment)
                 for seed in cfg.seeds
             }
             seed_runs = {

@@ -1,0 +1,213 @@
+"""On-the-fly augmentation of training batches of cached features, and a soft-label loss.
+
+The rule: augmentation is applied by the trainer to TRAINING batches only. Validation, test,
+tuning validation and serving never see it: `Augmenter` is called from the training step and
+nowhere else, after the batch is read from the feature cache. Nothing augmented is ever written
+back to the cache or added to the dataset, so an augmented copy of a test clip cannot leak into
+training (the flaw of the ESC-50 study in SEEDS.md, which augmented before splitting).
+
+The cache holds log-mel features in dB before per-bin normalisation (the model normalises
+inside), so every operation works on `(batch, 1, n_bins, frames)` tensors in dB:
+
+- Gaussian noise in dB, per clip with probability `noise_p`;
+- time shift: a circular roll along frames, per clip;
+- pitch shift: a shift along the bin axis, per clip, vacated bins filled with the clip's floor;
+- SpecAugment frequency and time masks, masked stripes set to the clip's floor (its minimum,
+  the dB floor of silence), not 0, which in dB would be loud;
+- mixup: one lambda ~ Beta(alpha, alpha) per batch, mixed with a permutation of the batch;
+  targets become mixed one-hots, hence soft labels and `soft_cross_entropy`.
+
+They are applied in that order (mixup last); "the clip's floor" is the minimum of the clip as
+read from the cache, before any noise. Every random draw comes from the `Augmenter`'s own CPU
+`torch.Generator` and is then moved to the batch's device: the global torch RNG is never
+touched (so several seeds stepped in lockstep stay independent and dropout draws do not change
+when augmentation is switched on), and CPU and CUDA runs draw the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tympan.config import AugmentConfig
+
+
+class Augmenter:
+    """Augments training batches with its own random generator.
+
+    `seed` seeds a CPU `torch.Generator` owned by this object; `state_dict` /
+    `load_state_dict` save and restore it, so a resumed run continues the same draws.
+    """
+
+    def __init__(self, cfg: AugmentConfig, n_classes: int, seed: int) -> None:
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        self.cfg, self.n_classes = cfg, n_classes
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch `x` `(batch, 1, n_bins, frames)` (dB) with integer targets `y`
+        `(batch,)`.
+
+        Returns a new `x` of the same shape, dtype and device (the input is never modified;
+        with nothing enabled it is returned as is) and soft targets `(batch, n_classes)` float32:
+        one-hot, or mixed one-hots under mixup.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be (batch, channels, n_bins, frames), got {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must be (batch,) = ({x.shape[0]},), got {tuple(y.shape)}")
+        targets = F.one_hot(y.long(), self.n_classes).to(torch.float32)
+        cfg = self.cfg
+        if not cfg.enabled:
+            return x, targets
+        batch, _, n_bins, n_frames = x.shape
+        self._check_fits(n_bins, n_frames)
+        floor = x.amin(dim=(1, 2, 3), keepdim=True)  # (batch, 1, 1, 1)
+        out = x
+        if cfg.noise:
+            out = self._noise(out)
+        if cfg.time_shift > 0:
+            out = self._time_shift(out)
+        if cfg.pitch_shift > 0:
+            out = self._pitch_shift(out, floor)
+        if cfg.freq_masks > 0:
+            out = self._mask(out, floor, axis=2, count=cfg.freq_masks, width=cfg.freq_mask_width)
+        if cfg.time_masks > 0:
+            out = self._mask(out, floor, axis=3, count=cfg.time_masks, width=cfg.time_mask_width)
+        if cfg.mixup_alpha > 0:
+            lam = _sample_beta(cfg.mixup_alpha, self.generator)
+            perm = torch.randperm(batch, generator=self.generator).to(x.device)
+            out = lam * out + (1 - lam) * out[perm]
+            targets = lam * targets + (1 - lam) * targets[perm.to(targets.device)]
+        return out, targets
+
+    def _check_fits(self, n_bins: int, n_frames: int) -> None:
+        cfg = self.cfg
+        if cfg.pitch_shift >= n_bins:
+            raise ValueError(
+                f"augment.pitch_shift={cfg.pitch_shift} must be below the {n_bins} bins "
+                "of the features"
+            )
+        if cfg.freq_mask_width > n_bins:
+            raise ValueError(
+                f"augment.freq_mask_width={cfg.freq_mask_width} exceeds the {n_bins} bins "
+                "of the features"
+            )
+        if cfg.time_mask_width > n_frames:
+            raise ValueError(
+                f"augment.time_mask_width={cfg.time_mask_width} exceeds the {n_frames} frames "
+                "of the features"
+            )
+
+    def _uniform_int(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
+        """Integers in `[-high, high]` drawn on CPU."""
+        return torch.randint(-high, high + 1, size, generator=self.generator)
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1, n_bins, frames)`: add N(0, noise_std) dB to each clip with prob noise_p."""
+        hit = torch.rand(x.shape[0], generator=self.generator) < self.cfg.noise_p
+        noise = torch.randn(x.shape, generator=self.generator) * self.cfg.noise_std
+        noise = noise * hit.view(-1, 1, 1, 1)
+        return x + noise.to(device=x.device, dtype=x.dtype)
+
+    def _time_shift(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1, n_bins, frames)`: roll each clip by its own number of frames."""
+        n_frames = x.shape[3]
+        shifts = self._uniform_int(int(self.cfg.time_shift * n_frames), (x.shape[0],))
+        # out[..., t] = x[..., t - shift]: the same as torch.roll(clip, shift, dims=-1)
+        index = (torch.arange(n_frames).view(1, -1) - shifts.view(-1, 1)) % n_frames
+        index = index.to(x.device).view(x.shape[0], 1, 1, n_frames).expand_as(x)
+        return torch.gather(x, 3, index)
+
+    def _pitch_shift(self, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1, n_bins, frames)`: move each clip up (positive) or down along the bins;
+        bins moved in from outside hold the clip's floor."""
+        n_bins = x.shape[2]
+        shifts = self._uniform_int(self.cfg.pitch_shift, (x.shape[0],))
+        source = torch.arange(n_bins).view(1, -1) - shifts.view(-1, 1)  # (batch, n_bins)
+        inside = ((source >= 0) & (source < n_bins)).to(x.device).view(x.shape[0], 1, n_bins, 1)
+        index = source.clamp(0, n_bins - 1).to(x.device).view(x.shape[0], 1, n_bins, 1)
+        moved = torch.gather(x, 2, index.expand_as(x))
+        return torch.where(inside, moved, floor)
+
+    def _mask(
+        self, x: torch.Tensor, floor: torch.Tensor, axis: int, count: int, width: int
+    ) -> torch.Tensor:
+        """`(batch, 1, n_bins, frames)`: set `count` stripes per clip along `axis` (2 = bins,
+        3 = frames), each of a width uniform in `[0, width]`, to the clip's floor."""
+        batch, size = x.shape[0], x.shape[axis]
+        widths = torch.randint(0, width + 1, (batch, count), generator=self.generator)
+        # start uniform in [0, size - w]; float64 so u * n never rounds up to n
+        u = torch.rand((batch, count), generator=self.generator, dtype=torch.float64)
+        starts = (u * (size - widths + 1)).floor().long().clamp(max=size - widths)
+        position = torch.arange(size).view(1, 1, -1)
+        hit = (position >= starts.unsqueeze(-1)) & (position < (starts + widths).unsqueeze(-1))
+        hit = hit.any(dim=1)  # (batch, size)
+        shape = [batch, 1, 1, 1]
+        shape[axis] = size
+        return torch.where(hit.to(x.device).view(shape), floor, x)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state, for checkpoints."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, soft_targets: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of `logits` `(batch, n_classes)` against soft targets of the same shape.
+
+    Without `weight`: the batch mean of `sum_c -t_c log p_c`. With class weights `(n_classes,)`:
+    `sum_b sum_c w_c t_bc (-log p_bc) / sum_b sum_c w_c t_bc`, which on one-hot targets is
+    exactly torch's weighted `cross_entropy` (a weighted mean over the batch).
+    """
+    if logits.ndim != 2 or soft_targets.shape != logits.shape:
+        raise ValueError(
+            f"logits and soft_targets must both be (batch, n_classes), got "
+            f"{tuple(logits.shape)} and {tuple(soft_targets.shape)}"
+        )
+    log_p = F.log_softmax(logits, dim=1)
+    targets = soft_targets.to(log_p.dtype)
+    if weight is None:
+        return -(targets * log_p).sum(dim=1).mean()
+    weighted = targets * weight.to(log_p.dtype).view(1, -1)
+    return -(weighted * log_p).sum() / weighted.sum()
+
+
+def _sample_beta(alpha: float, generator: torch.Generator) -> float:
+    """One draw from Beta(alpha, alpha) using only `generator` (torch's Beta cannot take one).
+
+    Beta = G1 / (G1 + G2) with G1, G2 ~ Gamma(alpha), computed from log-gammas so that small
+    alphas, whose gammas underflow, still give a lambda in [0, 1].
+    """
+    log_g1, log_g2 = _log_gamma(alpha, generator), _log_gamma(alpha, generator)
+    diff = log_g2 - log_g1
+    return 1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0
+
+
+def _log_gamma(shape: float, generator: torch.Generator) -> float:
+    """log of one Gamma(shape, 1) draw: Marsaglia and Tsang (2000), boosted for shape < 1
+    (Gamma(a) = Gamma(a + 1) * U^(1/a))."""
+    boost = 0.0
+    if shape < 1:
+        u = 1.0 - torch.rand(1, generator=generator, dtype=torch.float64).item()  # (0, 1]
+        boost = math.log(u) / shape
+        shape += 1
+    d = shape - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    while True:
+        z = torch.randn(1, generator=generator, dtype=torch.float64).item()
+        v = (1 + c * z) ** 3
+        if v <= 0:
+            continue
+        u = 1.0 - torch.rand(1, generator=generator, dtype=torch.float64).item()
+        if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+            return math.log(d * v) + boost
