@@ -1,0 +1,326 @@
+"""Stacked feature front end: log-mel, MFCC, STFT, LPC, LSF, F0 and spectral descriptors.
+
+`FeatureStack` turns `(batch, samples)` audio into one `(batch, C, bins, frames)` input by
+concatenating the chosen kinds along the bins axis (study S2 stacks e.g. MFCC + LPC + spectral
+contrast for a ResNet; S4 resizes spectrograms to images for torchvision backbones).
+
+Every kind uses `cfg.hop_length` and centred frames, so a clip of `samples` gives
+`samples // hop_length + 1` frames (`n_frames(cfg)` for fixed-length clips). The torch kinds
+(logmel, mfcc, stft) run batched on the module's device; the librosa and numpy kinds (lpc, lsf,
+f0, contrast, centroid, zcr) run on CPU and come back on the input's device. Scales differ a lot
+between kinds and nothing is normalised here: tympan standardises per bin with train-split
+statistics later. Every value is finite, silence included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TypeVar
+
+import librosa
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+from torch.nn import functional as F
+
+from tympan.config import FeatureConfig, StackConfig
+from tympan.features.logmel import LogMel, n_frames
+
+TORCH_KINDS = ("logmel", "mfcc", "stft")
+LIBROSA_KINDS = ("f0", "contrast", "centroid", "zcr")
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+# spectral_contrast: librosa's defaults (6 octave bands from 200 Hz), lowered for low sample rates
+CONTRAST_BANDS = 6
+CONTRAST_FMIN = 200.0
+# LPC: white-noise correction (-60 dB) keeps the autocorrelation of pure tones well conditioned
+LPC_NOISE_FLOOR = 1e-6
+
+
+def check_stack(cfg: FeatureConfig, stack: StackConfig) -> None:
+    """Raise ValueError for stack parameters that do not fit the feature config."""
+    if stack.lpc_order >= cfg.n_fft:
+        raise ValueError(
+            f"stack.lpc_order must be below features.n_fft ({cfg.n_fft}), got {stack.lpc_order!r}"
+        )
+    if "mfcc" in stack.kinds and stack.n_mfcc > cfg.n_mels:
+        raise ValueError(
+            f"stack.n_mfcc must not exceed features.n_mels ({cfg.n_mels}), got {stack.n_mfcc!r}"
+        )
+    if "f0" in stack.kinds and stack.f0_fmax > cfg.sample_rate / 2:
+        raise ValueError(
+            f"stack.f0_fmax must not exceed the Nyquist frequency ({cfg.sample_rate / 2:g} Hz), "
+            f"got {stack.f0_fmax!r}"
+        )
+
+
+def bins_per_kind(cfg: FeatureConfig, stack: StackConfig) -> dict[str, int]:
+    """Rows each kind contributes to the stack, in stacking order."""
+    check_stack(cfg, stack)
+    sizes = {
+        "logmel": cfg.n_mels,
+        "mfcc": stack.n_mfcc,
+        "stft": cfg.n_fft // 2 + 1,
+        "lpc": stack.lpc_order,
+        "lsf": stack.lpc_order,
+        "f0": 1,
+        "contrast": CONTRAST_BANDS + 1,
+        "centroid": 1,
+        "zcr": 1,
+    }
+    return {kind: sizes[kind] for kind in stack.kinds}
+
+
+def output_shape(cfg: FeatureConfig, stack: StackConfig) -> tuple[int, int, int]:
+    """`(channels, bins, frames)` of one fixed-length clip's features, without running audio."""
+    if stack.image is not None:
+        check_stack(cfg, stack)
+        return (stack.image_channels, *stack.image)
+    return (1, sum(bins_per_kind(cfg, stack).values()), n_frames(cfg))
+
+
+def contrast_fmin(sample_rate: int) -> float:
+    """Lowest band edge for spectral contrast: 200 Hz, or lower so every band starts below
+    Nyquist (librosa refuses 200 Hz x 2^5 >= sr / 2, e.g. at 8 kHz)."""
+    nyquist = sample_rate / 2
+    if nyquist > CONTRAST_FMIN * 2 ** (CONTRAST_BANDS - 1):
+        return CONTRAST_FMIN
+    return nyquist / 2**CONTRAST_BANDS
+
+
+def f0_frame_length(cfg: FeatureConfig, stack: StackConfig) -> int:
+    """Even YIN frame length: at least `n_fft`, and two periods of `f0_fmin` plus a margin."""
+    need = 2 * (math.ceil(cfg.sample_rate / stack.f0_fmin) + 1)
+    length = max(cfg.n_fft, need)
+    return length + length % 2
+
+
+def preemphasize(wave: torch.Tensor, coef: float) -> torch.Tensor:
+    """`(batch, samples)` -> `(batch, samples)`, y[t] = x[t] - coef * x[t-1] (x[-1] = 0)."""
+    return torch.cat([wave[:, :1], wave[:, 1:] - coef * wave[:, :-1]], dim=1)
+
+
+def fit_frames(x: Array, frames: int) -> Array:
+    """`(..., bins, n)` -> `(..., bins, frames)`: trim, or repeat the last frame.
+
+    Centred framing gives `samples // hop + 1` frames for an even window; an odd one (zero or
+    reflect padding of `n_fft // 2`) can give one fewer.
+    """
+    have = x.shape[-1]
+    if have >= frames:
+        return x[..., :frames]
+    last = x[..., -1:]
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, last.expand(*x.shape[:-1], frames - have)], dim=-1)
+    return np.concatenate([x, np.repeat(last, frames - have, axis=-1)], axis=-1)
+
+
+def _db(power: torch.Tensor, top_db: float) -> torch.Tensor:
+    """`(batch, bins, frames)` power -> dB, per-clip max reference, floored `top_db` below."""
+    db = 10.0 * torch.log10(power.clamp_min(1e-10))
+    return torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - top_db)
+
+
+def lpc(wave: np.ndarray, n_fft: int, hop_length: int, order: int) -> np.ndarray:
+    """`(batch, samples)` -> `(batch, order, frames)` LPC coefficients a_1..a_order.
+
+    Frames of `n_fft` samples centred every `hop_length` (zero-padded edges), Hann window,
+    autocorrelation method with Levinson-Durbin in float64. Silent frames give zeros.
+    """
+    pad = n_fft // 2
+    padded = np.pad(wave.astype(np.float64), ((0, 0), (pad, pad)))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop_length]
+    frames = frames * librosa.filters.get_window("hann", n_fft, fftbins=True)
+    size = 1 << (n_fft + order).bit_length()  # no circular wrap into lags 0..order
+    spectrum = np.fft.rfft(frames, size, axis=-1)
+    r = np.fft.irfft(spectrum.real**2 + spectrum.imag**2, size, axis=-1)[..., : order + 1]
+    r[..., 0] *= 1.0 + LPC_NOISE_FLOOR
+    silent = r[..., 0] <= 0.0
+    r[silent] = 0.0
+    r[silent, 0] = 1.0
+    a = np.zeros((*r.shape[:-1], order + 1))
+    a[..., 0] = 1.0
+    err = r[..., 0].copy()
+    for i in range(1, order + 1):
+        k = -np.einsum("...j,...j->...", a[..., :i], r[..., i:0:-1]) / err
+        a[..., 1:i] = a[..., 1:i] + k[..., None] * a[..., i - 1 : 0 : -1]
+        a[..., i] = k
+        err = err * (1.0 - k * k)
+    return np.moveaxis(a[..., 1:], -1, -2)
+
+
+def lsf(coefs: np.ndarray) -> np.ndarray:
+    """`(..., order, frames)` LPC coefficients -> `(..., order, frames)` line spectral
+    frequencies in radians, sorted within (0, pi).
+
+    Roots of P(z) = A(z) + z^-(p+1) A(1/z) and Q(z) = A(z) - z^-(p+1) A(1/z) via companion
+    matrices; of their 2p + 2 root angles, the trivial roots at 0 and pi are dropped and each
+    conjugate pair is kept once.
+    """
+    order = coefs.shape[-2]
+    a = np.moveaxis(coefs, -2, -1).reshape(-1, order)
+    ext = np.concatenate([np.ones((len(a), 1)), a, np.zeros((len(a), 1))], axis=1)
+    flipped = ext[:, ::-1]
+    polys = np.concatenate([ext + flipped, ext - flipped])  # (2m, p + 2), monic in z
+    n = order + 1
+    companion = np.zeros((len(polys), n, n))
+    companion[:, 0, :] = -polys[:, 1:]
+    companion[:, np.arange(1, n), np.arange(n - 1)] = 1.0
+    angles = np.abs(np.angle(np.linalg.eigvals(companion)))
+    angles = np.concatenate([angles[: len(a)], angles[len(a) :]], axis=1)
+    freqs = np.sort(angles, axis=1)[:, 1 : 2 * order : 2]
+    eps = 1e-6
+    freqs = np.clip(freqs, eps, np.pi - eps)
+    return np.moveaxis(freqs.reshape(*coefs.shape[:-2], coefs.shape[-1], order), -1, -2)
+
+
+class FeatureStack(nn.Module):
+    """`(batch, samples)` float32 -> `(batch, C, bins, frames)` stacked features.
+
+    Without `image`: C = 1 and bins = `sum(bins_per_kind(cfg, stack).values())`, the kinds
+    concatenated in `stack.kinds` order. With `image=(H, W)`: bilinear resize to
+    `(batch, image_channels, H, W)`. `kinds=("logmel",)` alone is exactly `LogMel(cfg)`.
+    """
+
+    def __init__(self, cfg: FeatureConfig, stack: StackConfig) -> None:
+        super().__init__()
+        check_stack(cfg, stack)
+        self.cfg = cfg
+        self.stack = stack
+        self.bins = bins_per_kind(cfg, stack)
+        torch_kinds: dict[str, nn.Module] = {}
+        if "logmel" in stack.kinds:
+            torch_kinds["logmel"] = LogMel(cfg)
+        if "mfcc" in stack.kinds:
+            mfcc = torchaudio.transforms.MFCC(
+                sample_rate=cfg.sample_rate,
+                n_mfcc=stack.n_mfcc,
+                melkwargs={
+                    "n_fft": cfg.n_fft,
+                    "hop_length": cfg.hop_length,
+                    "n_mels": cfg.n_mels,
+                    "f_min": cfg.f_min,
+                    "f_max": cfg.f_max,
+                },
+            )
+            mfcc.amplitude_to_DB.top_db = cfg.top_db
+            torch_kinds["mfcc"] = mfcc
+        if "stft" in stack.kinds:
+            torch_kinds["stft"] = torchaudio.transforms.Spectrogram(
+                n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=2.0
+            )
+        self.torch_kinds = nn.ModuleDict(torch_kinds)
+        self.requires_grad_(False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if wave.dim() != 2:
+            raise ValueError(f"expected (batch, samples) audio, got shape {tuple(wave.shape)}")
+        if self.stack.preemphasis is not None:
+            wave = preemphasize(wave, self.stack.preemphasis)
+        # centred STFT framing, as torchaudio computes it (see logmel.n_frames)
+        n_fft = self.cfg.n_fft
+        frames = (wave.shape[-1] + 2 * (n_fft // 2) - n_fft) // self.cfg.hop_length + 1
+        parts = {k: fit_frames(v, frames) for k, v in self._torch_parts(wave).items()}
+        parts.update(self._numpy_parts(wave, frames))
+        for kind, part in parts.items():
+            if part.shape[-2:] != (self.bins[kind], frames):
+                raise RuntimeError(
+                    f"{kind} gave {tuple(part.shape[-2:])} (bins, frames), "
+                    f"expected {(self.bins[kind], frames)}"
+                )
+        out = torch.cat([parts[kind] for kind in self.stack.kinds], dim=-2).unsqueeze(1)
+        if self.stack.image is None:
+            return out
+        out = F.interpolate(out, size=self.stack.image, mode="bilinear", align_corners=False)
+        return out.repeat(1, self.stack.image_channels, 1, 1)
+
+    def _torch_parts(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batched torch kinds, each `(batch, bins, frames)` on the module's device."""
+        parts = {}
+        for kind, module in self.torch_kinds.items():
+            if kind == "logmel":
+                parts[kind] = module(wave).squeeze(1)
+            elif kind == "mfcc":
+                # 4-D input: torchaudio applies top_db per clip (3-D would use one batch max)
+                parts[kind] = module(wave.unsqueeze(1)).squeeze(1)
+            else:
+                parts[kind] = _db(module(wave), self.cfg.top_db)
+        return parts
+
+    def _numpy_parts(self, wave: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+        """CPU kinds, each `(batch, bins, frames)` back on the input's device.
+
+        LPC and LSF are per-frame maths, vectorised over the batch; the librosa kinds run one
+        clip at a time, because some reference the whole array they are given (spectral
+        contrast's dB conversion floors at 80 dB below the array's maximum).
+        """
+        cfg, stack = self.cfg, self.stack
+        kinds = [k for k in stack.kinds if k not in TORCH_KINDS]
+        if not kinds:
+            return {}
+        y = wave.detach().cpu().numpy().astype(np.float32)
+        parts: dict[str, np.ndarray] = {}
+        if "lpc" in kinds or "lsf" in kinds:
+            coefs = lpc(y, cfg.n_fft, cfg.hop_length, stack.lpc_order)
+            parts["lpc"] = coefs
+            if "lsf" in kinds:
+                parts["lsf"] = lsf(coefs)
+        per_clip = [k for k in kinds if k in LIBROSA_KINDS]
+        if per_clip:
+            clips = [self._librosa_clip(clip, per_clip) for clip in y]
+            parts.update({kind: np.stack([clip[kind] for clip in clips]) for kind in per_clip})
+        return {
+            kind: torch.from_numpy(fit_frames(part, frames)).to(wave.device, wave.dtype)
+            for kind, part in parts.items()
+            if kind in kinds
+        }
+
+    def _librosa_clip(self, y: np.ndarray, kinds: list[str]) -> dict[str, np.ndarray]:
+        """`(samples,)` -> `{kind: (bins, frames)}` for f0, contrast, centroid and zcr."""
+        cfg = self.cfg
+        parts: dict[str, np.ndarray] = {}
+        if "f0" in kinds:
+            parts["f0"] = self._f0(y)
+        if "contrast" in kinds or "centroid" in kinds:
+            spec = np.abs(librosa.stft(y, n_fft=cfg.n_fft, hop_length=cfg.hop_length))
+            if "contrast" in kinds:
+                parts["contrast"] = librosa.feature.spectral_contrast(
+                    S=spec,
+                    sr=cfg.sample_rate,
+                    n_fft=cfg.n_fft,
+                    hop_length=cfg.hop_length,
+                    fmin=contrast_fmin(cfg.sample_rate),
+                    n_bands=CONTRAST_BANDS,
+                )
+            if "centroid" in kinds:
+                parts["centroid"] = librosa.feature.spectral_centroid(
+                    S=spec, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length
+                )
+        if "zcr" in kinds:
+            parts["zcr"] = librosa.feature.zero_crossing_rate(
+                y, frame_length=cfg.n_fft, hop_length=cfg.hop_length, center=True
+            )
+        return parts
+
+    def _f0(self, y: np.ndarray) -> np.ndarray:
+        """`(samples,)` -> `(1, frames)` F0 in Hz; unvoiced and silent frames 0.
+
+        YIN has no voicing decision, so frames whose RMS lies more than `top_db` below the
+        clip's loudest frame (all frames of pure silence) count as unvoiced for both methods.
+        """
+        cfg, stack = self.cfg, self.stack
+        length = f0_frame_length(cfg, stack)
+        common = {
+            "fmin": stack.f0_fmin,
+            "fmax": stack.f0_fmax,
+            "sr": cfg.sample_rate,
+            "frame_length": length,
+            "hop_length": cfg.hop_length,
+            "center": True,
+        }
+        f0 = librosa.yin(y, **common) if stack.f0_method == "yin" else librosa.pyin(y, **common)[0]
+        rms = librosa.feature.rms(y=y, frame_length=length, hop_length=cfg.hop_length)[0]
+        floor = rms.max() * 10.0 ** (-cfg.top_db / 20.0)
+        return np.where((rms > floor) & np.isfinite(f0), f0, 0.0)[None]
