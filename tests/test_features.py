@@ -119,3 +119,50 @@ def test_n_frames_matches_the_front_end(n_fft, hop):
     cfg = FeatureConfig(sample_rate=16000, seconds=0.5, n_fft=n_fft, hop_length=hop)
     out = LogMel(cfg)(torch.zeros(1, n_samples(cfg)))
     assert out.shape[-1] == n_frames(cfg)
+
+
+def test_stacked_features_cache_train_and_serve_alike(tmp_path):
+    """A feature stack (S2-style) flows through cache, training and the served predictor."""
+    from tympan.config import ModelConfig, StackConfig, TrainConfig
+    from tympan.serving import Predictor
+    from tympan.serving.bundle import save_bundle
+    from tympan.training import fit
+
+    cfg = FeatureConfig(
+        sample_rate=8000,
+        seconds=0.5,
+        n_fft=256,
+        hop_length=128,
+        f_max=4000.0,
+        dtype="float32",
+        stack=StackConfig(kinds=("mfcc", "lpc", "zcr"), n_mfcc=13, lpc_order=8),
+    )
+    table = _table(tmp_path)
+    cache = build_cache(table, cfg, tmp_path / "cache")
+    assert cache.features.shape == (12, 1, 13 + 8 + 1, n_frames(cfg))
+    assert np.isfinite(cache.features).all() and cache.meta["feature"] == "mfcc+lpc+zcr"
+    model_cfg = ModelConfig(channels=4, hidden=8, pool=2, kernel=3)
+    result = fit(cache, model_cfg, TrainConfig(epochs=1, batch_size=4), 0, torch.device("cpu"))
+    save_bundle(
+        tmp_path / "bundle.pt",
+        cfg,
+        model_cfg,
+        cache.labels,
+        tuple(cache.features.shape[2:]),
+        cache.mean,
+        cache.std,
+        {0: result.model.state_dict()},
+    )
+    predictor = Predictor.load(tmp_path / "bundle.pt")
+    served = predictor.frontend(waveform_batch([table["path"][3]], cfg))
+    np.testing.assert_allclose(served[0].numpy(), cache.features[3], rtol=1e-5, atol=1e-4)
+    assert predictor.predict([table["path"][3]])[0]["windows"] == 1
+
+
+def test_a_stack_that_does_not_fit_the_features_is_a_feature_error(tmp_path):
+    from tympan.config import StackConfig
+    from tympan.features.cache import FeatureError
+
+    cfg = FeatureConfig(n_mels=20, stack=StackConfig(kinds=("mfcc",), n_mfcc=40))
+    with pytest.raises(FeatureError, match=r"features.stack.n_mfcc must not exceed"):
+        build_cache(_table(tmp_path), cfg, tmp_path / "cache")

@@ -84,6 +84,64 @@ class SplitConfig:
     seed: int = 0
 
 
+KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
+F0_METHODS = ("yin", "pyin")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Which features to stack, in order, and their parameters beyond `FeatureConfig`.
+
+    `preemphasis`: coefficient `a` of y[t] = x[t] - a * x[t-1] applied before every kind.
+    `image`: `(H, W)` to resize the stack to, with `image_channels` (1 or 3) copies.
+    """
+
+    kinds: tuple[str, ...] = ("logmel",)
+    n_mfcc: int = 40
+    lpc_order: int = 12
+    f0_method: str = "yin"
+    f0_fmin: float = 60.0
+    f0_fmax: float = 500.0
+    preemphasis: float | None = None
+    image: tuple[int, int] | None = None
+    image_channels: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        if self.image is not None:
+            object.__setattr__(self, "image", tuple(self.image))
+        if not self.kinds:
+            raise ValueError(f"stack.kinds must name at least one of {', '.join(KINDS)}, got ()")
+        for kind in self.kinds:
+            if kind not in KINDS:
+                raise ValueError(f"stack.kinds: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"stack.kinds must not repeat a kind, got {self.kinds!r}")
+        if self.n_mfcc < 1:
+            raise ValueError(f"stack.n_mfcc must be at least 1, got {self.n_mfcc!r}")
+        if self.lpc_order < 1:
+            raise ValueError(f"stack.lpc_order must be at least 1, got {self.lpc_order!r}")
+        if self.f0_method not in F0_METHODS:
+            raise ValueError(
+                f"stack.f0_method must be one of {', '.join(F0_METHODS)}, got {self.f0_method!r}"
+            )
+        if self.f0_fmin <= 0:
+            raise ValueError(f"stack.f0_fmin must be positive, got {self.f0_fmin!r}")
+        if self.f0_fmin >= self.f0_fmax:
+            raise ValueError(
+                f"stack.f0_fmin must be below stack.f0_fmax, got f0_fmin={self.f0_fmin!r} "
+                f"and f0_fmax={self.f0_fmax!r}"
+            )
+        if self.preemphasis is not None and not 0.0 <= self.preemphasis <= 1.0:
+            raise ValueError(f"stack.preemphasis must be in [0, 1], got {self.preemphasis!r}")
+        if self.image is not None and (len(self.image) != 2 or min(self.image) < 1):
+            raise ValueError(
+                f"stack.image must be two sizes (H, W) of at least 1, got {self.image!r}"
+            )
+        if self.image_channels not in (1, 3):
+            raise ValueError(f"stack.image_channels must be 1 or 3, got {self.image_channels!r}")
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Log-mel front end: resample, mono, fixed length, mel power in dB."""
@@ -99,6 +157,8 @@ class FeatureConfig:
     top_db: float = 80.0
     dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
     batch_size: int = 64
+    # which features are stacked into the model input (tympan.features.stack)
+    stack: StackConfig = StackConfig()
 
 
 @dataclass(frozen=True)

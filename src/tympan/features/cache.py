@@ -1,7 +1,8 @@
 """The feature cache: one memory-mapped array per feature set plus an index table.
 
 Layout of a cache directory:
-    features.npy   (clips, 1, n_mels, frames), float16 or float32, np.load(mmap_mode="r")
+    features.npy   (clips, channels, bins, frames), float16 or float32, np.load(mmap_mode="r"):
+                   `features.stack.kinds` stacked along bins (1 channel; 1 or 3 in image mode)
     index.csv      one row per array row: path, label, group, split, sha256, then the
                    manifest's side attributes (speaker, language, ...) for models and reports
     stats.json     per-mel-bin mean and std over the *train* rows only
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from tympan.audio import AudioError
 from tympan.config import FeatureConfig, to_dict
-from tympan.features.logmel import LogMel, n_frames, waveform_batch
+from tympan.features.logmel import waveform_batch
+from tympan.features.stack import FeatureStack, check_stack, output_shape
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,12 @@ def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> Featu
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = sorted(table["label"].astype(str).unique())
-    frontend = LogMel(cfg)
-    shape = (len(table), 1, cfg.n_mels, n_frames(cfg))
+    try:
+        check_stack(cfg, cfg.stack)
+    except ValueError as exc:
+        raise FeatureError(f"features.{exc}") from None
+    frontend = FeatureStack(cfg, cfg.stack)
+    shape = (len(table), *output_shape(cfg, cfg.stack))
     array = np.lib.format.open_memmap(
         out_dir / "features.npy", mode="w+", dtype=cfg.dtype, shape=shape
     )
@@ -150,7 +156,7 @@ def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> Featu
     )
     meta = {
         "key": cache_key(index["sha256"].tolist(), cfg),
-        "feature": "logmel",
+        "feature": "+".join(cfg.stack.kinds),
         "params": to_dict(cfg),
         "shape": list(shape),
         "dtype": cfg.dtype,

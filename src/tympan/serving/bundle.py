@@ -3,7 +3,7 @@
 A bundle is one torch file (plain tensors and dicts, loadable with `weights_only=True`):
 feature and segment params, label list, model params, side-attribute vocabularies, input shape,
 normalisation statistics and the state dict of every ensemble member. `Predictor` runs decode ->
-mono -> resample -> windows -> log-mel -> every member -> mean probability, with the same
+mono -> resample -> windows -> feature stack -> every member -> mean probability, with the same
 functions the training pipeline used, then aggregates windows per recording.
 """
 
@@ -29,7 +29,8 @@ from tympan.config import (
     params_from_dict,
     to_dict,
 )
-from tympan.features import LogMel, windows
+from tympan.features import windows
+from tympan.features.stack import FeatureStack
 from tympan.models import build_model
 
 BUNDLE_VERSION = 2
@@ -100,7 +101,7 @@ class Predictor:
         self.labels: list[str] = bundle["labels"]
         self.side_vocab: dict[str, list[str]] = bundle["side_vocab"]
         self.device = device or torch.device("cpu")
-        self.frontend = LogMel(self.features).to(self.device).eval()
+        self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
         shape = tuple(bundle["input_shape"])
         self.members = []
         for state in bundle["members"].values():
