@@ -135,6 +135,8 @@ def decode(source: Source) -> tuple[np.ndarray, int]:
 
 def to_mono(wave: torch.Tensor) -> torch.Tensor:
     """Average channels: `(channels, frames)` -> `(frames,)`."""
+    if wave.shape[0] == 1:  # the common case, and a threaded mean costs more than the decode
+        return wave[0]
     return wave.mean(dim=0)
 
 
