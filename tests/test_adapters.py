@@ -15,7 +15,7 @@ from tympan.config import DataConfig, SplitConfig
 from tympan.data.adapters import AdapterError, list_recordings
 from tympan.data.ingest import ingest
 from tympan.data.manifest import ManifestError
-from tympan.data.splits import split_manifest, split_report
+from tympan.data.splits import LeakageError, split_manifest, split_report
 
 from audio_helpers import tone, write
 from conftest import REPO
@@ -211,3 +211,41 @@ def test_csv_adapter_errors_name_column_file_and_escape(tmp_path):
         list_recordings("csv", root, None, replace(cfg, metadata="bad.csv", label_column="emotion"))
     with pytest.raises(AdapterError, match="exactly one of"):
         list_recordings("csv", root, None, replace(cfg, target_column="valence"))
+
+
+def _esc50_manifest(layouts: Path, root: Path) -> pd.DataFrame:
+    shutil.copytree(layouts / "esc50" / "meta", root / "meta")
+    table, _ = list_recordings("esc50", root, None, DataConfig(adapter="esc50"))
+    return table.assign(sha256=[f"{i:064x}" for i in range(len(table))])
+
+
+def test_predefined_esc50_folds_move_straddling_sources_to_test(layouts, tmp_path):
+    manifest = _esc50_manifest(layouts, tmp_path)
+    cfg = SplitConfig(strategy="predefined", column="fold", test_values=("5",), val_values=("4",))
+    splits = split_manifest(manifest, cfg)
+    table = manifest.merge(splits, on="path")
+    report = split_report(table, cfg)
+    # two sources sit in folds 4 and 5: they move wholly to test; 2+3 both train, no move
+    assert report["moved_straddling_groups"] == ["209698", "234879"]
+    assert report["checks"]["groups_in_two_splits"] == 0
+    assert report["recordings"] == {"train": 1200, "val": 400 - 2, "test": 400 + 2}  # 2 clips move
+    fold = table.set_index("path")["fold"]
+    moved = table[table["group"].isin(["209698", "234879"])]
+    assert set(moved["split"]) == {"test"} and set(fold[moved["path"]]) == {"4", "5"}
+    with pytest.raises(LeakageError, match="2 group value"):
+        strict = replace(cfg, move_straddling=False)
+        split_report(manifest.merge(split_manifest(manifest, strict), on="path"), strict)
+
+
+def test_predefined_without_val_folds_deals_val_by_group(layouts, tmp_path):
+    manifest = _esc50_manifest(layouts, tmp_path)
+    cfg = SplitConfig(strategy="predefined", column="fold", test_values=("1",), val=0.2)
+    table = manifest.merge(split_manifest(manifest, cfg), on="path")
+    report = split_report(table, cfg)
+    assert report["recordings"]["test"] >= 400
+    assert 350 <= report["recordings"]["val"] <= 450
+    assert report["checks"]["groups_in_two_splits"] == 0
+    with pytest.raises(ValueError, match=r"split.test_values: \['9'\] not found in column 'fold'"):
+        split_manifest(manifest, replace(cfg, test_values=("9",)))
+    with pytest.raises(ValueError, match=r"split\.column='folds' is not a manifest column"):
+        split_manifest(manifest, replace(cfg, column="folds"))

@@ -78,10 +78,18 @@ class DemoConfig:
 class SplitConfig:
     """How recordings are divided; `group` keeps every group inside one split."""
 
-    strategy: str = field(default="group", metadata=_choices("stratified", "group"))
+    strategy: str = field(default="group", metadata=_choices("stratified", "group", "predefined"))
     val: float = 0.15
     test: float = 0.2
     seed: int = 0
+    # predefined: the manifest column holding the official fold (ESC-50: fold) and the values
+    # that make the test and val splits; without val_values, val is dealt by group (`val`) from
+    # the rest. A group the folds put in two splits moves wholly to the more held-out split
+    # (test, then val) and is listed in the split report, unless move_straddling is false.
+    column: str | None = None
+    test_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
+    val_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
+    move_straddling: bool = True
 
 
 KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")

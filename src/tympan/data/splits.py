@@ -19,11 +19,17 @@ class LeakageError(ValueError):
 
 def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Assign each manifest row to train, val or test: -> table `path, split`."""
-    if not 0 < cfg.val < 1 or not 0 < cfg.test < 1 or cfg.val + cfg.test >= 1:
-        raise ValueError(
-            f"split.val={cfg.val} and split.test={cfg.test} must be in (0, 1) and sum below 1"
-        )
-    split = _stratified(manifest, cfg) if cfg.strategy == "stratified" else _by_group(manifest, cfg)
+    if cfg.strategy == "predefined":
+        split, _ = predefined(manifest, cfg)
+    else:
+        if not 0 < cfg.val < 1 or not 0 < cfg.test < 1 or cfg.val + cfg.test >= 1:
+            raise ValueError(
+                f"split.val={cfg.val} and split.test={cfg.test} must be in (0, 1) and sum below 1"
+            )
+        if cfg.strategy == "stratified":
+            split = _stratified(manifest, cfg)
+        else:
+            split = _by_group(manifest, cfg)
     out = pd.DataFrame({"path": manifest["path"], "split": split})
     for name in SPLITS:
         if not (out["split"] == name).any():
@@ -56,8 +62,14 @@ def _by_group(manifest: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     Within each label stratum, groups (shuffled by `cfg.seed`, larger first) go one at a time to
     the split furthest below its target share of that stratum's recordings.
     """
-    rng = np.random.default_rng(cfg.seed)
     target = {"train": 1 - cfg.val - cfg.test, "val": cfg.val, "test": cfg.test}
+    return _deal_groups(manifest, target, cfg.seed)
+
+
+def _deal_groups(manifest: pd.DataFrame, target: dict[str, float], seed: int) -> np.ndarray:
+    """Deal whole groups to the splits in `target` (share of recordings per split)."""
+    rng = np.random.default_rng(seed)
+    names = [s for s in SPLITS if target.get(s, 0) > 0]
     sizes = manifest.groupby("group").size()
     majority = manifest.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
     assignment: dict[str, str] = {}
@@ -65,14 +77,57 @@ def _by_group(manifest: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
         groups = majority.index[majority == label].to_numpy()
         groups = groups[rng.permutation(len(groups))]
         groups = sorted(groups, key=lambda g: -sizes[g])
-        filled = dict.fromkeys(SPLITS, 0)
+        filled = dict.fromkeys(names, 0)
         total = sizes[groups].sum()
         for group in groups:
-            deficit = {s: target[s] * total - filled[s] for s in SPLITS}
-            chosen = max(SPLITS, key=lambda s: (deficit[s], s == "train"))
+            deficit = {s: target[s] * total - filled[s] for s in names}
+            chosen = max(names, key=lambda s: (deficit[s], s == "train"))
             assignment[group] = chosen
             filled[chosen] += sizes[group]
     return manifest["group"].map(assignment).to_numpy()
+
+
+def predefined(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, list[str]]:
+    """Splits from a fold column (ESC-50's official folds) -> (split per row, moved groups).
+
+    Rows whose `cfg.column` value is in `test_values` are test, in `val_values` val, the rest
+    train; without `val_values`, val is dealt by group from the train rows (share `cfg.val`).
+    Groups spread over two splits by the folds move wholly to the most held-out of them.
+    """
+    if not cfg.column or not cfg.test_values:
+        raise ValueError("split.strategy=predefined needs split.column and split.test_values")
+    if cfg.column not in manifest.columns:
+        raise ValueError(
+            f"split.column={cfg.column!r} is not a manifest column "
+            f"(available: {', '.join(manifest.columns)})"
+        )
+    values = manifest[cfg.column].astype(str).str.strip()
+    known = set(values)
+    for key in ("test_values", "val_values"):
+        missing = [v for v in getattr(cfg, key) if v not in known]
+        if missing:
+            raise ValueError(
+                f"split.{key}: {missing} not found in column {cfg.column!r} "
+                f"(values: {', '.join(sorted(known))})"
+            )
+    split = np.full(len(manifest), "train", dtype=object)
+    split[values.isin(cfg.test_values).to_numpy()] = "test"
+    split[values.isin(cfg.val_values).to_numpy()] = "val"
+    rank = {"train": 0, "val": 1, "test": 2}
+    table = pd.DataFrame({"group": manifest["group"].to_numpy(), "split": split})
+    spread = table.groupby("group")["split"].nunique()
+    straddling = sorted(spread.index[spread > 1].tolist())
+    if straddling and cfg.move_straddling:
+        most_held_out = table.groupby("group")["split"].agg(lambda s: max(s, key=rank.get))
+        split = table["group"].map(most_held_out).to_numpy().astype(object)
+    if not cfg.val_values:
+        rest = np.flatnonzero(split == "train")
+        share = cfg.val / max(1e-9, len(rest) / len(manifest))
+        if not 0 < share < 1:
+            raise ValueError(f"split.val={cfg.val} leaves no train rows beside the folds")
+        dealt = _deal_groups(manifest.iloc[rest], {"train": 1 - share, "val": share}, cfg.seed)
+        split[rest] = dealt
+    return split, straddling if cfg.move_straddling else []
 
 
 def check_leakage(table: pd.DataFrame) -> dict:
@@ -104,9 +159,17 @@ def split_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
     per_class: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), count in table.groupby(["split", "label"]).size().items():
         per_class[split][str(label)] = int(count)
+    report: dict = {"strategy": cfg.strategy, "seed": cfg.seed}
+    if cfg.strategy == "predefined":
+        _, moved = predefined(table, cfg)
+        report.update(
+            column=cfg.column,
+            test_values=list(cfg.test_values),
+            val_values=list(cfg.val_values),
+            moved_straddling_groups=moved,
+        )
     return {
-        "strategy": cfg.strategy,
-        "seed": cfg.seed,
+        **report,
         "recordings": {s: int((table["split"] == s).sum()) for s in SPLITS},
         "groups": {s: int(table.loc[table["split"] == s, "group"].nunique()) for s in SPLITS},
         "per_class": {s: per_class.get(s, {}) for s in SPLITS},
