@@ -236,3 +236,15 @@ def test_model_card_states_the_evidence(tmp_path):
         "16000 Hz",
     ):
         assert needle in text, needle
+
+
+def test_windows_aggregate_per_recording():
+    from tympan.evaluation.report import per_recording
+
+    index = pd.DataFrame({"path": ["b", "b", "a", "c", "c", "c"]})
+    probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
+    first, out = per_recording(index, {"0": probs}, "mean")
+    assert first.tolist() == [0, 2, 3]  # recordings in order of appearance
+    np.testing.assert_allclose(out["0"], [[0.7, 0.3], [0.2, 0.8], [0.3, 0.7]])
+    _, top = per_recording(index, {"0": probs}, "max")
+    np.testing.assert_allclose(top["0"][0], [0.9 / 1.4, 0.5 / 1.4])

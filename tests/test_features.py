@@ -166,3 +166,48 @@ def test_a_stack_that_does_not_fit_the_features_is_a_feature_error(tmp_path):
     cfg = FeatureConfig(n_mels=20, stack=StackConfig(kinds=("mfcc",), n_mfcc=40))
     with pytest.raises(FeatureError, match=r"features.stack.n_mfcc must not exceed"):
         build_cache(_table(tmp_path), cfg, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("orig", "new", "frames"), [(44100, 16000, 44101), (22050, 8000, 999), (8000, 16000, 7)]
+)
+def test_resampled_length_matches_resample(orig, new, frames):
+    from tympan.audio import resample
+    from tympan.features.cache import resampled_length
+
+    assert resampled_length(frames, orig, new) == resample(torch.zeros(frames), orig, new).shape[-1]
+
+
+def test_segmented_cache_cuts_recordings_like_serving(tmp_path):
+    from tympan.config import SegmentConfig
+    from tympan.features import windows
+    from tympan.features.cache import FeatureStack
+
+    cfg = FeatureConfig(sample_rate=8000, seconds=0.5, n_fft=256, hop_length=128, dtype="float32")
+    segment = SegmentConfig(enabled=True, hop=0.25, min_last=0.5)
+    rows = []
+    for i, (seconds, rate) in enumerate([(2.3, 8000), (0.4, 8000), (1.3, 22050), (0.6, 8000)]):
+        path = write(tmp_path / f"r{i}.wav", tone(300 + 200 * i, seconds, rate), rate)
+        rows.append(
+            {
+                "path": str(path),
+                "label": "a" if i % 2 else "b",
+                "group": f"g{i}",
+                "split": ["train", "train", "val", "test"][i],
+                "sha256": f"{i:064x}",
+                "speaker": f"s{i}",
+            }
+        )
+    cache = build_cache(pd.DataFrame(rows), cfg, tmp_path / "cache", segment)
+    # 2.3 s: windows at 0, .25, ... 1.75 (8) + a tail of 0.3 s >= 0.25 s; 0.4 s and 0.6 s: one
+    counts = cache.index.groupby("path", sort=False).size().tolist()
+    assert counts == [9, 1, 5, 1]  # 1.3 s: 0, .25, .5, .75 and a tail at 1.0
+    assert cache.index["window"].tolist()[:10] == [*range(9), 0]
+    assert set(cache.index["speaker"][:9]) == {"s0"}  # windows keep the recording's attributes
+    assert cache.meta["segment"]["hop"] == 0.25
+    wave = waveform_batch([rows[0]["path"]], replace(cfg, seconds=2.3))[0]
+    expected = FeatureStack(cfg, cfg.stack)(windows(wave, cfg, segment.hop, segment.min_last))
+    np.testing.assert_allclose(cache.features[:9], expected.numpy(), rtol=1e-5, atol=1e-4)
+    plain = build_cache(pd.DataFrame(rows), cfg, tmp_path / "plain")
+    assert len(plain.index) == 4 and "window" not in plain.index.columns
+    assert plain.meta["key"] != cache.meta["key"]

@@ -178,6 +178,9 @@ class SegmentConfig:
     `aggregate`. Serving windows long requests the same way and reports the window count.
     """
 
+    # true: featurize cuts every recording into these windows too (S3's chunks, S1's long
+    # stories); evaluate scores each window and aggregates them per recording
+    enabled: bool = False
     hop: float = 0.5
     min_last: float = 0.5
     aggregate: str = field(default="mean", metadata=_choices("mean", "max"))

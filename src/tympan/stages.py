@@ -75,9 +75,10 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
-    cache = build_cache(table, params.features, out)
+    cache = build_cache(table, params.features, out, params.segment)
     print(
-        f"featurize: {cache.features.shape} {cache.features.dtype} -> {out} "
+        f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "
+        f"-> {out} "
         f"(key {cache.meta['key']}, stats from {len(cache.rows('train'))} train clips)"
     )
 
@@ -270,7 +271,7 @@ def run_evaluate(
     """Score the test split with every seed and the ensemble; write `metrics/` and `plots/`,
     and the test set's fingerprint (what register compares before promoting)."""
     from tympan.evaluation.card import fingerprint
-    from tympan.evaluation.report import HeldOut, classification_report
+    from tympan.evaluation.report import HeldOut, classification_report, per_recording
 
     cache = open_cache(features)
     record = json.loads((models / TRAIN_RECORD).read_text())
@@ -282,6 +283,11 @@ def run_evaluate(
         seed: predict_proba(member, cache.features, rows, 256, device, side)
         for seed, member in zip(record["seeds"], predictor.members, strict=True)
     }
+    if "window" in cache.index.columns:  # segmented: score recordings, not windows
+        first, per_seed_probs = per_recording(
+            cache.index.iloc[rows], per_seed_probs, params.segment.aggregate
+        )
+        rows = rows[first]
     test = HeldOut(
         index=cache.index.iloc[rows].reset_index(drop=True),
         targets=cache.targets()[rows],

@@ -50,6 +50,33 @@ class HeldOut:
     hop_s: float
 
 
+def per_recording(
+    index: pd.DataFrame, per_seed_probs: dict[str, np.ndarray], how: str = "mean"
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Combine window probabilities per recording (`path`), keeping the recordings' order.
+
+    `index`: one row per window `(windows,)`; probabilities `(windows, n_classes)`. -> the
+    position of each recording's first window, and `(recordings, n_classes)` per seed (mean,
+    or max renormalised to sum to 1).
+    """
+    codes, first = np.unique(index["path"].to_numpy(), return_index=True)
+    order = np.argsort(first)
+    first = first[order]
+    position = {path: i for i, path in enumerate(codes[order])}
+    member = index["path"].map(position).to_numpy()
+    out = {}
+    for seed, probs in per_seed_probs.items():
+        combined = np.zeros((len(first), probs.shape[1]))
+        if how == "max":
+            np.maximum.at(combined, member, probs)
+            combined /= combined.sum(axis=1, keepdims=True)
+        else:
+            np.add.at(combined, member, probs)
+            combined /= np.bincount(member, minlength=len(first))[:, None]
+        out[seed] = combined
+    return first, out
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -17,17 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from tympan.audio import AudioError
-from tympan.config import FeatureConfig, to_dict
-from tympan.features.logmel import waveform_batch
+from tympan.audio import AudioError, decode, resample, to_mono
+from tympan.config import FeatureConfig, SegmentConfig, to_dict
+from tympan.features.logmel import n_samples, waveform_batch, window_starts, windows
 from tympan.features.stack import FeatureStack, check_stack, output_shape
 
 log = logging.getLogger(__name__)
@@ -86,25 +88,67 @@ class FeatureCache:
         return self.index["label"].map(lookup).to_numpy(dtype=np.int64)
 
 
-def cache_key(sha256s: list[str], cfg: FeatureConfig) -> str:
-    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
+def cache_key(sha256s: list[str], cfg: FeatureConfig, segment: SegmentConfig | None = None) -> str:
+    params = to_dict(cfg)
+    if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
+        params["segment"] = to_dict(segment)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for sha in sorted(sha256s):
         digest.update(sha.encode())
     return digest.hexdigest()[:16]
 
 
-def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> FeatureCache:
-    """Compute log-mel for every row of `table` (manifest joined with splits) into `out_dir`.
-
-    Clips are decoded one by one (they may differ in rate and channels) and the spectrograms
-    are computed in batches of `cfg.batch_size`.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = sorted(table["label"].astype(str).unique())
+def _check(cfg: FeatureConfig) -> None:
     try:
         check_stack(cfg, cfg.stack)
     except ValueError as exc:
         raise FeatureError(f"features.{exc}") from None
+
+
+def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
+    """Samples after `tympan.audio.resample` (torchaudio rounds the length up)."""
+    if orig_rate == new_rate:
+        return frames
+    gcd = math.gcd(orig_rate, new_rate)
+    orig, new = orig_rate // gcd, new_rate // gcd
+    return -(-new * frames // orig)
+
+
+def window_counts(paths: list[str], cfg: FeatureConfig, segment: SegmentConfig) -> list[int]:
+    """Windows per recording, read from the file headers (see `tympan.features.windows`)."""
+    window = n_samples(cfg)
+    hop = max(1, round(segment.hop * cfg.sample_rate))
+    counts = []
+    for path in paths:
+        info = sf.info(path)
+        length = resampled_length(info.frames, info.samplerate, cfg.sample_rate)
+        counts.append(len(window_starts(length, window, hop, segment.min_last)))
+    return counts
+
+
+def _recording_windows(path: str, cfg: FeatureConfig, segment: SegmentConfig) -> torch.Tensor:
+    data, rate = decode(path)
+    wave = resample(to_mono(torch.from_numpy(data)), rate, cfg.sample_rate)
+    return windows(wave, cfg, segment.hop, segment.min_last)
+
+
+def build_cache(
+    table: pd.DataFrame,
+    cfg: FeatureConfig,
+    out_dir: Path,
+    segment: SegmentConfig | None = None,
+) -> FeatureCache:
+    """Compute the feature stack for every row of `table` (manifest joined with splits).
+
+    Clips are decoded one by one (they may differ in rate and channels) and the features are
+    computed in batches of `cfg.batch_size`. With `segment.enabled`, each recording becomes
+    its windows (the index repeats the recording's row with a `window` number), cut exactly as
+    serving cuts a request.
+    """
+    if segment is not None and segment.enabled:
+        return _build_segmented(table, cfg, out_dir, segment)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check(cfg)
     frontend = FeatureStack(cfg, cfg.stack)
     shape = (len(table), *output_shape(cfg, cfg.stack))
     array = np.lib.format.open_memmap(
@@ -131,11 +175,86 @@ def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> Featu
             bar.update(len(chunk))
     array.flush()
     del array
+    index = _index(table)
+    return _finish(index, cfg, out_dir, shape)
 
+
+def _index(table: pd.DataFrame, repeats: list[int] | None = None) -> pd.DataFrame:
     core = ["path", "label", "group", "split", "sha256"]
     side = [c for c in table.columns if c not in (*core, *PROBED)]
     index = table[core + side].reset_index(drop=True)
+    if repeats is not None:
+        index = index.loc[index.index.repeat(repeats)].reset_index(drop=True)
+        index.insert(1, "window", np.concatenate([np.arange(n) for n in repeats]))
     index.insert(0, "row", np.arange(len(index)))
+    return index
+
+
+def _build_segmented(
+    table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path, segment: SegmentConfig
+) -> FeatureCache:
+    """`build_cache` for windowed recordings: one array row per window."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check(cfg)
+    frontend = FeatureStack(cfg, cfg.stack)
+    paths = table["path"].tolist()
+    counts = window_counts(paths, cfg, segment)
+    shape = (sum(counts), *output_shape(cfg, cfg.stack))
+    array = np.lib.format.open_memmap(
+        out_dir / "features.npy", mode="w+", dtype=cfg.dtype, shape=shape
+    )
+    pending: list[torch.Tensor] = []
+    written = 0
+
+    with tqdm(total=len(paths), desc="featurize", unit="recording") as bar:
+        for path, expected in zip(paths, counts, strict=True):
+            try:
+                cut = _recording_windows(path, cfg, segment)
+            except AudioError as exc:
+                raise FeatureError(
+                    f"{path}: {exc}; it passed ingest, so the file changed since: "
+                    "re-run `dvc repro` to ingest it again"
+                ) from None
+            if len(cut) != expected:
+                raise FeatureError(
+                    f"{path}: {len(cut)} windows decoded, {expected} expected from its header"
+                )
+            pending.append(cut)
+            if sum(len(p) for p in pending) >= cfg.batch_size:
+                written = _write(array, written, frontend, pending, cfg)
+                pending = []
+            bar.update(1)
+    written = _write(array, written, frontend, pending, cfg)
+    array.flush()
+    del array
+    return _finish(_index(table, counts), cfg, out_dir, shape, segment)
+
+
+def _write(
+    array: np.ndarray,
+    start: int,
+    frontend: FeatureStack,
+    pending: list[torch.Tensor],
+    cfg: FeatureConfig,
+) -> int:
+    """Featurize the pending windows into `array[start:]`; -> the next free row."""
+    if not pending:
+        return start
+    waves = torch.cat(pending)
+    with torch.no_grad():
+        array[start : start + len(waves)] = frontend(waves).numpy().astype(cfg.dtype)
+    return start + len(waves)
+
+
+def _finish(
+    index: pd.DataFrame,
+    cfg: FeatureConfig,
+    out_dir: Path,
+    shape: tuple[int, ...],
+    segment: SegmentConfig | None = None,
+) -> FeatureCache:
+    """Write the index, train-split statistics and meta beside `features.npy`."""
+    labels = sorted(index["label"].astype(str).unique())
     index.to_csv(out_dir / "index.csv", index=False)
 
     features = np.load(out_dir / "features.npy", mmap_mode="r")
@@ -155,9 +274,10 @@ def build_cache(table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path) -> Featu
         )
     )
     meta = {
-        "key": cache_key(index["sha256"].tolist(), cfg),
+        "key": cache_key(index["sha256"].unique().tolist(), cfg, segment),
         "feature": "+".join(cfg.stack.kinds),
         "params": to_dict(cfg),
+        **({"segment": to_dict(segment)} if segment is not None and segment.enabled else {}),
         "shape": list(shape),
         "dtype": cfg.dtype,
         "labels": labels,
@@ -185,9 +305,12 @@ def _train_stats(
 
 
 def _read_index(path: Path) -> pd.DataFrame:
-    """The index with every column but `row` as text (side attributes are categories)."""
+    """The index with every column but `row` and `window` as text (side attributes are
+    categories)."""
     index = pd.read_csv(path, dtype=str, keep_default_na=False)
-    index["row"] = index["row"].astype(np.int64)
+    for column in ("row", "window"):
+        if column in index.columns:
+            index[column] = index[column].astype(np.int64)
     return index
 
 

@@ -1,0 +1,67 @@
+"""S3's layout end to end: long recordings named by accent, cut into windows, scored per
+recording."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tympan import stages
+from tympan.config import (
+    DataConfig,
+    EvaluateConfig,
+    FeatureConfig,
+    SegmentConfig,
+    SplitConfig,
+    TrainConfig,
+)
+
+from audio_helpers import tone, write
+
+PATTERN = r"(?P<group>(?P<label>Argentinian|Other)\d+)\.wav"
+
+
+@pytest.fixture
+def s3_like(tmp_path):
+    """Twelve 3-second recordings: 'Argentinian' low tones, 'Other' high tones, noisy."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        label = "Argentinian" if i % 2 else "Other"
+        freq = rng.uniform(200, 400) if i % 2 else rng.uniform(1500, 2500)
+        wave = tone(freq, 3.0, 8000, amp=0.4) + rng.normal(0, 0.02, 24000).astype(np.float32)
+        write(tmp_path / "audio" / f"{label}{i}.wav", wave, 8000)
+    return tmp_path
+
+
+def test_windows_train_and_are_scored_per_recording(s3_like, repo_params, mlflow_store):
+    tmp = s3_like
+    params = replace(
+        repo_params,
+        data=DataConfig(adapter="filename_pattern", root=str(tmp / "audio"), pattern=PATTERN),
+        split=SplitConfig(strategy="group", val=0.25, test=0.25),
+        features=FeatureConfig(sample_rate=8000, seconds=1.0, n_fft=256, hop_length=128),
+        segment=SegmentConfig(enabled=True, hop=0.5, min_last=0.5),
+        train=replace(TrainConfig(), seeds=(0,), epochs=2, batch_size=16),
+        evaluate=EvaluateConfig(breakdown=("group",), worst_k=2),
+    )
+    stages.run_ingest(params, tmp / "manifest.csv", tmp / "rejects.csv", tmp / "ingest.json")
+    stages.run_split(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "split.json")
+    stages.run_featurize(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "features")
+    index = pd.read_csv(tmp / "features" / "index.csv")
+    assert len(index) == 12 * 5  # 3 s: windows at 0, .5, 1, 1.5, 2
+    # every window of a recording sits in its recording's split
+    assert (index.groupby("path")["split"].nunique() == 1).all()
+    stages.run_train(params, tmp / "features", tmp / "manifest.csv", tmp / "models")
+    stages.run_evaluate(
+        params, tmp / "features", tmp / "models", tmp / "metrics", tmp / "plots", tmp / "t.json"
+    )
+    results = json.loads((tmp / "metrics" / "test.json").read_text())
+    test_recordings = (pd.read_csv(tmp / "splits.csv")["split"] == "test").sum()
+    assert results["n_test"] == test_recordings >= 2  # recordings, not their 5x windows
+    assert json.loads((tmp / "t.json").read_text())["clips"] == test_recordings
+    predictions = pd.read_csv(tmp / "plots" / "test_predictions.csv")
+    assert predictions["path"].is_unique and len(predictions) == test_recordings
