@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -219,3 +220,24 @@ def test_default_local_remote_push_and_pull(repo):
     assert (repo / "data" / "features" / "features.npy").exists()
     assert "up to date" in _run(repo, "dvc", "status")
     assert "Cache and remote 'local' are in sync" in _run(repo, "dvc", "status", "--cloud")
+
+
+def test_switching_a_feature_param_back_restores_from_the_run_cache(repo):
+    """A changed feature param recomputes the features; a state seen before is restored from
+    DVC's run-cache (no stage run). The remote test emptied the cache, so the first visit to
+    each state runs once."""
+    features = repo / "data" / "features" / "features.npy"
+    before = features.read_bytes()
+
+    def featurize_with(n_mels: int) -> str:
+        _set(repo / "params.yaml", "features", "n_mels", n_mels)
+        return _run(repo, "dvc", "repro", "--single-item", "featurize")
+
+    assert "Running stage 'featurize'" in featurize_with(32)
+    assert np.load(features, mmap_mode="r").shape[2] == 32
+    featurize_with(40)
+    for n_mels in (32, 40):  # both states are in the run-cache now
+        again = featurize_with(n_mels)
+        assert "Running stage 'featurize'" not in again
+        assert "checking out outputs" in again
+    assert features.read_bytes() == before
