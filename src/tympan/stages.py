@@ -341,10 +341,11 @@ def run_register(
 ) -> None:
     """Log and register the pyfunc; `@champion` on evidence (same test set, better by more than
     `register.min_delta`), else `@challenger`; tags, reason and model card on the version."""
-    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
+    from mlflow.models import validate_serving_input
+    from mlflow.models.utils import load_serving_example
 
     from tympan.evaluation.card import CardInputs, model_card, promotion
-    from tympan.serving.pyfunc import example_input, log_audio_model
+    from tympan.serving.pyfunc import log_audio_model
 
     cfg = params.register
     record = json.loads((models / TRAIN_RECORD).read_text())
@@ -362,14 +363,12 @@ def run_register(
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
         info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
         tags = dict(run.data.tags)
-    # The logged example must go through the scoring path as a server would receive it.
-    predictor = Predictor.load(models / BUNDLE)
-    example = example_input(params.features.sample_rate, predictor.side_vocab)
+    # The example logged with the model must go through the scoring path as a server gets it.
     with warnings.catch_warnings():
         # Deprecated in MLflow 3.13 in favour of mlflow.models.predict, which needs a fresh
         # environment; this check stays in-process on purpose.
         warnings.simplefilter("ignore", FutureWarning)
-        validate_serving_input(info.model_uri, convert_input_example_to_serving_input(example))
+        validate_serving_input(info.model_uri, load_serving_example(info.model_uri))
 
     version = str(info.registered_model_version)
     version_tags = {
