@@ -114,18 +114,7 @@ def tone_bundle(tone_cache, tmp_path_factory) -> Path:
         seed: fit(tone_cache, model_cfg, cfg, seed, torch.device("cpu")).model.state_dict()
         for seed in (0, 1)
     }
-    path = tmp_path_factory.mktemp("bundle") / "bundle.pt"
-    save_bundle(
-        path,
-        TONE_FEATURES,
-        model_cfg,
-        tone_cache.labels,
-        tuple(tone_cache.features.shape[2:]),
-        tone_cache.mean,
-        tone_cache.std,
-        members,
-    )
-    return path
+    return _tone_bundle(tone_cache, model_cfg, members, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="session")
@@ -133,16 +122,30 @@ def tone_side_bundle(tone_cache, tmp_path_factory) -> Path:
     """A one-member bundle whose model also takes the side attribute `mic` (values a, b)."""
     model_cfg = ModelConfig(channels=8, hidden=16, side_attributes=("mic",))
     model = fit(tone_cache, model_cfg, TrainConfig(epochs=4, batch_size=8), 0, torch.device("cpu"))
-    path = tmp_path_factory.mktemp("side_bundle") / "bundle.pt"
+    members = {0: model.model.state_dict()}
+    folder = tmp_path_factory.mktemp("side_bundle")
+    return _tone_bundle(tone_cache, model_cfg, members, folder, model.model.side_vocab)
+
+
+def _tone_bundle(
+    cache: FeatureCache,
+    model_cfg: ModelConfig,
+    members: dict,
+    folder: Path,
+    side_vocab: dict[str, list[str]] | None = None,
+) -> Path:
+    """Save `members` trained on the tone cache as a bundle in `folder`."""
+    path = folder / "bundle.pt"
+    shape = tuple(cache.features.shape[2:])
     save_bundle(
         path,
         TONE_FEATURES,
         model_cfg,
-        tone_cache.labels,
-        tuple(tone_cache.features.shape[2:]),
-        tone_cache.mean,
-        tone_cache.std,
-        {0: model.model.state_dict()},
-        side_vocab=model.model.side_vocab,
+        cache.labels,
+        shape,
+        cache.mean,
+        cache.std,
+        members,
+        side_vocab=side_vocab,
     )
     return path

@@ -97,6 +97,18 @@ def seed_summary(per_seed: dict[str, dict[str, float]]) -> tuple[dict, dict]:
     return mean, std
 
 
+def summarise(per_seed: dict[str, dict[str, float]], ensemble: dict[str, float], n: int) -> dict:
+    """test.json's content: every seed, their mean and std, and the ensemble's metrics."""
+    mean, std = seed_summary(per_seed)
+    return {
+        "n_test": n,
+        "ensemble": ensemble,
+        "seed_mean": mean,
+        "seed_std": std,
+        "seeds": per_seed,
+    }
+
+
 def headline(results: dict, metric: str) -> dict[str, float]:
     """`{test_<metric>, test_<metric>_seed_mean, test_<metric>_seed_std, n_test}`."""
     if metric not in results["ensemble"]:
@@ -131,14 +143,7 @@ def classification_report(
     targets, labels = test.targets, test.labels
     per_seed = {s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()}
     probs = np.mean(list(per_seed_probs.values()), axis=0)
-    mean, std = seed_summary(per_seed)
-    results = {
-        "n_test": len(targets),
-        "ensemble": m.classification_metrics(targets, probs),
-        "seed_mean": mean,
-        "seed_std": std,
-        "seeds": per_seed,
-    }
+    results = summarise(per_seed, m.classification_metrics(targets, probs), len(targets))
     classes = m.per_class(targets, probs, labels)
     by_attribute = {c: m.breakdown(targets, probs, test.index[c]) for c in breakdown_by}
     _write_json(metrics_dir / "test.json", results)
@@ -242,14 +247,7 @@ def regression_report(
     """MAE, RMSE, R^2 per seed, mean +- std and for the averaged prediction; scatter, fit.png."""
     per_seed = {s: m.regression_metrics(targets, p) for s, p in per_seed_predictions.items()}
     predicted = np.mean(list(per_seed_predictions.values()), axis=0)
-    mean, std = seed_summary(per_seed)
-    results = {
-        "n_test": len(targets),
-        "ensemble": m.regression_metrics(targets, predicted),
-        "seed_mean": mean,
-        "seed_std": std,
-        "seeds": per_seed,
-    }
+    results = summarise(per_seed, m.regression_metrics(targets, predicted), len(targets))
     _write_json(metrics_dir / "test.json", results)
     _write_json(metrics_dir / "headline.json", headline(results, metric))
     plots.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ def _build_segmented(
         out_dir / "features.npy", mode="w+", dtype=cfg.dtype, shape=shape
     )
     pending: list[torch.Tensor] = []
-    written = 0
+    written, queued = 0, 0
 
     with tqdm(total=len(paths), desc="featurize", unit="recording") as bar:
         for path, expected in zip(paths, counts, strict=True):
@@ -220,9 +220,10 @@ def _build_segmented(
                     f"{path}: {len(cut)} windows decoded, {expected} expected from its header"
                 )
             pending.append(cut)
-            if sum(len(p) for p in pending) >= cfg.batch_size:
+            queued += len(cut)
+            if queued >= cfg.batch_size:
                 written = _write(array, written, frontend, pending, cfg)
-                pending = []
+                pending, queued = [], 0
             bar.update(1)
     written = _write(array, written, frontend, pending, cfg)
     array.flush()
