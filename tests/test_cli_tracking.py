@@ -1,6 +1,7 @@
 import hashlib
 import shutil
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -95,3 +96,26 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path):
 def test_summary_without_a_run_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run `dvc repro` first"):
         main(["summary", "--registered", str(tmp_path / "r.json")])
+
+
+def test_a_split_the_manifest_cannot_meet_is_a_clear_exit(tmp_path):
+    pd.DataFrame(
+        {
+            "path": ["a.wav", "b.wav"],
+            "label": ["x", "y"],
+            "group": ["g1", "g2"],
+            "duration_s": 1.0,
+            "sample_rate": 16000,
+            "channels": 1,
+            "sha256": ["1" * 64, "2" * 64],
+        }
+    ).to_csv(tmp_path / "manifest.csv", index=False)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["split"].update(strategy="predefined", column="fold", test_values=["5"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = ["split", "--manifest", str(tmp_path / "manifest.csv")]
+    args += ["--out", str(tmp_path / "s.csv"), "--report", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as err:
+        main(["--params", str(tmp_path / "params.yaml"), *args])
+    assert "tympan split: split.column='fold' is not a manifest column" in str(err.value.code)
+    assert not (tmp_path / "s.csv").exists()

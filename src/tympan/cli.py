@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     from tympan.data.adapters import AdapterError
     from tympan.data.ingest import IngestError
     from tympan.data.manifest import ManifestError
-    from tympan.data.splits import LeakageError
+    from tympan.data.splits import LeakageError, SplitError
     from tympan.evaluation.report import EvaluationError
     from tympan.features.cache import FeatureError
     from tympan.tuning.study import TuneError
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         IngestError,
         ManifestError,
         LeakageError,
+        SplitError,
         FeatureError,
         EvaluationError,
         TuneError,

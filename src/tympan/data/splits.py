@@ -13,6 +13,10 @@ from tympan.config import SplitConfig
 SPLITS = ("train", "val", "test")
 
 
+class SplitError(ValueError):
+    """Split params that cannot be met by this manifest; the message names the param."""
+
+
 class LeakageError(ValueError):
     """A group or an identical recording found in more than one split."""
 
@@ -23,7 +27,7 @@ def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
         split, _ = predefined(manifest, cfg)
     else:
         if not 0 < cfg.val < 1 or not 0 < cfg.test < 1 or cfg.val + cfg.test >= 1:
-            raise ValueError(
+            raise SplitError(
                 f"split.val={cfg.val} and split.test={cfg.test} must be in (0, 1) and sum below 1"
             )
         if cfg.strategy == "stratified":
@@ -33,7 +37,7 @@ def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     out = pd.DataFrame({"path": manifest["path"], "split": split})
     for name in SPLITS:
         if not (out["split"] == name).any():
-            raise ValueError(
+            raise SplitError(
                 f"split {name!r} is empty: {len(manifest)} recordings in "
                 f"{manifest['group'].nunique()} groups are too few for "
                 f"val={cfg.val}, test={cfg.test}"
@@ -95,9 +99,9 @@ def predefined(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, li
     Groups spread over two splits by the folds move wholly to the most held-out of them.
     """
     if not cfg.column or not cfg.test_values:
-        raise ValueError("split.strategy=predefined needs split.column and split.test_values")
+        raise SplitError("split.strategy=predefined needs split.column and split.test_values")
     if cfg.column not in manifest.columns:
-        raise ValueError(
+        raise SplitError(
             f"split.column={cfg.column!r} is not a manifest column "
             f"(available: {', '.join(manifest.columns)})"
         )
@@ -106,7 +110,7 @@ def predefined(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, li
     for key in ("test_values", "val_values"):
         missing = [v for v in getattr(cfg, key) if v not in known]
         if missing:
-            raise ValueError(
+            raise SplitError(
                 f"split.{key}: {missing} not found in column {cfg.column!r} "
                 f"(values: {', '.join(sorted(known))})"
             )
@@ -124,7 +128,7 @@ def predefined(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, li
         rest = np.flatnonzero(split == "train")
         share = cfg.val / max(1e-9, len(rest) / len(manifest))
         if not 0 < share < 1:
-            raise ValueError(f"split.val={cfg.val} leaves no train rows beside the folds")
+            raise SplitError(f"split.val={cfg.val} leaves no train rows beside the folds")
         dealt = _deal_groups(manifest.iloc[rest], {"train": 1 - share, "val": share}, cfg.seed)
         split[rest] = dealt
     return split, straddling if cfg.move_straddling else []
