@@ -40,7 +40,11 @@ log-mel and MFCC at least 5x the baseline on a 2-core machine, 50x on a GPU.
 
 `--dvc` also times, in the repo root with the venv's bin on PATH, `dvc status` and then a
 no-op `dvc repro`; when `dvc status` reports changes the repro timing is skipped, since it
-would run stages. A figure, not a test: nothing here asserts a time.
+would run stages. Then, in a throwaway DVC project on FSDD (the fsdd preset with
+`kinds: [logmel, mfcc]`), `dvc repro featurize` for: the first run (ingest, split, featurize
+from scratch), a no-op, a change of `n_mfcc` (only the MFCC set is computed; log-mel is copied
+from DVC's cache), the change back (DVC's run-cache, nothing computed) and a change of
+`n_mels` (both sets computed). A figure, not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -345,6 +350,72 @@ def time_dvc(root: Path) -> dict[str, Any]:
     return result
 
 
+def time_feature_changes(fsdd: Path, workdir: Path) -> list[dict[str, Any]]:
+    """`dvc repro featurize` timings in a new DVC project on FSDD (see the module docstring)."""
+    import shutil
+
+    import yaml
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    project = workdir / "dvc-project"
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "pipelines" / "fsdd.yaml").read_text())
+    params["data"]["root"] = str(fsdd.resolve())
+    params["features"]["stack"]["kinds"] = ["logmel", "mfcc"]
+
+    def write(n_mels: int, n_mfcc: int) -> None:
+        params["features"]["n_mels"] = n_mels
+        params["features"]["stack"]["n_mfcc"] = n_mfcc
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def run(*args: str) -> tuple[str, float]:
+        start = time.perf_counter()
+        done = subprocess.run(
+            args, cwd=project, env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed: {(done.stdout + done.stderr)[-800:]}")
+        return done.stdout + done.stderr, time.perf_counter() - start
+
+    run("git", "init", "-q")
+    run(str(bin_dir / "dvc"), "init", "-q")
+    steps = [
+        ("first run: ingest, split, featurize from scratch", 40, 40),
+        ("no-op", 40, 40),
+        ("n_mfcc 40 -> 20: MFCC set only", 40, 20),
+        ("n_mfcc back to 40: DVC run-cache", 40, 40),
+        ("n_mels 40 -> 64: both sets", 64, 40),
+    ]
+    results = []
+    for label, n_mels, n_mfcc in steps:
+        write(n_mels, n_mfcc)
+        output, seconds = run(str(bin_dir / "dvc"), "repro", "featurize")
+        computed = [
+            line.split("computing ", 1)[1]
+            for line in output.splitlines()
+            if "featurize: computing" in line
+        ]
+        results.append(
+            {
+                "step": label,
+                "seconds": seconds,
+                "stages_run": sorted(set(re.findall(r"Running stage '(\w+)'", output))),
+                "computed": computed,
+                "reused": [
+                    line.split("featurize: ", 1)[1]
+                    for line in output.splitlines()
+                    if " reused " in line
+                ],
+            }
+        )
+    shutil.rmtree(project, ignore_errors=True)
+    return results
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -457,6 +528,19 @@ def main() -> None:
         for key in ("skipped", "warning"):
             if key in dvc:
                 print(f"dvc: {dvc[key]}")
+        with tempfile.TemporaryDirectory(prefix="tympan-dvc-") as tmp:
+            dvc["feature_changes"] = time_feature_changes(args.fsdd, Path(tmp))
+        print("\n`dvc repro featurize` on FSDD (logmel + mfcc), a throwaway DVC project:")
+        for step in dvc["feature_changes"]:
+            what = (
+                f"computed {'; '.join(step['computed'])}"
+                if step["computed"]
+                else "computed nothing"
+            )
+            print(
+                f"  {step['step']:<50} {step['seconds']:6.1f} s  stages run: "
+                f"{', '.join(step['stages_run']) or 'none'}; {what}"
+            )
 
     if args.json:
         result = {

@@ -257,3 +257,54 @@ def test_invalid_values_name_the_field(changes, field):
 def test_too_wide_for_the_features_names_the_field(cfg, field):
     with pytest.raises(ValueError, match=field):
         Augmenter(cfg, 5, seed=0)(log_mel(), targets())
+
+
+# --- waveform domain ---------------------------------------------------------------------
+
+
+def _tones(batch: int, freq: float = 440.0, rate: int = 8000) -> torch.Tensor:
+    t = torch.arange(rate) / rate
+    return 0.5 * torch.sin(2 * torch.pi * freq * t).repeat(batch, 1)
+
+
+def _peak_hz(wave: torch.Tensor, rate: int = 8000) -> torch.Tensor:
+    spectrum = torch.fft.rfft(wave * torch.hann_window(wave.shape[1]), dim=1).abs()
+    return spectrum.argmax(dim=1).float() * rate / wave.shape[1]
+
+
+def test_wave_noise_is_at_the_drawn_snr_and_silence_stays_silent():
+    from tympan.training.augment import WaveAugmenter
+
+    cfg = AugmentConfig(wave_snr_db=(10.0, 10.0), wave_p=1.0)
+    wave = torch.cat([_tones(4), torch.zeros(1, 8000)])
+    out = WaveAugmenter(cfg, 8000, seed=0)(wave)
+    noise = out - wave
+    snr = 10 * torch.log10(wave[:4].pow(2).mean(1) / noise[:4].pow(2).mean(1))
+    torch.testing.assert_close(snr, torch.full((4,), 10.0), atol=0.2, rtol=0)
+    assert noise[4].abs().max() == 0
+    ranged = WaveAugmenter(replace(cfg, wave_snr_db=(0.0, 20.0)), 8000, seed=0)(_tones(64))
+    snr = 10 * torch.log10(_tones(1).pow(2).mean() / (ranged - _tones(64)).pow(2).mean(1))
+    assert snr.min() > -0.5 and snr.max() < 20.5 and snr.std() > 3
+
+
+def test_wave_pitch_shift_moves_the_frequency_by_whole_semitones_and_keeps_length():
+    from tympan.training.augment import WaveAugmenter
+
+    cfg = AugmentConfig(wave_pitch=3, wave_p=1.0)
+    wave = _tones(32)
+    out = WaveAugmenter(cfg, 8000, seed=1)(wave)
+    assert out.shape == wave.shape
+    steps = 12 * torch.log2(_peak_hz(out) / 440.0)
+    torch.testing.assert_close(steps, steps.round(), atol=0.15, rtol=0)
+    assert set(steps.round().int().tolist()) == {-3, -2, -1, 0, 1, 2, 3}
+    unshifted = WaveAugmenter(replace(cfg, wave_p=0.0), 8000, seed=1)(wave)
+    assert torch.equal(unshifted, wave)
+
+
+def test_wave_params_are_checked():
+    with pytest.raises(ValueError, match=r"augment\.wave_snr_db must be \[low, high\]"):
+        AugmentConfig(wave_snr_db=(20.0, 5.0))
+    with pytest.raises(ValueError, match=r"augment\.wave_p is a probability"):
+        AugmentConfig(wave_p=2.0)
+    assert AugmentConfig(wave_snr_db=(-5.0, 5.0)).waveform
+    assert not AugmentConfig(wave_snr_db=(-5.0, 5.0), wave_p=0.0).waveform

@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,22 +61,19 @@ def _table(tmp_path, n=12):
     return pd.DataFrame(rows)
 
 
-def test_cache_is_one_array_with_train_only_stats(tmp_path):
+def test_cache_is_one_array_per_set_with_train_only_stats(tmp_path):
     cfg = FeatureConfig(dtype="float32")
     table = _table(tmp_path / "audio")
     cache = build_cache(table, cfg, tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "features.npy",
         "index.csv",
         "meta.json",
+        "sets",
         "stats.json",
     ]
-    assert isinstance(cache.features, np.memmap) and cache.features.shape == (
-        12,
-        1,
-        cfg.n_mels,
-        n_frames(cfg),
-    )
+    assert [p.name for p in (tmp_path / "cache" / "sets").iterdir()] == ["logmel.npy"]
+    assert isinstance(cache.features.sets["logmel"], np.memmap)
+    assert cache.features.shape == (12, 1, cfg.n_mels, n_frames(cfg))
     expected = np.asarray(waveform_batch(table["path"].tolist(), cfg))
     torch.testing.assert_close(
         torch.from_numpy(np.array(cache.features)), LogMel(cfg)(torch.from_numpy(expected))
@@ -112,6 +110,76 @@ def test_open_cache_reads_back(tmp_path):
     assert cache.targets().tolist() == [0, 1] * 6
     with pytest.raises(FileNotFoundError):
         open_cache(tmp_path / "missing")
+
+
+def _stacked(**stack) -> FeatureConfig:
+    from tympan.config import StackConfig
+
+    return FeatureConfig(
+        sample_rate=8000,
+        seconds=0.5,
+        n_fft=256,
+        hop_length=128,
+        f_max=4000.0,
+        dtype="float32",
+        stack=StackConfig(**{"kinds": ("logmel", "mfcc", "zcr"), "n_mfcc": 13, **stack}),
+    )
+
+
+def test_changing_one_feature_param_recomputes_only_that_set(tmp_path, capsys):
+    """Sets are copied by key from the cache being replaced; only the changed one is computed,
+    and the result equals a cache built from scratch."""
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    first = build_cache(table, _stacked(), out)
+    logmel = np.array(first.features.sets["logmel"])
+    assert "computing logmel, mfcc, zcr" in capsys.readouterr().out
+
+    changed = build_cache(table, _stacked(n_mfcc=20), out)
+    printed = capsys.readouterr().out
+    assert "computing mfcc for 12 recordings" in printed
+    assert "logmel reused from the previous" in printed and "zcr reused" in printed
+    assert changed.features.shape[2] == 40 + 20 + 1
+    np.testing.assert_array_equal(np.array(changed.features.sets["logmel"]), logmel)
+    fresh = build_cache(table, _stacked(n_mfcc=20), tmp_path / "fresh")
+    np.testing.assert_array_equal(changed.features[:], fresh.features[:])
+    assert changed.meta["sets"] == fresh.meta["sets"]
+    capsys.readouterr()
+
+    # stacking order, image size and batch size change no set: nothing is computed
+    fewer = replace(_stacked(n_mfcc=20, kinds=("zcr", "mfcc")), batch_size=3)
+    reordered = build_cache(table, fewer, out)
+    assert "computing" not in capsys.readouterr().out
+    # a new split changes the statistics, not the sets
+    resplit = table.assign(split=["train", "val", "test", "train"] * 3)
+    moved = build_cache(resplit, fewer, out)
+    assert "computing" not in capsys.readouterr().out
+    assert not np.allclose(moved.mean, reordered.mean)
+    # different audio is a different key
+    build_cache(table.iloc[::-1], _stacked(), out)
+    assert "computing logmel, mfcc, zcr" in capsys.readouterr().out
+
+
+def test_a_failed_featurize_leaves_the_previous_cache(tmp_path):
+    from tympan.features.cache import FeatureError
+
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    before = build_cache(table, _stacked(), out).meta
+    broken = table.copy()
+    Path(broken.loc[5, "path"]).write_bytes(b"not audio any more")
+    with pytest.raises(FeatureError, match=r"c5\.wav"):
+        build_cache(broken, _stacked(n_mfcc=20), out)
+    assert open_cache(out).meta == before
+
+
+def test_image_mode_is_read_from_the_native_sets(tmp_path):
+    table = _table(tmp_path / "audio")
+    cache = build_cache(table, _stacked(image=(32, 24), image_channels=3), tmp_path / "c")
+    assert cache.features.shape == (12, 3, 32, 24)
+    assert cache.features.sets["logmel"].shape[1:] == (40, n_frames(_stacked()))
+    assert cache.features[[3, 1]].shape == (2, 3, 32, 24) and cache.features[0].shape == (3, 32, 24)
+    assert cache.mean.shape == (32,)
 
 
 @pytest.mark.parametrize(("n_fft", "hop"), [(512, 256), (401, 160), (256, 128), (255, 100)])

@@ -95,7 +95,7 @@ def test_repro_runs_every_stage_then_nothing(repo):
     card = (repo / "reports/model_card.md").read_text()
     assert card.startswith("# Model card: tympan-demo v1 (@champion)")
     assert "## By snr_db" in card and "## Known limits" in card
-    assert (repo / "data/features/features.npy").exists()
+    assert (repo / "data/features/sets/logmel.npy").exists()
     assert (
         json.loads((repo / "reports/split.json").read_text())["checks"]["groups_in_two_splits"] == 0
     )
@@ -217,7 +217,7 @@ def test_default_local_remote_push_and_pull(repo):
     shutil.rmtree(repo / "data" / "features")
     shutil.rmtree(repo / ".dvc" / "cache")
     _run(repo, "dvc", "pull")
-    assert (repo / "data" / "features" / "features.npy").exists()
+    assert (repo / "data" / "features" / "sets" / "logmel.npy").exists()
     assert "up to date" in _run(repo, "dvc", "status")
     assert "Cache and remote 'local' are in sync" in _run(repo, "dvc", "status", "--cloud")
 
@@ -226,7 +226,7 @@ def test_switching_a_feature_param_back_restores_from_the_run_cache(repo):
     """A changed feature param recomputes the features; a state seen before is restored from
     DVC's run-cache (no stage run). The remote test emptied the cache, so the first visit to
     each state runs once."""
-    features = repo / "data" / "features" / "features.npy"
+    features = repo / "data" / "features" / "sets" / "logmel.npy"
     before = features.read_bytes()
 
     def featurize_with(n_mels: int) -> str:
@@ -234,10 +234,27 @@ def test_switching_a_feature_param_back_restores_from_the_run_cache(repo):
         return _run(repo, "dvc", "repro", "--single-item", "featurize")
 
     assert "Running stage 'featurize'" in featurize_with(32)
-    assert np.load(features, mmap_mode="r").shape[2] == 32
+    assert np.load(features, mmap_mode="r").shape[1] == 32
     featurize_with(40)
     for n_mels in (32, 40):  # both states are in the run-cache now
         again = featurize_with(n_mels)
         assert "Running stage 'featurize'" not in again
         assert "checking out outputs" in again
     assert features.read_bytes() == before
+
+
+def test_adding_a_feature_set_reuses_the_others_from_the_dvc_cache(repo):
+    """`dvc repro` deletes data/features before featurize runs; the sets whose key is
+    unchanged come back from DVC's cache (the version dvc.lock records), and only the new or
+    changed set is computed."""
+    logmel = repo / "data" / "features" / "sets" / "logmel.npy"
+    before = logmel.read_bytes()
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["features"]["stack"]["kinds"] = ["logmel", "zcr"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = _run(repo, "dvc", "repro", "--single-item", "featurize")
+    assert "featurize: logmel reused from DVC's cache" in out
+    assert "featurize: computing zcr for" in out
+    assert logmel.read_bytes() == before
+    meta = json.loads((repo / "data" / "features" / "meta.json").read_text())
+    assert list(meta["sets"]) == ["logmel", "zcr"] and meta["shape"][2] == 40 + 1

@@ -1,3 +1,4 @@
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -135,3 +136,49 @@ def test_augmented_training_is_repeatable_and_differs_from_plain(tone_cache):
     assert losses[0] != losses[2]
     off = fit(tone_cache, model_cfg, cfg, 1, cpu, augment=AugmentConfig())
     assert [e.train_loss for e in off.history] == losses[2]  # all off = no augmentation
+
+
+def test_waveform_augmentation_recomputes_training_batches_only(tone_cache_dir, tmp_path, capsys):
+    """With augment.wave_*, featurize keeps the waveforms (the feature sets are reused), and
+    training batches are re-featurized from augmented audio; validation and test read the
+    cached features untouched."""
+    from tympan.features import open_cache
+    from tympan.features.cache import build_cache
+    from tympan.training.augment import AugmentedInputs, WaveAugmenter
+
+    from conftest import TONE_FEATURES
+
+    plain = open_cache(tone_cache_dir)
+    table = plain.index.drop(columns="row")
+    out = tmp_path / "cache"
+    shutil.copytree(tone_cache_dir, out)
+    cache = build_cache(table, TONE_FEATURES, out, keep_waves=True)
+    printed = capsys.readouterr().out
+    assert "logmel reused" in printed and "computing wave for 48" in printed
+    assert cache.waves.shape == (48, 4000)
+    np.testing.assert_array_equal(cache.features[:], plain.features[:])
+
+    augment = AugmentConfig(wave_snr_db=(5.0, 20.0), wave_pitch=2, wave_p=1.0)
+    seen: list[int] = []
+    original = WaveAugmenter.__call__
+
+    def spy(self, wave):
+        seen.append(len(wave))
+        return original(self, wave)
+
+    cfg = TrainConfig(seeds=(0,), epochs=1, batch_size=8)
+    model_cfg = ModelConfig(channels=8, hidden=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WaveAugmenter, "__call__", spy)
+        trainer = SeedTrainer(cache, model_cfg, cfg, 0, torch.device("cpu"), augment)
+        assert isinstance(trainer.inputs, AugmentedInputs)
+        trainer.step()
+        assert sum(seen) == len(cache.rows("train"))
+        seen.clear()
+        predict_proba(trainer.model, cache.features, cache.rows("test"), 4, torch.device("cpu"))
+        assert seen == []
+    # un-augmented inputs recomputed from the kept waveforms equal the cached features
+    same = AugmentedInputs(cache.waves, TONE_FEATURES, AugmentConfig(), 0)[np.arange(6)]
+    np.testing.assert_allclose(same, cache.features[np.arange(6)], atol=0.05)
+    with pytest.raises(ValueError, match=r"augment\.wave_\* needs the waveforms"):
+        SeedTrainer(plain, model_cfg, cfg, 0, torch.device("cpu"), augment)

@@ -92,6 +92,29 @@ class SplitConfig:
     move_straddling: bool = True
 
 
+@dataclass(frozen=True)
+class CVConfig:
+    """k-fold cross-validation: `folds` >= 2 trains and evaluates once per fold (0: off).
+
+    Each fold is the test split once; its val split is dealt by group from the other folds
+    (share `split.val`), and the rest is train. Folds come from the manifest column `column`
+    (ESC-50's official `fold`; `folds` must equal its number of values) or, without one, are
+    dealt by group and stratified by label (`split.strategy: stratified` makes every
+    recording its own group). Figures are mean +- std over folds x seeds.
+    """
+
+    folds: int = 0
+    column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"cv.folds must be 0 (off) or at least 2, got {self.folds}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.folds >= 2
+
+
 KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
 F0_METHODS = ("yin", "pyin")
 
@@ -238,9 +261,26 @@ class AugmentConfig:
     freq_mask_width: int = 0
     # mixup: lambda ~ Beta(alpha, alpha) per batch; 0 switches it off
     mixup_alpha: float = 0.0
+    # Waveform domain, each applied to a clip with probability wave_p: white noise at an SNR
+    # drawn uniformly from [low, high] dB, and a true pitch shift (phase vocoder + resampling)
+    # by a whole number of semitones up to wave_pitch, either sign. Featurize then also keeps
+    # the fixed-length waveforms, and training recomputes the features of each augmented batch.
+    wave_snr_db: tuple[float, ...] = field(default=(), metadata={"allow_empty": True})
+    wave_pitch: int = 0
+    wave_p: float = 0.5
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "wave_snr_db", tuple(self.wave_snr_db))
+        snr = self.wave_snr_db
+        if snr and (
+            len(snr) != 2
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in snr)
+            or snr[0] > snr[1]
+        ):
+            raise ValueError(f"augment.wave_snr_db must be [low, high] in dB, got {list(snr)}")
         for f in fields(self):
+            if f.name == "wave_snr_db":  # an SNR range may be negative
+                continue
             value = getattr(self, f.name)
             if f.type in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int):
@@ -252,8 +292,11 @@ class AugmentConfig:
                     raise ValueError(f"augment.{f.name} must be finite, got {value!r}")
             if value < 0:
                 raise ValueError(f"augment.{f.name} must be >= 0, got {value!r}")
-        if self.noise_p > 1:
-            raise ValueError(f"augment.noise_p is a probability in [0, 1], got {self.noise_p}")
+        for name in ("noise_p", "wave_p"):
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}"
+                )
         if self.time_shift > 1:
             raise ValueError(
                 f"augment.time_shift is a fraction of the frames in [0, 1], got {self.time_shift}"
@@ -276,10 +319,16 @@ class AugmentConfig:
         return self.noise_std > 0 and self.noise_p > 0
 
     @property
+    def waveform(self) -> bool:
+        """Whether a waveform-domain augmentation is on (featurize keeps the waveforms)."""
+        return self.wave_p > 0 and (bool(self.wave_snr_db) or self.wave_pitch > 0)
+
+    @property
     def enabled(self) -> bool:
         """Whether any augmentation is switched on."""
         return (
-            self.noise
+            self.waveform
+            or self.noise
             or self.time_shift > 0
             or self.pitch_shift > 0
             or self.time_masks > 0
@@ -375,6 +424,7 @@ class Params:
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
+    cv: CVConfig = CVConfig()
     features: FeatureConfig = FeatureConfig()
     segment: SegmentConfig = SegmentConfig()
     model: ModelConfig = ModelConfig()

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -29,7 +30,8 @@ from tympan.data.ingest import ingest
 from tympan.data.manifest import read_manifest, read_table
 from tympan.data.splits import split_manifest, split_report
 from tympan.evaluation.plots import learning_curves
-from tympan.features import build_cache, open_cache
+from tympan.features import FeatureCache, build_cache, open_cache
+from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict_proba, resolve_device
 
@@ -57,12 +59,20 @@ def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> 
 
 def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     table = read_manifest(manifest)
-    splits = split_manifest(table, params.split)
+    splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
-    checked = split_report(table, params.split)  # raises LeakageError before anything is written
+    # raises LeakageError before anything is written
+    checked = split_report(table, params.split, params.cv)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
+    if params.cv.enabled:
+        print(
+            f"split ({params.split.strategy}, {params.cv.folds}-fold CV): test recordings per "
+            f"fold {[f['recordings']['test'] for f in checked['folds']]}; no group or file in "
+            "two splits of any fold, none in two test folds"
+        )
+        return
     print(
         f"split ({params.split.strategy}): recordings {checked['recordings']}, "
         f"groups {checked['groups']}; no group or file in two splits"
@@ -70,12 +80,14 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
 
 
 def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> None:
-    assignment = read_table(splits, ("path", "split"))
+    assignment = read_table(splits, ("path", "split"))  # with CV also cv_fold and split_<k>
     table = read_manifest(manifest).merge(assignment, on="path", how="left", validate="one_to_one")
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
-    cache = build_cache(table, params.features, out, params.segment)
+    cache = build_cache(
+        table, params.features, out, params.segment, keep_waves=params.augment.waveform
+    )
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "
         f"-> {out} "
@@ -116,7 +128,7 @@ def run_train(
         )
     history: list[dict] = []
     record: dict = {"seeds": {}}
-    members: dict[int, dict[str, torch.Tensor]] = {}
+    members: dict[str, dict[str, torch.Tensor]] = {}
     with mlflow.start_run(run_name=f"train-{params.preset}", tags=tags) as parent:
         mlflow.log_params(
             flatten(
@@ -134,45 +146,67 @@ def run_train(
                 "n_val": len(cache.rows("val")),
                 "n_classes": len(cache.labels),
                 "feature_key": cache.meta["key"],
+                "cv_folds": len(cache.folds),
             }
         )
         record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
-        for seed in params.train.seeds:
-            with mlflow.start_run(
-                run_name=f"seed-{seed}", nested=True, tags={**tags, "tympan.seed": str(seed)}
-            ) as child:
-                mlflow.log_params({"seed": seed})
-                result = fit(
-                    cache,
-                    params.model,
-                    params.train,
-                    seed,
-                    device,
-                    augment=params.augment,
-                    on_epoch=lambda e: mlflow.log_metrics(
-                        {k: v for k, v in asdict(e).items() if k != "epoch"}, step=e.epoch
-                    ),
-                )
-                best = result.history[result.best_epoch - 1]
-                mlflow.log_metrics(
-                    {
+        # without CV one member per seed, named by the seed; with CV one per fold and seed
+        plan = [(None, cache)] if not cache.folds else [(k, cache.for_fold(k)) for k in cache.folds]
+        for fold, fold_cache in plan:
+            for seed in params.train.seeds:
+                name = str(seed) if fold is None else f"fold{fold}-seed{seed}"
+                member_tags = {**tags, "tympan.seed": str(seed)}
+                if fold is not None:
+                    member_tags["tympan.fold"] = str(fold)
+                with mlflow.start_run(
+                    run_name=name if fold is not None else f"seed-{seed}",
+                    nested=True,
+                    tags=member_tags,
+                ) as child:
+                    mlflow.log_params(
+                        {
+                            "seed": seed,
+                            "n_train": len(fold_cache.rows("train")),
+                            "n_val": len(fold_cache.rows("val")),
+                            **({"fold": fold} if fold is not None else {}),
+                        }
+                    )
+                    result = fit(
+                        fold_cache,
+                        params.model,
+                        params.train,
+                        seed,
+                        device,
+                        augment=params.augment,
+                        on_epoch=lambda e: mlflow.log_metrics(
+                            {k: v for k, v in asdict(e).items() if k != "epoch"}, step=e.epoch
+                        ),
+                    )
+                    best = result.history[result.best_epoch - 1]
+                    mlflow.log_metrics(
+                        {
+                            "best_epoch": result.best_epoch,
+                            "best_val_loss": best.val_loss,
+                            "best_val_accuracy": best.val_accuracy,
+                            "best_val_f1_macro": best.val_f1_macro,
+                        }
+                    )
+                    history += [
+                        {"member": name, "seed": seed, "fold": fold, **asdict(e)}
+                        for e in result.history
+                    ]
+                    members[name] = {k: v.cpu() for k, v in result.model.state_dict().items()}
+                    record["seeds"][name] = {
+                        "run_id": child.info.run_id,
+                        "seed": seed,
+                        "fold": fold,
                         "best_epoch": result.best_epoch,
-                        "best_val_loss": best.val_loss,
-                        "best_val_accuracy": best.val_accuracy,
-                        "best_val_f1_macro": best.val_f1_macro,
+                        "epochs_run": len(result.history),
+                        "stopped_early": result.stopped_early,
+                        "val_loss": best.val_loss,
+                        "val_accuracy": best.val_accuracy,
+                        "val_f1_macro": best.val_f1_macro,
                     }
-                )
-                history += [{"seed": seed, **asdict(e)} for e in result.history]
-                members[seed] = {k: v.cpu() for k, v in result.model.state_dict().items()}
-                record["seeds"][str(seed)] = {
-                    "run_id": child.info.run_id,
-                    "best_epoch": result.best_epoch,
-                    "epochs_run": len(result.history),
-                    "stopped_early": result.stopped_early,
-                    "val_loss": best.val_loss,
-                    "val_accuracy": best.val_accuracy,
-                    "val_f1_macro": best.val_f1_macro,
-                }
         accuracies = [s["val_accuracy"] for s in record["seeds"].values()]
         mlflow.log_metrics(
             {
@@ -198,7 +232,8 @@ def run_train(
         mlflow.log_artifact(str(out / HISTORY), "plots")
     _write_json(out / TRAIN_RECORD, record)
     print(
-        f"train: {len(members)} seed(s) on {device}; val accuracy "
+        f"train: {len(members)} member(s) ({len(cache.folds) or 'no'} CV folds) on {device}; "
+        "val accuracy "
         f"{statistics.fmean(accuracies):.4f} +- {statistics.pstdev(accuracies):.4f}; "
         f"MLflow run {record['parent_run_id']}"
     )
@@ -277,22 +312,29 @@ def run_evaluate(
     record = json.loads((models / TRAIN_RECORD).read_text())
     predictor = Predictor.load(models / BUNDLE)
     device = torch.device("cpu")
-    rows = cache.rows("test")
     side = cache.side_codes(predictor.side_vocab) if predictor.side_vocab else None
-    per_seed_probs = {
-        seed: predict_proba(member, cache.features, rows, 256, device, side)
-        for seed, member in zip(record["seeds"], predictor.members, strict=True)
-    }
-    if "window" in cache.index.columns:  # segmented: score recordings, not windows
-        first, per_seed_probs = per_recording(
-            cache.index.iloc[rows], per_seed_probs, params.segment.aggregate
+    members = dict(zip(record["seeds"], predictor.members, strict=True))
+    if cache.folds:
+        rows, per_seed_probs, per_member, cv = _score_folds(
+            cache, record, members, side, params.segment.aggregate
         )
-        rows = rows[first]
+    else:
+        rows = cache.rows("test")
+        per_seed_probs = {
+            name: predict_proba(member, cache.features, rows, 256, device, side)
+            for name, member in members.items()
+        }
+        if "window" in cache.index.columns:  # segmented: score recordings, not windows
+            first, per_seed_probs = per_recording(
+                cache.index.iloc[rows], per_seed_probs, params.segment.aggregate
+            )
+            rows = rows[first]
+        per_member, cv = None, None
     test = HeldOut(
         index=cache.index.iloc[rows].reset_index(drop=True),
         targets=cache.targets()[rows],
         labels=cache.labels,
-        features=cache.features[rows],
+        features=RowsOf(cache.features, rows),  # read only for the worst-k spectrograms
         hop_s=params.features.hop_length / params.features.sample_rate,
     )
     results = classification_report(
@@ -303,6 +345,8 @@ def run_evaluate(
         params.evaluate.worst_k,
         metrics,
         plots,
+        members=per_member,
+        extra=cv,
     )
     shutil.copyfile(models / CURVES, plots / CURVES)  # drawn by train from the same history
     held_out = fingerprint(test.index)
@@ -328,6 +372,68 @@ def run_evaluate(
         f"{mean['accuracy']:.4f} +- {std['accuracy']:.4f} on {len(rows)} clips; "
         f"worst {params.evaluate.worst_k} in {plots / 'worst.csv'}"
     )
+
+
+class RowsOf:
+    """`features[rows[i]]` on demand: the scored clips' inputs without reading them all."""
+
+    def __init__(self, features: StackedFeatures, rows: np.ndarray) -> None:
+        self.features, self.rows = features, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.features[int(self.rows[i])]
+
+
+def _score_folds(
+    cache: FeatureCache,
+    record: dict,
+    members: dict[str, torch.nn.Module],
+    side: np.ndarray | None,
+    aggregate: str,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict], dict]:
+    """Score each fold's test split with that fold's members (windows combined per
+    recording when segmented). -> the scored rows (every recording once, in index order),
+    out-of-fold probabilities per seed `(recordings, n_classes)` (each recording scored by its
+    own fold's member of that seed), metrics per member on its fold's test split, and the
+    per-fold ensemble metrics."""
+    from tympan.evaluation.metrics import classification_metrics
+    from tympan.evaluation.report import per_recording
+
+    device = torch.device("cpu")
+    targets = cache.targets()
+    n_classes = len(cache.labels)
+    oof: dict[str, dict[int, np.ndarray]] = {}
+    per_member: dict[str, dict] = {}
+    per_fold: dict[str, dict] = {}
+    for fold in cache.folds:
+        rows = cache.for_fold(fold).rows("test")
+        names = [n for n, info in record["seeds"].items() if info["fold"] == fold]
+        if not names:
+            raise ValueError(f"no trained member for CV fold {fold}: re-run the train stage")
+        probs = {
+            n: predict_proba(members[n], cache.features, rows, 256, device, side) for n in names
+        }
+        if "window" in cache.index.columns:
+            first, probs = per_recording(cache.index.iloc[rows], probs, aggregate)
+            rows = rows[first]
+        for name, p in probs.items():
+            per_member[name] = classification_metrics(targets[rows], p)
+            seed = str(record["seeds"][name]["seed"])
+            oof.setdefault(seed, {}).update(zip(rows.tolist(), p, strict=True))
+        per_fold[str(fold)] = classification_metrics(
+            targets[rows], np.mean(list(probs.values()), axis=0)
+        )
+    scored = np.array(sorted(next(iter(oof.values()))), dtype=np.int64)
+    per_seed = {}
+    for seed, by_row in oof.items():
+        if sorted(by_row) != scored.tolist():
+            raise ValueError(f"seed {seed} did not score every fold: re-run the train stage")
+        per_seed[seed] = np.stack([by_row[r] for r in scored]).reshape(-1, n_classes)
+    cv = {"cv": {"folds": len(cache.folds), "scoring": "out of fold", "per_fold": per_fold}}
+    return scored, per_seed, per_member, cv
 
 
 def run_register(

@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from tympan.config import SplitConfig
+from tympan.config import CVConfig, SplitConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -21,8 +21,17 @@ class LeakageError(ValueError):
     """A group or an identical recording found in more than one split."""
 
 
-def split_manifest(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """Assign each manifest row to train, val or test: -> table `path, split`."""
+def split_manifest(
+    manifest: pd.DataFrame, cfg: SplitConfig, cv: CVConfig | None = None
+) -> pd.DataFrame:
+    """Assign each manifest row to train, val or test: -> table `path, split`.
+
+    With `cv.enabled`: -> `path, cv_fold, split_0 .. split_{k-1}, split`, where `split_<k>` is the
+    assignment when fold k is the test split and `split` repeats `split_0` (what the stages
+    that use one split, such as tune, read).
+    """
+    if cv is not None and cv.enabled:
+        return cv_folds(manifest, cfg, cv)
     if cfg.strategy == "predefined":
         split, _ = predefined(manifest, cfg)
     else:
@@ -134,6 +143,81 @@ def predefined(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, li
     return split, straddling if cfg.move_straddling else []
 
 
+def cv_folds(manifest: pd.DataFrame, cfg: SplitConfig, cv: CVConfig) -> pd.DataFrame:
+    """k-fold assignment (see `split_manifest`): whole groups per fold, val dealt by group from
+    each fold's training part."""
+    if not 0 < cfg.val < 1 - 1 / cv.folds:
+        raise SplitError(
+            f"split.val={cfg.val} must be in (0, {1 - 1 / cv.folds:.3g}) with cv.folds={cv.folds}"
+        )
+    if cv.column is not None:
+        fold = _column_folds(manifest, cv)
+    else:
+        groups = (
+            manifest["path"] if cfg.strategy == "stratified" else manifest["group"]
+        ).to_numpy()
+        if len(set(groups)) < cv.folds:
+            raise SplitError(
+                f"cv.folds={cv.folds} needs at least {cv.folds} groups, "
+                f"the manifest has {len(set(groups))}"
+            )
+        splitter = StratifiedGroupKFold(n_splits=cv.folds, shuffle=True, random_state=cfg.seed)
+        fold = np.zeros(len(manifest), dtype=np.int64)
+        labels = manifest["label"].to_numpy()
+        for k, (_, test) in enumerate(splitter.split(np.zeros(len(groups)), labels, groups)):
+            fold[test] = k
+    out = pd.DataFrame({"path": manifest["path"].to_numpy(), "cv_fold": fold})
+    for k in range(cv.folds):
+        rest = np.flatnonzero(fold != k)
+        share = cfg.val / (len(rest) / len(manifest))
+        split = np.full(len(manifest), "test", dtype=object)
+        split[rest] = _deal_groups(
+            manifest.iloc[rest], {"train": 1 - share, "val": share}, cfg.seed + k
+        )
+        for name in SPLITS:
+            if not (split == name).any():
+                raise SplitError(
+                    f"fold {k}: split {name!r} is empty; {manifest['group'].nunique()} groups "
+                    f"are too few for cv.folds={cv.folds} and split.val={cfg.val}"
+                )
+        out[f"split_{k}"] = split
+    out["split"] = out["split_0"]
+    return out
+
+
+def _column_folds(manifest: pd.DataFrame, cv: CVConfig) -> np.ndarray:
+    """Fold numbers 0..k-1 from the values of `cv.column` (sorted, numerically when they are
+    numbers); a group spread over folds moves wholly to the fold holding most of it."""
+    if cv.column not in manifest.columns:
+        raise SplitError(
+            f"cv.column={cv.column!r} is not a manifest column "
+            f"(available: {', '.join(manifest.columns)})"
+        )
+    values = manifest[cv.column].astype(str).str.strip()
+    distinct = sorted(values.unique(), key=lambda v: (not _is_number(v), _number(v), v))
+    if len(distinct) != cv.folds:
+        raise SplitError(
+            f"cv.folds={cv.folds} but column {cv.column!r} has {len(distinct)} values "
+            f"({', '.join(distinct)})"
+        )
+    fold = values.map({v: k for k, v in enumerate(distinct)}).to_numpy()
+    table = pd.DataFrame({"group": manifest["group"].to_numpy(), "fold": fold})
+    home = table.groupby("group")["fold"].agg(lambda f: f.value_counts().sort_index().idxmax())
+    return table["group"].map(home).to_numpy().astype(np.int64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(text: str) -> float:
+    return float(text) if _is_number(text) else 0.0
+
+
 def check_leakage(table: pd.DataFrame) -> dict:
     """Fail if any group or sha256 appears in two splits; return what was checked.
 
@@ -158,13 +242,34 @@ def check_leakage(table: pd.DataFrame) -> dict:
     }
 
 
-def split_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
-    """Sizes per class per split and groups per split, plus the leakage checks."""
+def split_report(table: pd.DataFrame, cfg: SplitConfig, cv: CVConfig | None = None) -> dict:
+    """Sizes per class per split and groups per split, plus the leakage checks (and the same
+    for every fold with CV, the top level then describing fold 0)."""
+    if cv is not None and cv.enabled:
+        folds = []
+        for k in range(cv.folds):
+            one = _one_report(table.assign(split=table[f"split_{k}"]), cfg)
+            folds.append({"fold": k, **one})
+        spread = table.groupby("group")["cv_fold"].nunique()
+        if (spread > 1).any():
+            raise LeakageError(
+                f"leakage: {int((spread > 1).sum())} group(s) in more than one test fold, "
+                f"e.g. {spread.index[spread > 1][:3].tolist()}"
+            )
+        return {
+            **folds[0],
+            "cv": {"folds": cv.folds, "column": cv.column},
+            "folds": folds,
+        }
+    return _one_report(table, cfg)
+
+
+def _one_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
     per_class: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), count in table.groupby(["split", "label"]).size().items():
         per_class[split][str(label)] = int(count)
     report: dict = {"strategy": cfg.strategy, "seed": cfg.seed}
-    if cfg.strategy == "predefined":
+    if cfg.strategy == "predefined" and "cv_fold" not in table.columns:
         _, moved = predefined(table, cfg)
         report.update(
             column=cfg.column,

@@ -20,8 +20,13 @@ LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 
 def fingerprint(index: pd.DataFrame) -> dict[str, Any]:
     """Hash of the test clips (their audio sha256 and label), with counts, for `index` rows of
-    the test split. Two evaluations are comparable only when their hashes are equal."""
-    pairs = sorted(index["sha256"].astype(str) + ":" + index["label"].astype(str))
+    the test split. Two evaluations are comparable only when their hashes are equal. With CV
+    every recording is tested once and its fold is part of the hash: another fold assignment
+    is another protocol."""
+    pairs = index["sha256"].astype(str) + ":" + index["label"].astype(str)
+    if "cv_fold" in index.columns:
+        pairs = pairs + ":fold" + index["cv_fold"].astype(str)
+    pairs = sorted(pairs)
     digest = hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
     return {
         "hash": digest,
@@ -115,6 +120,13 @@ def known_limits(card: CardInputs) -> list[str]:
             f"is +-{card.results['seed_std'].get(card.metric, float('nan')):.3f}."
         )
     strategy = card.split.get("strategy")
+    cv = card.split.get("cv")
+    if cv:
+        limits.append(
+            f"{cv['folds']}-fold cross-validation: every recording is tested once, by the "
+            "members that did not see its fold; the served model averages all folds' members, "
+            "each trained on part of the data, and has no held-out figure of its own."
+        )
     if strategy == "stratified":
         limits.append(
             "Split is stratified by recording, not by group: the same speaker or session can "
@@ -185,8 +197,15 @@ def model_card(card: CardInputs) -> str:
         "",
         "## Test metrics",
         "",
-        f"Ensemble of {len(seeds)} seeds (averaged probabilities); per-seed mean +- std. "
-        f"Headline: `{card.metric}`.",
+        (
+            f"Out of fold over {card.results['cv']['folds']} CV folds: the ensemble column "
+            "scores each recording with its own fold's seeds (averaged probabilities); the "
+            f"seeds column is mean +- std over {len(seeds)} fold x seed members. "
+            f"Headline: `{card.metric}`. The split table shows fold 0."
+            if "cv" in card.results
+            else f"Ensemble of {len(seeds)} seeds (averaged probabilities); per-seed mean "
+            f"+- std. Headline: `{card.metric}`."
+        ),
         "",
         _table(["metric", "ensemble", "seeds"], metrics_rows),
     ]

@@ -15,19 +15,19 @@ import pandas as pd
 
 
 def learning_curves(history: pd.DataFrame, path: Path) -> None:
-    """Train/val loss and val accuracy per epoch, one line per seed.
+    """Train/val loss and val accuracy per epoch, one line per member (seed, or fold and seed).
 
-    `history` columns: seed, epoch, train_loss, val_loss, val_accuracy.
+    `history` columns: member (optional), seed, epoch, train_loss, val_loss, val_accuracy.
     """
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for seed, rows in history.groupby("seed"):
-        line = ax_loss.plot(rows["epoch"], rows["train_loss"], label=f"seed {seed} train")[0]
+    key = "member" if "member" in history.columns else "seed"
+    for member, rows in history.groupby(key, sort=False):
+        name = f"seed {member}" if str(member).isdigit() else str(member)
+        line = ax_loss.plot(rows["epoch"], rows["train_loss"], label=f"{name} train")[0]
         ax_loss.plot(
-            rows["epoch"], rows["val_loss"], "--", color=line.get_color(), label=f"seed {seed} val"
+            rows["epoch"], rows["val_loss"], "--", color=line.get_color(), label=f"{name} val"
         )
-        ax_acc.plot(
-            rows["epoch"], rows["val_accuracy"], color=line.get_color(), label=f"seed {seed}"
-        )
+        ax_acc.plot(rows["epoch"], rows["val_accuracy"], color=line.get_color(), label=name)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: validation)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
     ax_loss.legend(fontsize=7)

@@ -21,6 +21,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,12 +42,13 @@ class EvaluationError(ValueError):
 @dataclass(frozen=True)
 class HeldOut:
     """The scored clips: `index` rows (path, label, side attributes...) aligned with `targets`
-    `(clips,)` and `features` `(clips, 1, n_bins, frames)` (for the spectrograms)."""
+    `(clips,)` and `features`, indexable by clip `(clips, C, n_bins, frames)` (read for the
+    worst predictions' spectrograms only)."""
 
     index: pd.DataFrame
     targets: np.ndarray
     labels: list[str]
-    features: np.ndarray
+    features: Any
     hop_s: float
 
 
@@ -132,8 +134,15 @@ def classification_report(
     worst_k: int,
     metrics_dir: Path,
     plots: Path,
+    members: dict[str, dict[str, float]] | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """Write every metric file and plot (see the module docstring); -> test.json's content."""
+    """Write every metric file and plot (see the module docstring); -> test.json's content.
+
+    The ensemble is the mean of `per_seed_probs`. `members` replaces the per-seed metrics
+    when the members are not one per seed (CV: one per fold and seed, each on its own fold's
+    test split, so the seed mean and std run over folds x seeds); `extra` joins test.json.
+    """
     missing = [c for c in breakdown_by if c not in test.index.columns]
     if missing:
         raise EvaluationError(
@@ -141,9 +150,12 @@ def classification_report(
             f"(have: {', '.join(test.index.columns)}); add them to the manifest"
         )
     targets, labels = test.targets, test.labels
-    per_seed = {s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()}
+    per_seed = members or {
+        s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()
+    }
     probs = np.mean(list(per_seed_probs.values()), axis=0)
     results = summarise(per_seed, m.classification_metrics(targets, probs), len(targets))
+    results.update(extra or {})
     classes = m.per_class(targets, probs, labels)
     by_attribute = {c: m.breakdown(targets, probs, test.index[c]) for c in breakdown_by}
     _write_json(metrics_dir / "test.json", results)
@@ -174,7 +186,8 @@ def classification_report(
         matrix,
         labels,
         plots / "confusion.png",
-        f"test, ensemble of {len(per_seed)} (accuracy {results['ensemble']['accuracy']:.3f})",
+        f"test, ensemble of {len(per_seed_probs)}{' per fold, out of fold' if members else ''} "
+        f"(accuracy {results['ensemble']['accuracy']:.3f})",
     )
     roc, pr = m.roc_curves(targets, probs, labels), m.pr_curves(targets, probs, labels)
     for folder, frame in (("roc", roc), ("pr", pr)):

@@ -1,15 +1,26 @@
 """The feature cache: one memory-mapped array per feature set plus an index table.
 
 Layout of a cache directory:
-    features.npy   (clips, channels, bins, frames), float16 or float32, np.load(mmap_mode="r"):
-                   `features.stack.kinds` stacked along bins (1 channel; 1 or 3 in image mode)
-    index.csv      one row per array row: path, label, group, split, sha256, then the
-                   manifest's side attributes (speaker, language, ...) for models and reports
-    stats.json     per-mel-bin mean and std over the *train* rows only
-    meta.json      feature params, label list, shape and the cache key
+    sets/<kind>.npy  one per kind of `features.stack.kinds`: `(rows, bins_kind, frames)`,
+                     float16 or float32, np.load(mmap_mode="r")
+    index.csv        one row per array row: path, label, group, split (and with CV `fold` and
+                     `split_<k>` per fold), sha256, then the manifest's side attributes
+                     (speaker, language, ...) for models and reports
+    stats.json       per-bin mean and std of the stacked input over *train* rows only (and per
+                     fold with CV)
+    meta.json        feature params, label list, input shape, the cache key and each set's key
 
-The key is a hash of every clip's sha256 and the feature params: the same audio and params give
-the same key, whichever order or machine produced them.
+`FeatureCache.features` reads the sets as one `(rows, C, bins, frames)` input: the kinds
+concatenated along bins, or resized to `stack.image` (`tympan.features.stack.assemble`, the
+same function serving computes through).
+
+A set's key is a hash of the audio (every row's sha256, in order), the params that set depends
+on (`set_params`), the segmentation and the featurize code. Featurize copies a set whose key it
+finds in the cache being replaced or in the version DVC last recorded for it (dvc.lock and
+DVC's cache), and computes only the others: changing `n_mfcc` recomputes the MFCC set alone,
+and a new split recomputes none. The whole-cache key (`meta["key"]`) hashes the sorted audio
+and every feature param: the same audio and params give the same key, whichever order or
+machine produced them.
 """
 
 from __future__ import annotations
@@ -18,41 +29,117 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
+import yaml
 from tqdm import tqdm
 
 from tympan.audio import AudioError, decode, resample, to_mono
-from tympan.config import FeatureConfig, SegmentConfig, to_dict
+from tympan.config import FeatureConfig, SegmentConfig, StackConfig, params_from_dict, to_dict
 from tympan.features.logmel import n_samples, waveform_batch, window_starts, windows
-from tympan.features.stack import FeatureStack, check_stack, output_shape
+from tympan.features.stack import (
+    FeatureStack,
+    assemble,
+    bins_per_kind,
+    check_stack,
+    output_shape,
+    set_params,
+)
 
 log = logging.getLogger(__name__)
 
 
 # Manifest columns that describe the file rather than the recording; not kept in the index.
 PROBED = ("duration_s", "sample_rate", "channels")
+SETS = "sets"
+# The fixed-length waveforms `(rows, samples)`, kept for waveform-domain augmentation.
+WAVE = "wave"
+# Rows read at once when statistics stream over the cache.
+STATS_CHUNK = 512
 
 
 class FeatureError(RuntimeError):
     """A clip that ingest accepted but featurize could not read."""
 
 
+class StackedFeatures:
+    """The cached sets read as one input `(rows, C, bins, frames)`, array-like and read-only.
+
+    `sets`: `{kind: (rows, bins_kind, frames)}` memmaps in stacking order. Indexing with an
+    int, a slice or an array of rows returns a numpy array in `dtype`; only those rows are
+    read from disk.
+    """
+
+    def __init__(self, sets: dict[str, np.ndarray], stack: StackConfig, dtype: str) -> None:
+        self.sets, self.stack = sets, stack
+        self.dtype = np.dtype(dtype)
+        first = next(iter(sets.values()))
+        rows, frames = first.shape[0], first.shape[2]
+        if stack.image is None:
+            self.shape = (rows, 1, sum(a.shape[1] for a in sets.values()), frames)
+        else:
+            self.shape = (rows, stack.image_channels, *stack.image)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | slice | np.ndarray) -> np.ndarray:
+        single = isinstance(rows, (int, np.integer))
+        picked = [rows] if single else rows
+        parts = {kind: torch.from_numpy(_owned(a[picked])) for kind, a in self.sets.items()}
+        out = assemble(parts, self.stack).numpy().astype(self.dtype, copy=False)
+        return out[0] if single else out
+
+
+def fold_numbers(index: pd.DataFrame) -> list[int]:
+    """The CV folds an index has a `split_<k>` column for (empty without CV)."""
+    return sorted(int(c[6:]) for c in index.columns if re.fullmatch(r"split_\d+", c))
+
+
+def _owned(x: np.ndarray) -> np.ndarray:
+    """A slice of a read-only memmap is a read-only view; torch wants an array it may own."""
+    return x if x.flags.writeable else np.array(x)
+
+
 @dataclass(frozen=True)
 class FeatureCache:
-    """An opened cache: `features` is a read-only memmap `(clips, 1, n_mels, frames)`."""
+    """An opened cache: `features` reads `(clips, C, bins, frames)` from the per-set memmaps."""
 
-    features: np.ndarray
+    features: StackedFeatures
     index: pd.DataFrame
     labels: list[str]
     mean: np.ndarray
     std: np.ndarray
     meta: dict
+    fold_stats: tuple[dict, ...] = ()
+    # `(rows, samples)` fixed-length waveforms when featurize kept them (`augment.wave_*`)
+    waves: np.ndarray | None = None
+
+    @property
+    def folds(self) -> list[int]:
+        """CV folds (empty without CV); `for_fold(k)` is the cache as fold k sees it."""
+        return fold_numbers(self.index)
+
+    def for_fold(self, fold: int) -> FeatureCache:
+        """This cache with fold `fold`'s split as `split` and that fold's train statistics."""
+        if fold not in self.folds:
+            raise FeatureError(f"no CV fold {fold} in this cache (folds: {self.folds})")
+        stats = next(s for s in self.fold_stats if s["fold"] == fold)
+        return replace(
+            self,
+            index=self.index.assign(split=self.index[f"split_{fold}"]),
+            mean=np.asarray(stats["mean"], dtype=np.float32),
+            std=np.asarray(stats["std"], dtype=np.float32),
+        )
 
     def rows(self, split: str) -> np.ndarray:
         """Array rows of one split, in index order."""
@@ -98,6 +185,39 @@ def cache_key(sha256s: list[str], cfg: FeatureConfig, segment: SegmentConfig | N
     return digest.hexdigest()[:16]
 
 
+def code_digest() -> str:
+    """Hash of the featurize code (this package and `tympan.audio`): a fix to how features are
+    computed must not be hidden by a set copied from before it."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*here.glob("*.py"), *(here.parent / "audio").glob("*.py")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def set_keys(
+    sha256s: list[str],
+    cfg: FeatureConfig,
+    segment: SegmentConfig | None = None,
+    waves: bool = False,
+) -> dict[str, str]:
+    """`{kind: key}` for every kind of `cfg.stack` (and `wave` with `waves`); `sha256s` in row
+    order (one per recording)."""
+    rows = hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
+    seg = to_dict(segment) if segment is not None and segment.enabled else None
+    if seg is not None:
+        seg.pop("aggregate")  # how windows are combined later changes no feature
+    code = code_digest()
+    keys = {}
+    for kind in (*cfg.stack.kinds, *((WAVE,) if waves else ())):
+        params = {"set": set_params(kind, cfg, cfg.stack), "segment": seg, "code": code}
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+        digest.update(rows.encode())
+        keys[kind] = digest.hexdigest()[:16]
+    return keys
+
+
 def _check(cfg: FeatureConfig) -> None:
     try:
         check_stack(cfg, cfg.stack)
@@ -132,29 +252,184 @@ def _recording_windows(path: str, cfg: FeatureConfig, segment: SegmentConfig) ->
     return windows(wave, cfg, segment.hop, segment.min_last)
 
 
+def _changed_since_ingest(path: str, exc: Exception) -> FeatureError:
+    return FeatureError(
+        f"{path}: {exc}; it passed ingest, so the file changed since: "
+        "re-run `dvc repro` to ingest it again"
+    )
+
+
+# --- finding sets computed before -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reusable:
+    """A set array with a known key, and where it was found (for the log)."""
+
+    path: Path
+    origin: str
+
+
+def _sets_in(meta: dict, locate, origin: str) -> dict[str, Reusable]:
+    found = {}
+    entries = [*(meta.get("sets") or {}).values(), *([meta["waves"]] if meta.get("waves") else [])]
+    for entry in entries:
+        path = locate(entry["file"])
+        if path is not None and path.exists():
+            found[entry["key"]] = Reusable(path, origin)
+    return found
+
+
+def _dvc_recorded(out_dir: Path) -> tuple[dict, dict[str, Path]] | None:
+    """meta.json and `{relpath: cache file}` of the version of `out_dir` that dvc.lock records,
+    read from DVC's cache; None outside a DVC project or when nothing is recorded."""
+    out_dir = out_dir.resolve()
+    root = next((d for d in (out_dir, *out_dir.parents) if (d / ".dvc").is_dir()), None)
+    if root is None or not (root / "dvc.lock").exists():
+        return None
+    relative = out_dir.relative_to(root).as_posix()
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    md5 = None
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if Path(out.get("path", "")).as_posix() == relative:
+                md5 = out.get("md5")
+    if not md5 or not md5.endswith(".dir"):
+        return None
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            objects = Path(repo.cache.local.path)
+    except Exception as exc:  # a broken DVC setup only costs the reuse
+        log.warning("DVC cache not readable (%s): computing every feature set", exc)
+        return None
+
+    def cached(oid: str) -> Path:
+        return objects / oid[:2] / oid[2:]
+
+    listing = cached(md5)
+    if not listing.exists():
+        return None
+    files = {e["relpath"]: cached(e["md5"]) for e in json.loads(listing.read_text())}
+    if "meta.json" not in files or not files["meta.json"].exists():
+        return None
+    return json.loads(files["meta.json"].read_text()), files
+
+
+def reusable_sets(out_dir: Path) -> dict[str, Reusable]:
+    """Sets computed before, by key: in `out_dir` itself (a cache about to be replaced) and in
+    the version dvc.lock records (`dvc repro` deletes `out_dir` before featurize runs)."""
+    found: dict[str, Reusable] = {}
+    recorded = _dvc_recorded(out_dir)
+    if recorded is not None:
+        meta, files = recorded
+        found.update(_sets_in(meta, files.get, "from DVC's cache, as dvc.lock records it"))
+    if (out_dir / "meta.json").exists():
+        meta = json.loads((out_dir / "meta.json").read_text())
+        found.update(_sets_in(meta, lambda rel: out_dir / rel, f"from the previous {out_dir}"))
+    return found
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
 def build_cache(
     table: pd.DataFrame,
     cfg: FeatureConfig,
     out_dir: Path,
     segment: SegmentConfig | None = None,
+    keep_waves: bool = False,
 ) -> FeatureCache:
-    """Compute the feature stack for every row of `table` (manifest joined with splits).
+    """Compute the feature sets for every row of `table` (manifest joined with splits).
 
-    Clips are decoded one by one (they may differ in rate and channels) and the features are
-    computed in batches of `cfg.batch_size`. With `segment.enabled`, each recording becomes
-    its windows (the index repeats the recording's row with a `window` number), cut exactly as
-    serving cuts a request.
+    `keep_waves` also stores the fixed-length waveforms the features were computed from (for
+    waveform-domain augmentation, `augment.wave_*`) as the `wave` set.
+
+    Sets whose key was computed before are copied (`reusable_sets`); the others are computed
+    in batches of `cfg.batch_size`, clips decoded one by one (they may differ in rate and
+    channels). With `segment.enabled`, each recording becomes its windows (the index repeats
+    the recording's row with a `window` number), cut exactly as serving cuts a request. The
+    cache is written beside `out_dir` and moved in place only when complete, so a failure
+    leaves the previous cache as it was.
     """
-    if segment is not None and segment.enabled:
-        return _build_segmented(table, cfg, out_dir, segment)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _check(cfg)
-    frontend = FeatureStack(cfg, cfg.stack)
-    shape = (len(table), *output_shape(cfg, cfg.stack))
-    array = np.lib.format.open_memmap(
-        out_dir / "features.npy", mode="w+", dtype=cfg.dtype, shape=shape
-    )
+    segmented = segment is not None and segment.enabled
     paths = table["path"].tolist()
+    counts = window_counts(paths, cfg, segment) if segmented else None
+    rows = sum(counts) if counts is not None else len(paths)
+    keys = set_keys(table["sha256"].tolist(), cfg, segment, waves=keep_waves)
+    found = reusable_sets(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / SETS).mkdir(parents=True)
+
+    frames = output_shape(cfg, replace(cfg.stack, image=None))[2]
+    shapes = {kind: (rows, bins, frames) for kind, bins in bins_per_kind(cfg, cfg.stack).items()}
+    if keep_waves:
+        shapes[WAVE] = (rows, n_samples(cfg))
+    todo: list[str] = []
+    for kind, shape in shapes.items():
+        target = partial / SETS / f"{kind}.npy"
+        hit = found.get(keys[kind])
+        if hit is not None and _fits(hit.path, shape, _dtype(kind, cfg)):
+            shutil.copyfile(hit.path, target)
+            log.info("feature set %s: reused from %s", kind, hit.origin)
+            print(f"featurize: {kind} reused {hit.origin}")
+        else:
+            todo.append(kind)
+            np.lib.format.open_memmap(target, mode="w+", dtype=_dtype(kind, cfg), shape=shape)
+    if todo:
+        print(f"featurize: computing {', '.join(todo)} for {len(paths)} recordings")
+        kinds = tuple(k for k in todo if k != WAVE)
+        frontend = FeatureStack(cfg, replace(cfg.stack, kinds=kinds, image=None)) if kinds else None
+        arrays = {k: np.load(partial / SETS / f"{k}.npy", mmap_mode="r+") for k in todo}
+        batches = _segmented(paths, counts, cfg, segment) if segmented else _clips(paths, cfg)
+        written = 0
+        with torch.no_grad():
+            for waves in batches:
+                end = written + len(waves)
+                if WAVE in arrays:
+                    arrays[WAVE][written:end] = waves.numpy()
+                if frontend is not None:
+                    for kind, part in frontend.parts(waves).items():
+                        arrays[kind][written:end] = part.numpy().astype(cfg.dtype)
+                written = end
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        if written != rows:
+            raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
+    index = _index(table, counts)
+    _finish(index, cfg, partial, keys, segment)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(out_dir)
+    return open_cache(out_dir)
+
+
+def _dtype(kind: str, cfg: FeatureConfig) -> str:
+    """Storage type: `features.dtype`, but waveforms stay float32 (in float16 the quiet parts
+    of a clip would give features far from the cached ones)."""
+    return "float32" if kind == WAVE else cfg.dtype
+
+
+def _fits(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return array.shape == shape and array.dtype == np.dtype(dtype)
+
+
+def _clips(paths: list[str], cfg: FeatureConfig) -> Iterator[torch.Tensor]:
+    """Fixed-length clips `(batch, samples)`, `cfg.batch_size` at a time."""
     with tqdm(total=len(paths), desc="featurize", unit="clip") as bar:
         for start in range(0, len(paths), cfg.batch_size):
             chunk = paths[start : start + cfg.batch_size]
@@ -165,18 +440,37 @@ def build_cache(
                     try:
                         waveform_batch([path], cfg)
                     except AudioError as exc:
-                        raise FeatureError(
-                            f"{path}: {exc}; it passed ingest, so the file changed since: "
-                            "re-run `dvc repro` to ingest it again"
-                        ) from None
+                        raise _changed_since_ingest(path, exc) from None
                 raise
-            with torch.no_grad():
-                array[start : start + len(chunk)] = frontend(waves).numpy().astype(cfg.dtype)
+            yield waves
             bar.update(len(chunk))
-    array.flush()
-    del array
-    index = _index(table)
-    return _finish(index, cfg, out_dir, shape)
+
+
+def _segmented(
+    paths: list[str], counts: list[int], cfg: FeatureConfig, segment: SegmentConfig
+) -> Iterator[torch.Tensor]:
+    """Every recording's windows `(windows, samples)`, in order, about `cfg.batch_size` at a
+    time."""
+    pending: list[torch.Tensor] = []
+    queued = 0
+    with tqdm(total=len(paths), desc="featurize", unit="recording") as bar:
+        for path, expected in zip(paths, counts, strict=True):
+            try:
+                cut = _recording_windows(path, cfg, segment)
+            except AudioError as exc:
+                raise _changed_since_ingest(path, exc) from None
+            if len(cut) != expected:
+                raise FeatureError(
+                    f"{path}: {len(cut)} windows decoded, {expected} expected from its header"
+                )
+            pending.append(cut)
+            queued += len(cut)
+            if queued >= cfg.batch_size:
+                yield torch.cat(pending)
+                pending, queued = [], 0
+            bar.update(1)
+    if pending:
+        yield torch.cat(pending)
 
 
 def _index(table: pd.DataFrame, repeats: list[int] | None = None) -> pd.DataFrame:
@@ -190,113 +484,74 @@ def _index(table: pd.DataFrame, repeats: list[int] | None = None) -> pd.DataFram
     return index
 
 
-def _build_segmented(
-    table: pd.DataFrame, cfg: FeatureConfig, out_dir: Path, segment: SegmentConfig
-) -> FeatureCache:
-    """`build_cache` for windowed recordings: one array row per window."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check(cfg)
-    frontend = FeatureStack(cfg, cfg.stack)
-    paths = table["path"].tolist()
-    counts = window_counts(paths, cfg, segment)
-    shape = (sum(counts), *output_shape(cfg, cfg.stack))
-    array = np.lib.format.open_memmap(
-        out_dir / "features.npy", mode="w+", dtype=cfg.dtype, shape=shape
-    )
-    pending: list[torch.Tensor] = []
-    written, queued = 0, 0
-
-    with tqdm(total=len(paths), desc="featurize", unit="recording") as bar:
-        for path, expected in zip(paths, counts, strict=True):
-            try:
-                cut = _recording_windows(path, cfg, segment)
-            except AudioError as exc:
-                raise FeatureError(
-                    f"{path}: {exc}; it passed ingest, so the file changed since: "
-                    "re-run `dvc repro` to ingest it again"
-                ) from None
-            if len(cut) != expected:
-                raise FeatureError(
-                    f"{path}: {len(cut)} windows decoded, {expected} expected from its header"
-                )
-            pending.append(cut)
-            queued += len(cut)
-            if queued >= cfg.batch_size:
-                written = _write(array, written, frontend, pending, cfg)
-                pending, queued = [], 0
-            bar.update(1)
-    written = _write(array, written, frontend, pending, cfg)
-    array.flush()
-    del array
-    return _finish(_index(table, counts), cfg, out_dir, shape, segment)
-
-
-def _write(
-    array: np.ndarray,
-    start: int,
-    frontend: FeatureStack,
-    pending: list[torch.Tensor],
-    cfg: FeatureConfig,
-) -> int:
-    """Featurize the pending windows into `array[start:]`; -> the next free row."""
-    if not pending:
-        return start
-    waves = torch.cat(pending)
-    with torch.no_grad():
-        array[start : start + len(waves)] = frontend(waves).numpy().astype(cfg.dtype)
-    return start + len(waves)
-
-
 def _finish(
     index: pd.DataFrame,
     cfg: FeatureConfig,
     out_dir: Path,
-    shape: tuple[int, ...],
+    keys: dict[str, str],
     segment: SegmentConfig | None = None,
-) -> FeatureCache:
-    """Write the index, train-split statistics and meta beside `features.npy`."""
+) -> None:
+    """Write the index, train-split statistics and meta beside the sets."""
     labels = sorted(index["label"].astype(str).unique())
     index.to_csv(out_dir / "index.csv", index=False)
-
-    features = np.load(out_dir / "features.npy", mmap_mode="r")
+    features = _open_sets(out_dir, [k for k in keys if k != WAVE], cfg)
     train_rows = np.flatnonzero(index["split"].to_numpy() == "train")
     if len(train_rows) == 0:
         raise FeatureError("no train rows: normalisation statistics need the train split")
-    mean, std = _train_stats(features, train_rows)
-    (out_dir / "stats.json").write_text(
-        json.dumps(
-            {
-                "source": "train split",
-                "rows": len(train_rows),
-                "mean": mean.tolist(),
-                "std": std.tolist(),
-            },
-            indent=1,
-        )
-    )
+    mean, std = train_stats(features, train_rows)
+    stats = {"source": "train split", "rows": len(train_rows), "mean": mean, "std": std}
+    folds = fold_numbers(index)
+    if folds:
+        stats["folds"] = []
+        for fold in folds:
+            fold_rows = np.flatnonzero(index[f"split_{fold}"].to_numpy() == "train")
+            fold_mean, fold_std = train_stats(features, fold_rows)
+            stats["folds"].append(
+                {"fold": fold, "rows": len(fold_rows), "mean": fold_mean, "std": fold_std}
+            )
+    (out_dir / "stats.json").write_text(json.dumps(_listed(stats), indent=1))
+    segmented = segment is not None and segment.enabled
     meta = {
         "key": cache_key(index["sha256"].unique().tolist(), cfg, segment),
         "feature": "+".join(cfg.stack.kinds),
         "params": to_dict(cfg),
-        **({"segment": to_dict(segment)} if segment is not None and segment.enabled else {}),
-        "shape": list(shape),
+        **({"segment": to_dict(segment)} if segmented else {}),
+        "shape": list(features.shape),
         "dtype": cfg.dtype,
         "labels": labels,
+        "sets": {
+            kind: {"key": keys[kind], "file": f"{SETS}/{kind}.npy", "shape": list(a.shape)}
+            for kind, a in features.sets.items()
+        },
     }
+    if WAVE in keys:
+        meta["waves"] = {
+            "key": keys[WAVE],
+            "file": f"{SETS}/{WAVE}.npy",
+            "shape": [len(index), n_samples(cfg)],
+        }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    log.info("cached %d clips as %s %s in %s", len(index), shape, cfg.dtype, out_dir)
-    return open_cache(out_dir)
+    log.info("cached %d rows as %s %s in %s", len(index), features.shape, cfg.dtype, out_dir)
 
 
-def _train_stats(
-    features: np.ndarray, rows: np.ndarray, chunk: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-mel-bin mean and std over train rows and all frames, streamed in float64."""
+def _listed(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_listed(v) for v in value]
+    return value
+
+
+def train_stats(features: StackedFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and std `(bins,)` over `rows` and all frames (and channels), streamed in
+    float64. Callers pass train rows only: validation and test never shape the scaling."""
     total = np.zeros(features.shape[2])
     squares = np.zeros(features.shape[2])
     count = 0
-    for start in range(0, len(rows), chunk):
-        block = np.asarray(features[rows[start : start + chunk]], dtype=np.float64)
+    for start in range(0, len(rows), STATS_CHUNK):
+        block = np.asarray(features[rows[start : start + STATS_CHUNK]], dtype=np.float64)
         total += block.sum(axis=(0, 1, 3))
         squares += (block**2).sum(axis=(0, 1, 3))
         count += block.shape[0] * block.shape[1] * block.shape[3]
@@ -315,15 +570,25 @@ def _read_index(path: Path) -> pd.DataFrame:
     return index
 
 
+def _open_sets(out_dir: Path, kinds, cfg: FeatureConfig) -> StackedFeatures:
+    sets = {kind: np.load(out_dir / SETS / f"{kind}.npy", mmap_mode="r") for kind in kinds}
+    return StackedFeatures(sets, cfg.stack, cfg.dtype)
+
+
 def open_cache(out_dir: Path) -> FeatureCache:
-    """Open a cache written by `build_cache` without reading the array into memory."""
+    """Open a cache written by `build_cache` without reading the arrays into memory."""
     meta = json.loads((out_dir / "meta.json").read_text())
     stats = json.loads((out_dir / "stats.json").read_text())
+    cfg = params_from_dict({"features": meta["params"]}, source=str(out_dir / "meta.json"))
     return FeatureCache(
-        features=np.load(out_dir / "features.npy", mmap_mode="r"),
+        features=_open_sets(out_dir, meta["sets"], cfg.features),
         index=_read_index(out_dir / "index.csv"),
         labels=meta["labels"],
         mean=np.asarray(stats["mean"], dtype=np.float32),
         std=np.asarray(stats["std"], dtype=np.float32),
         meta=meta,
+        fold_stats=tuple(stats.get("folds", ())),
+        waves=(
+            np.load(out_dir / meta["waves"]["file"], mmap_mode="r") if meta.get("waves") else None
+        ),
     )

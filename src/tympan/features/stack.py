@@ -81,6 +81,56 @@ def output_shape(cfg: FeatureConfig, stack: StackConfig) -> tuple[int, int, int]
     return (1, sum(bins_per_kind(cfg, stack).values()), n_frames(cfg))
 
 
+def assemble(parts: dict[str, torch.Tensor], stack: StackConfig) -> torch.Tensor:
+    """`{kind: (batch, bins_kind, frames)}` -> `(batch, C, bins, frames)`: the kinds
+    concatenated along bins in `stack.kinds` order (C = 1), or with `stack.image = (H, W)`
+    resized bilinearly to `(batch, image_channels, H, W)`. Training reads the cached sets
+    through this and serving computes through it, so both see the same input."""
+    out = torch.cat([parts[kind] for kind in stack.kinds], dim=-2).unsqueeze(1)
+    if stack.image is None:
+        return out
+    out = F.interpolate(out.float(), size=stack.image, mode="bilinear", align_corners=False)
+    return out.repeat(1, stack.image_channels, 1, 1)
+
+
+def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
+    """The params one feature set depends on: the clip framing, pre-emphasis and storage
+    type every set shares, plus the kind's own. `batch_size` and the stacking (`kinds`,
+    `image`) change no set, so they never cause a recomputation."""
+    common = {
+        "sample_rate": cfg.sample_rate,
+        "seconds": cfg.seconds,
+        "crop": cfg.crop,
+        "n_fft": cfg.n_fft,
+        "hop_length": cfg.hop_length,
+        "dtype": cfg.dtype,
+        "preemphasis": stack.preemphasis,
+    }
+    if kind == "wave":  # the clip itself, before pre-emphasis
+        return {
+            "kind": kind,
+            **{k: v for k, v in common.items() if k in ("sample_rate", "seconds", "crop")},
+        }
+    mel = {"n_mels": cfg.n_mels, "f_min": cfg.f_min, "f_max": cfg.f_max}
+    own = {
+        "logmel": {**mel, "top_db": cfg.top_db},
+        "mfcc": {**mel, "top_db": cfg.top_db, "n_mfcc": stack.n_mfcc},
+        "stft": {"top_db": cfg.top_db},
+        "lpc": {"lpc_order": stack.lpc_order},
+        "lsf": {"lpc_order": stack.lpc_order},
+        "f0": {
+            "f0_method": stack.f0_method,
+            "f0_fmin": stack.f0_fmin,
+            "f0_fmax": stack.f0_fmax,
+            "top_db": cfg.top_db,
+        },
+        "contrast": {},
+        "centroid": {},
+        "zcr": {},
+    }
+    return {"kind": kind, **common, **own[kind]}
+
+
 def contrast_fmin(sample_rate: int) -> float:
     """Lowest band edge for spectral contrast: 200 Hz, or lower so every band starts below
     Nyquist (librosa refuses 200 Hz x 2^5 >= sr / 2, e.g. at 8 kHz)."""
@@ -215,6 +265,11 @@ class FeatureStack(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return assemble(self.parts(wave), self.stack)
+
+    def parts(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`(batch, samples)` -> `{kind: (batch, bins_kind, frames)}` in `stack.kinds` order:
+        the feature sets the cache stores one array each."""
         if wave.dim() != 2:
             raise ValueError(f"expected (batch, samples) audio, got shape {tuple(wave.shape)}")
         if self.stack.preemphasis is not None:
@@ -230,11 +285,7 @@ class FeatureStack(nn.Module):
                     f"{kind} gave {tuple(part.shape[-2:])} (bins, frames), "
                     f"expected {(self.bins[kind], frames)}"
                 )
-        out = torch.cat([parts[kind] for kind in self.stack.kinds], dim=-2).unsqueeze(1)
-        if self.stack.image is None:
-            return out
-        out = F.interpolate(out, size=self.stack.image, mode="bilinear", align_corners=False)
-        return out.repeat(1, self.stack.image_channels, 1, 1)
+        return {kind: parts[kind] for kind in self.stack.kinds}
 
     def _torch_parts(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batched torch kinds, each `(batch, bins, frames)` on the module's device."""

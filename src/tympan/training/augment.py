@@ -17,6 +17,12 @@ inside), so every operation works on `(batch, 1, n_bins, frames)` tensors in dB:
 - mixup: one lambda ~ Beta(alpha, alpha) per batch, mixed with a permutation of the batch;
   targets become mixed one-hots, hence soft labels and `soft_cross_entropy`.
 
+Waveform-domain augmentation (`WaveAugmenter`, `augment.wave_*`) comes first, on the training
+batch's fixed-length waveforms (featurize keeps them when it is on): white noise at an SNR drawn
+per clip, and a true pitch shift by whole semitones (torchaudio's phase vocoder and resampling,
+duration kept). `AugmentedInputs` then recomputes the batch's features with the same
+`FeatureStack` featurize and serving use, so the spectral operations above apply on top.
+
 They are applied in that order (mixup last); "the clip's floor" is the minimum of the clip as
 read from the cache, before any noise. Every random draw comes from the `Augmenter`'s own CPU
 `torch.Generator` and is then moved to the batch's device: the global torch RNG is never
@@ -27,12 +33,16 @@ when augmentation is switched on), and CPU and CUDA runs draw the same numbers.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
 
-from tympan.config import AugmentConfig
+from tympan.config import AugmentConfig, FeatureConfig
+from tympan.features.stack import FeatureStack, assemble
 
 
 class Augmenter:
@@ -158,6 +168,87 @@ class Augmenter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class WaveAugmenter:
+    """Noise at an SNR and pitch shift on `(batch, samples)` float32 waveforms.
+
+    Each clip gets noise with probability `wave_p` (SNR uniform in `wave_snr_db`, relative to
+    the clip's own RMS, so silence stays silent) and, independently, a shift by an integer
+    number of semitones uniform in `[-wave_pitch, wave_pitch]` with probability `wave_p`. Its
+    own CPU generator, as `Augmenter`.
+    """
+
+    def __init__(self, cfg: AugmentConfig, sample_rate: int, seed: int) -> None:
+        self.cfg, self.sample_rate = cfg, sample_rate
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        if wave.ndim != 2:
+            raise ValueError(f"wave must be (batch, samples), got {tuple(wave.shape)}")
+        cfg, out = self.cfg, wave
+        if cfg.wave_pitch > 0 and cfg.wave_p > 0:
+            out = self._pitch(out)
+        if cfg.wave_snr_db and cfg.wave_p > 0:
+            out = self._noise(out)
+        return out
+
+    def _hits(self, batch: int) -> torch.Tensor:
+        return torch.rand(batch, generator=self.generator) < self.cfg.wave_p
+
+    def _noise(self, wave: torch.Tensor) -> torch.Tensor:
+        low, high = self.cfg.wave_snr_db
+        hit = self._hits(wave.shape[0])
+        snr = low + (high - low) * torch.rand(wave.shape[0], generator=self.generator)
+        noise = torch.randn(wave.shape, generator=self.generator)
+        rms = wave.float().pow(2).mean(dim=1).sqrt().cpu()
+        scale = rms / 10.0 ** (snr / 20.0) * hit  # noise RMS ~ signal RMS / 10^(snr/20)
+        return wave + (noise * scale.view(-1, 1)).to(wave.device, wave.dtype)
+
+    def _pitch(self, wave: torch.Tensor) -> torch.Tensor:
+        high = self.cfg.wave_pitch
+        hit = self._hits(wave.shape[0])
+        steps = torch.randint(-high, high + 1, (wave.shape[0],), generator=self.generator) * hit
+        out = wave.clone()
+        for step in steps.unique().tolist():
+            if step == 0:
+                continue
+            rows = (steps == step).nonzero().flatten().to(wave.device)
+            shifted = torchaudio.functional.pitch_shift(wave[rows], self.sample_rate, int(step))
+            out[rows] = shifted[:, : wave.shape[1]]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class AugmentedInputs:
+    """Training inputs from augmented waveforms, indexed like the feature cache.
+
+    `waves`: the cache's fixed-length waveforms `(rows, samples)`; `inputs[rows]` augments
+    those rows' waveforms and returns their features `(len(rows), C, bins, frames)` in the
+    cache's dtype (the precision the model sees for unaugmented clips too).
+    """
+
+    def __init__(
+        self, waves: np.ndarray, cfg: FeatureConfig, augment: AugmentConfig, seed: int
+    ) -> None:
+        self.waves, self.cfg = waves, cfg
+        self.frontend = FeatureStack(cfg, replace(cfg.stack, image=None))
+        self.augment = WaveAugmenter(augment, cfg.sample_rate, seed)
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        wave = torch.from_numpy(np.asarray(self.waves[rows], dtype=np.float32))
+        with torch.no_grad():
+            x = assemble(self.frontend.parts(self.augment(wave)), self.cfg.stack)
+        return x.numpy().astype(self.cfg.dtype)
 
 
 def soft_cross_entropy(

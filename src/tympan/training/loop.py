@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tympan.config import AugmentConfig, ModelConfig, TrainConfig
+from tympan.config import AugmentConfig, ModelConfig, TrainConfig, params_from_dict
 from tympan.evaluation.metrics import classification_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model
-from tympan.training.augment import Augmenter, soft_cross_entropy
+from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,18 @@ class SeedTrainer:
         self.augmenter = (
             Augmenter(augment, n_classes, seed) if augment is not None and augment.enabled else None
         )
+        self.inputs = cache.features
+        if augment is not None and augment.waveform:
+            if cache.waves is None:
+                raise ValueError(
+                    "augment.wave_* needs the waveforms in the feature cache, and this one has "
+                    "none: re-run featurize with the same augment params (`dvc repro` does)"
+                )
+            features = params_from_dict(
+                {"features": cache.meta["params"]}, source="feature cache meta.json"
+            ).features
+            # its own stream, so spectral draws stay as they were without waveform augmentation
+            self.inputs = AugmentedInputs(cache.waves, features, augment, seed + 7919)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -195,7 +207,7 @@ class SeedTrainer:
         self.model.train()
         total, count = 0.0, 0
         for x, side, y in _batches(
-            self.cache.features,
+            self.inputs,
             self.train_rows,
             self.targets,
             self.cfg.batch_size,
