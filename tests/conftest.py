@@ -136,7 +136,7 @@ def _tone_bundle(
 ) -> Path:
     """Save `members` trained on the tone cache as a bundle in `folder`."""
     path = folder / "bundle.pt"
-    shape = tuple(cache.features.shape[2:])
+    shape = tuple(cache.features.shape[1:])
     save_bundle(
         path,
         TONE_FEATURES,

@@ -216,7 +216,7 @@ def test_stacked_features_cache_train_and_serve_alike(tmp_path):
         cfg,
         model_cfg,
         cache.labels,
-        tuple(cache.features.shape[2:]),
+        tuple(cache.features.shape[1:]),
         cache.mean,
         cache.std,
         {0: result.model.state_dict()},

@@ -92,6 +92,26 @@ class SplitConfig:
     move_straddling: bool = True
 
 
+NEURAL = (
+    "s3_cnn",
+    "s1_mlp",
+    "resnet18",
+    "lstm",
+    "bilstm",
+    "gru",
+    "bigru",
+    "crnn",
+    "parallel_cnn",
+    "alexnet",
+    "vgg16",
+    "resnet50",
+    "densenet121",
+    "densenet_bigru_attention",
+)
+CLASSICAL = ("logreg", "random_forest", "linear_svm", "knn")
+MODEL_NAMES = NEURAL + CLASSICAL
+
+
 @dataclass(frozen=True)
 class CVConfig:
     """k-fold cross-validation: `folds` >= 2 trains and evaluates once per fold (0: off).
@@ -214,19 +234,57 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network family and its shape parameters (see tympan.models)."""
+    """Network family and its shape parameters (see tympan.models; SEEDS.md for the studies).
 
-    name: str = field(default="s3_cnn", metadata=_choices("s3_cnn"))
+    Neural families: s3_cnn (S3), s1_mlp (S1), resnet18 (S2), lstm, bilstm, gru, bigru (S3,
+    S4), crnn and parallel_cnn (S5), the torchvision backbones alexnet, vgg16, resnet50,
+    densenet121 and densenet_bigru_attention (S4). Classical baselines through scikit-learn:
+    logreg, random_forest, linear_svm, knn, on the flattened input or per-bin summary
+    statistics (`classical_input`).
+    """
+
+    name: str = field(default="s3_cnn", metadata=_choices(*MODEL_NAMES))
+    # s3_cnn and crnn convolutions
     channels: int = 32
     kernel: int = 5
     pool: int = 8
-    hidden: int = 128
+    hidden: int = 128  # s3_cnn's dense layer
     dropout_conv: float = 0.1
     dropout: float = 0.2
+    # dense layers between every other family's body and its output (S1: [64, 32]; S4: [128];
+    # S5: [400, 200] with batch_norm), each Linear, optional BatchNorm, ReLU, dropout
+    head: tuple[int, ...] = field(default=(), metadata={"allow_empty": True})
+    batch_norm: bool = False
+    # recurrent layer sizes (lstm/gru: one per layer; crnn: two BiLSTMs; attention: the GRU)
+    units: tuple[int, ...] = (64,)
+    # parallel_cnn: filters per branch and one (height, width) kernel per branch
+    filters: int = 200
+    kernels: tuple[tuple[int, ...], ...] = ((12, 16), (18, 24), (24, 32), (30, 40))
+    init: str = field(default="default", metadata=_choices("default", "xavier"))
+    # torchvision backbones: a local state-dict file (never downloaded), and frozen training
+    weights: str | None = None
+    freeze: bool = False
+    # classical baselines
+    classical_input: str = field(default="flat", metadata=_choices("flat", "summary"))
+    c: float = 1.0
+    n_estimators: int = 200
+    n_neighbors: int = 5
     # Manifest columns (e.g. language) embedded and joined to the audio features before the
     # dense layers; served models then require them in every request.
     side_attributes: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     side_dim: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernels", tuple(tuple(k) for k in self.kernels))
+        for kernel in self.kernels:
+            if len(kernel) != 2 or min(kernel) < 1:
+                raise ValueError(f"model.kernels entries must be [height, width], got {kernel}")
+        if not self.units or min(self.units) < 1:
+            raise ValueError(f"model.units must be positive sizes, got {list(self.units)}")
+
+    @property
+    def classical(self) -> bool:
+        return self.name in CLASSICAL
 
 
 @dataclass(frozen=True)

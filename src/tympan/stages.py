@@ -219,7 +219,7 @@ def run_train(
             params.features,
             params.model,
             cache.labels,
-            tuple(cache.features.shape[2:]),
+            tuple(cache.features.shape[1:]),
             cache.mean,
             cache.std,
             members,

@@ -1,4 +1,4 @@
-"""The S3 accent CNN: Conv2D, max-pool, dropout, dense, dropout, linear."""
+"""Convolutional families: the S3 accent CNN, S5's parallel CNN and its CRNN predecessor."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from tympan.config import ModelConfig
+from tympan.models.layers import as_sequence, dense_head, flat_size, join
 
 
 class SmallCNN(nn.Module):
-    """`(batch, 1, n_mels, frames)` -> logits `(batch, n_classes)`.
+    """S3: `(batch, C, bins, frames)` -> `(batch, outputs)`.
 
     One convolution of `channels` filters (`kernel` x `kernel`, ReLU), `pool` x `pool` max-pool,
     dropout, then a `hidden`-unit dense layer with dropout and the output layer. `extra` inputs
@@ -18,27 +19,103 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, input_shape: tuple[int, int], n_classes: int, extra: int = 0
+        self, cfg: ModelConfig, input_shape: tuple[int, int, int], outputs: int, extra: int = 0
     ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, cfg.channels, cfg.kernel, padding="valid"),
+            nn.Conv2d(input_shape[0], cfg.channels, cfg.kernel, padding="valid"),
             nn.ReLU(),
             nn.MaxPool2d(cfg.pool),
             nn.Dropout(cfg.dropout_conv),
             nn.Flatten(),
         )
+        # measured in training mode, as since the first release: the dropout's draw here is
+        # part of the seeded initialisation, so earlier runs stay reproducible
         with torch.no_grad():
-            flat = self.features(torch.zeros(1, 1, *input_shape)).shape[1]
+            flat = self.features(torch.zeros(1, *input_shape)).shape[1]
         self.head = nn.Sequential(
             nn.Linear(flat + extra, cfg.hidden),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden, n_classes),
+            nn.Linear(cfg.hidden, outputs),
         )
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        flat = self.features(x)
-        if extra is not None:
-            flat = torch.cat([flat, extra], dim=1)
-        return self.head(flat)
+        return self.head(join(self.features(x), extra))
+
+
+class ParallelCNN(nn.Module):
+    """S5 (after Tripathi et al. 2019): `(batch, C, bins, frames)` -> `(batch, outputs)`.
+
+    One branch per `kernels` entry `(kh, kw)`: Conv2d of `filters` filters, ReLU, 2 x 2
+    max-pool; the branches' flattened outputs are concatenated and go through the dense head
+    (`head`, with `batch_norm`, ReLU and `dropout`; S5: 400 and 200 with batch norm).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, input_shape: tuple[int, int, int], outputs: int, extra: int = 0
+    ) -> None:
+        super().__init__()
+        bins, frames = input_shape[1:]
+        for kh, kw in cfg.kernels:
+            if kh > bins or kw > frames:
+                raise ValueError(
+                    f"model.kernels: ({kh}, {kw}) is larger than the input ({bins} bins x "
+                    f"{frames} frames)"
+                )
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(input_shape[0], cfg.filters, (kh, kw)),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+                nn.Dropout(cfg.dropout_conv),
+                nn.Flatten(),
+            )
+            for kh, kw in cfg.kernels
+        )
+        flat = sum(flat_size(branch, input_shape) for branch in self.branches)
+        self.head = dense_head(flat + extra, cfg.head, outputs, cfg.dropout, cfg.batch_norm)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(join(torch.cat([branch(x) for branch in self.branches], dim=1), extra))
+
+
+class CRNN(nn.Module):
+    """S5's first try (Yang & Hirschberg 2018): two conv blocks (`channels` filters, `kernel`,
+    batch norm, ReLU, 2 x 2 max-pool), then the frames as a sequence through two
+    bidirectional LSTMs of `units` (one size per layer), the last step -> dense head."""
+
+    def __init__(
+        self, cfg: ModelConfig, input_shape: tuple[int, int, int], outputs: int, extra: int = 0
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = input_shape[0]
+        for _ in range(2):
+            blocks += [
+                nn.Conv2d(width, cfg.channels, cfg.kernel, padding="same"),
+                nn.BatchNorm2d(cfg.channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+                nn.Dropout(cfg.dropout_conv),
+            ]
+            width = cfg.channels
+        self.conv = nn.Sequential(*blocks)
+        with torch.no_grad():
+            _, channels, bins, _ = self.conv.eval()(torch.zeros(1, *input_shape)).shape
+        self.conv.train()
+        units = cfg.units if len(cfg.units) >= 2 else cfg.units * 2
+        self.rnn = nn.ModuleList()
+        size = channels * bins
+        for hidden in units:
+            self.rnn.append(nn.LSTM(size, hidden, batch_first=True, bidirectional=True))
+            size = 2 * hidden
+        self.head = dense_head(size + extra, cfg.head, outputs, cfg.dropout, cfg.batch_norm)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        seq = as_sequence(self.conv(x))
+        for layer in self.rnn:
+            seq, _ = layer(seq)
+        half = seq.shape[2] // 2  # forward direction's last step, backward direction's first
+        last = torch.cat([seq[:, -1, :half], seq[:, 0, half:]], dim=1)
+        return self.head(join(last, extra))

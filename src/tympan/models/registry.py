@@ -9,29 +9,54 @@ from torch import nn
 
 from tympan.config import ModelConfig
 from tympan.features import Normalizer
-from tympan.models.cnn import SmallCNN
+from tympan.models.classical import Classical
+from tympan.models.cnn import CRNN, ParallelCNN, SmallCNN
+from tympan.models.dense import FlatMLP
+from tympan.models.recurrent import bigru, bilstm, gru, lstm
+from tympan.models.resnet import ResNet18
+from tympan.models.vision import DenseNetBiGRUAttention, vision
 
-# (cfg, input_shape, n_classes, extra) -> a module with forward(x, extra=None); `extra` is the
-# width of the side-attribute vector joined before the family's dense layers.
-Builder = Callable[[ModelConfig, tuple[int, int], int, int], nn.Module]
+# (cfg, input_shape (C, bins, frames), outputs, extra) -> a module with forward(x, extra=None);
+# `extra` is the width of the side-attribute vector joined before the family's dense layers.
+Builder = Callable[[ModelConfig, tuple[int, int, int], int, int], nn.Module]
 
-FAMILIES: dict[str, Builder] = {"s3_cnn": SmallCNN}
+FAMILIES: dict[str, Builder] = {
+    "s3_cnn": SmallCNN,
+    "s1_mlp": FlatMLP,
+    "resnet18": ResNet18,
+    "lstm": lstm,
+    "bilstm": bilstm,
+    "gru": gru,
+    "bigru": bigru,
+    "crnn": CRNN,
+    "parallel_cnn": ParallelCNN,
+    "alexnet": vision("alexnet"),
+    "vgg16": vision("vgg16"),
+    "resnet50": vision("resnet50"),
+    "densenet121": vision("densenet121"),
+    "densenet_bigru_attention": DenseNetBiGRUAttention,
+    "logreg": Classical,
+    "random_forest": Classical,
+    "linear_svm": Classical,
+    "knn": Classical,
+}
 
 
 class AudioClassifier(nn.Module):
     """Train-split normalisation followed by a network from the registry.
 
-    `(batch, 1, n_mels, frames)` log-mel, and side-attribute codes `(batch, n_side)` when the
-    model declares side attributes -> logits `(batch, n_classes)`. Each side attribute has an
-    embedding of `side_dim` per value (row 0: a value unseen in training). The statistics are
-    buffers, so they travel in the state dict with the weights.
+    `(batch, C, bins, frames)` features, and side-attribute codes `(batch, n_side)` when the
+    model declares side attributes -> `(batch, outputs)`: class logits, one logit (binary
+    cross-entropy) or one prediction (regression). Each side attribute has an embedding of
+    `side_dim` per value (row 0: a value unseen in training). The statistics are buffers, so
+    they travel in the state dict with the weights.
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        input_shape: tuple[int, int],
-        n_classes: int,
+        input_shape: tuple[int, int, int],
+        outputs: int,
         mean: torch.Tensor,
         std: torch.Tensor,
         side_vocab: dict[str, list[str]] | None = None,
@@ -43,7 +68,7 @@ class AudioClassifier(nn.Module):
             nn.Embedding(len(values) + 1, cfg.side_dim) for values in self.side_vocab.values()
         )
         extra = cfg.side_dim * len(self.embed)
-        self.net = FAMILIES[cfg.name](cfg, input_shape, n_classes, extra)
+        self.net = FAMILIES[cfg.name](cfg, input_shape, outputs, extra)
 
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         if not self.embed:
@@ -59,16 +84,19 @@ class AudioClassifier(nn.Module):
 
 def build_model(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
-    n_classes: int,
+    input_shape: tuple[int, int, int],
+    outputs: int,
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     side_vocab: dict[str, list[str]] | None = None,
 ) -> AudioClassifier:
-    """Build a family by `cfg.name`; statistics default to identity (filled by a state dict)."""
+    """Build a family by `cfg.name` for `(C, bins, frames)` inputs; statistics default to
+    identity (filled by a state dict)."""
     if cfg.name not in FAMILIES:
         raise KeyError(f"model.name={cfg.name!r} is not a known family ({', '.join(FAMILIES)})")
-    n_mels = input_shape[0]
-    mean = torch.zeros(n_mels) if mean is None else mean
-    std = torch.ones(n_mels) if std is None else std
-    return AudioClassifier(cfg, input_shape, n_classes, mean, std, side_vocab)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (channels, bins, frames), got {input_shape}")
+    bins = input_shape[1]
+    mean = torch.zeros(bins) if mean is None else mean
+    std = torch.ones(bins) if std is None else std
+    return AudioClassifier(cfg, input_shape, outputs, mean, std, side_vocab)

@@ -33,7 +33,7 @@ from tympan.features import windows
 from tympan.features.stack import FeatureStack
 from tympan.models import build_model
 
-BUNDLE_VERSION = 2
+BUNDLE_VERSION = 3
 # A request item larger than this is refused before decoding (100 MiB is about 10 minutes of
 # 44.1 kHz 16-bit stereo WAV); the server's environment can lower or raise it (README).
 MAX_ITEM_ENV = "TYMPAN_MAX_ITEM_MB"
@@ -51,7 +51,7 @@ def save_bundle(
     features: FeatureConfig,
     model: ModelConfig,
     labels: list[str],
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, int, int],
     mean: np.ndarray,
     std: np.ndarray,
     members: dict[int, dict[str, torch.Tensor]],

@@ -146,7 +146,7 @@ class SeedTrainer:
         self.side = cache.side_codes(vocab) if vocab else None
         self.model = build_model(
             model_cfg,
-            tuple(cache.features.shape[2:]),
+            tuple(cache.features.shape[1:]),
             n_classes,
             torch.from_numpy(cache.mean),
             torch.from_numpy(cache.std),
