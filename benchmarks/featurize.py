@@ -445,7 +445,7 @@ def time_feature_changes(fsdd: Path, workdir: Path) -> list[dict[str, Any]]:
                 "reused": [
                     line.split("featurize: ", 1)[1]
                     for line in output.splitlines()
-                    if " reused " in line
+                    if line.startswith("featurize: ") and " reused " in line
                 ],
             }
         )
