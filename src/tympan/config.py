@@ -211,6 +211,8 @@ class FeatureConfig:
     # featurize processes (decode + features, one torch thread each): 0 = one per CPU when
     # there are at least 256 recordings to compute, else in this process; 1 = in this process
     workers: int = 0
+    # where the torch kinds (logmel, mfcc, stft) run: auto is the GPU when there is one
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # which features are stacked into the model input (tympan.features.stack)
     stack: StackConfig = StackConfig()
 
