@@ -147,20 +147,39 @@ def test_breakdown_by_a_missing_column_names_it(tmp_path):
 
 def test_regression_report(tmp_path):
     targets = np.array([1.0, 2.0, 3.0, 4.0])
+    test = HeldOut(
+        index=pd.DataFrame({"path": list("abcd"), "speaker": ["x", "x", "y", "y"]}),
+        targets=targets,
+        labels=[],
+        features=np.zeros((4, 1, 8, 10), dtype=np.float32),
+        hop_s=0.01,
+    )
     results = regression_report(
-        ["a", "b", "c", "d"],
-        targets,
-        {"0": targets + 0.5, "1": targets - 0.5},
+        test,
+        {"0": targets + 0.5, "1": targets - 0.5 + np.array([0, 0, 0, 1.0])},
         "mae",
+        ("speaker",),
+        2,
         tmp_path / "metrics",
         tmp_path / "plots",
     )
-    assert results["ensemble"]["mae"] == 0.0  # the mean of the two cancels out
+    # averaged prediction: exact but for d (4.5 for 4.0)
+    assert results["ensemble"]["mae"] == pytest.approx(0.5 / 4)
     assert results["seed_mean"]["mae"] == 0.5 and results["seed_std"]["mae"] == 0.0
-    assert json.loads((tmp_path / "metrics" / "headline.json").read_text())["test_mae"] == 0.0
+    assert json.loads((tmp_path / "metrics" / "headline.json").read_text())["test_mae"] == (
+        pytest.approx(0.125)
+    )
     scatter = pd.read_csv(tmp_path / "plots" / "scatter.csv")
     assert list(scatter.columns) == ["path", "actual", "predicted", "residual"]
-    assert (tmp_path / "plots" / "fit.png").stat().st_size > 1000
+    levels = json.loads((tmp_path / "metrics" / "classes.json").read_text())
+    assert levels["4"] == {"accuracy": 1.0, "mae": 0.5, "support": 1}
+    by_speaker = json.loads((tmp_path / "metrics" / "breakdown.json").read_text())["speaker"]
+    assert by_speaker["x"]["mae"] == 0.0 and by_speaker["y"]["mae"] == pytest.approx(0.25)
+    worst = pd.read_csv(tmp_path / "plots" / "worst.csv")
+    assert worst["path"].tolist()[0] == "d" and len(worst) == 2
+    for name in ("curves.png", "confusion.png", "confusion.csv", "classes.csv", "confusion.txt"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
+    assert (tmp_path / "plots" / "roc").is_dir() and not any((tmp_path / "plots" / "roc").iterdir())
 
 
 CHAMPION = {"version": "3", "test_accuracy": "0.85", "tympan.test_set": "abc"}

@@ -310,3 +310,19 @@ def test_a_broken_file_in_a_worker_is_named(tmp_path):
     with pytest.raises(FeatureError, match=r"c7\.wav: .*passed ingest"):
         build_cache(table, replace(_stacked(), workers=2, batch_size=2), tmp_path / "cache")
     assert not (tmp_path / "cache").exists() and not (tmp_path / ".cache.partial").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_asking_for_a_missing_gpu_is_a_feature_error(tmp_path):
+    from tympan.features.cache import FeatureError
+
+    with pytest.raises(FeatureError, match=r"features\.device=cuda but no CUDA device"):
+        build_cache(_table(tmp_path / "audio"), replace(_stacked(), device="cuda"), tmp_path / "c")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_featurize_matches_cpu(tmp_path):
+    table = _table(tmp_path / "audio")
+    cpu = build_cache(table, replace(_stacked(), device="cpu"), tmp_path / "cpu")
+    gpu = build_cache(table, replace(_stacked(), device="cuda"), tmp_path / "gpu")
+    np.testing.assert_allclose(gpu.features[:], cpu.features[:], atol=1e-2)

@@ -171,3 +171,134 @@ def test_waveform_augmentation_recomputes_training_batches_only(tone_cache_dir, 
     np.testing.assert_allclose(same, cache.features[np.arange(6)], atol=0.05)
     with pytest.raises(ValueError, match=r"augment\.wave_\* needs the waveforms"):
         SeedTrainer(plain, model_cfg, cfg, 0, torch.device("cpu"), augment)
+
+
+# --- optimisers, losses, sampling, checkpoints (issue 4) ---------------------------------
+
+SMALL = ModelConfig(channels=8, hidden=16)
+CPU = torch.device("cpu")
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adagrad"])
+def test_every_optimizer_learns(tone_cache, optimizer):
+    lr = {"adam": 1e-3, "sgd": 0.05, "adagrad": 0.05}[optimizer]
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=lr, optimizer=optimizer, patience=6)
+    result = fit(tone_cache, SMALL, cfg, 0, CPU, progress=False)
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[result.best_epoch - 1].val_accuracy > 0.8
+
+
+def test_gradient_clipping_bounds_every_step(tone_cache):
+    """Plain SGD moves each weight by lr * (clipped gradient): after one epoch of n steps the
+    weights moved at most n * lr * grad_clip."""
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, optimizer="sgd", momentum=0.0, grad_clip=1e-3)
+    trainer = SeedTrainer(tone_cache, SMALL, cfg, 0, CPU)
+    before = _weights(trainer.model).clone()
+    trainer.step()
+    steps = -(-len(tone_cache.rows("train")) // 8)
+    moved = (_weights(trainer.model) - before).norm().item()
+    assert 0 < moved <= steps * 0.1 * 1e-3 * (1 + 1e-4)
+    free = SeedTrainer(tone_cache, SMALL, replace(cfg, grad_clip=0.0), 0, CPU)
+    free.step()
+    assert (_weights(free.model) - before).norm().item() > 10 * moved
+
+
+def test_binary_cross_entropy_has_one_output_and_two_probabilities(tone_cache):
+    cfg = TrainConfig(epochs=4, batch_size=8, loss="bce", patience=4)
+    result = fit(tone_cache, SMALL, cfg, 0, CPU, progress=False)
+    assert result.model.net.head[-1].out_features == 1
+    probs = predict_proba(
+        result.model, tone_cache.features, tone_cache.rows("test"), 4, CPU, head="sigmoid"
+    )
+    assert probs.shape == (len(tone_cache.rows("test")), 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    assert {"val_accuracy", "val_f1_macro", "val_precision", "val_recall"} <= set(
+        result.history[-1].val
+    )
+    three = replace(tone_cache, labels=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"train\.loss=bce needs exactly two classes"):
+        SeedTrainer(three, SMALL, cfg, 0, CPU)
+
+
+def test_undersampling_draws_the_smallest_class_count_each_epoch(tone_cache):
+    from tympan.training.loop import undersample
+
+    rng = np.random.default_rng(0)
+    targets = np.array([0] * 10 + [1] * 3 + [2] * 5)
+    rows = np.arange(18)
+    first, second = undersample(rows, targets, rng), undersample(rows, targets, rng)
+    for drawn in (first, second):
+        assert np.bincount(targets[drawn]).tolist() == [3, 3, 3]
+    assert not np.array_equal(first, second)  # a new draw every epoch
+    with pytest.raises(ValueError, match="choose one"):  # class_weights defaults to true
+        SeedTrainer(tone_cache, SMALL, TrainConfig(undersample=True), 0, CPU)
+    trainer = SeedTrainer(
+        tone_cache, SMALL, TrainConfig(undersample=True, class_weights=False), 0, CPU
+    )
+    drawn = trainer._epoch_rows()
+    assert np.bincount(tone_cache.targets()[drawn]).tolist() == [16, 16]
+
+
+def test_regression_trains_on_the_target_column(tone_cache, tmp_path):
+    from tympan.features.cache import FeatureCache
+
+    index = tone_cache.index.assign(target=np.where(tone_cache.targets() == 0, 1.0, 5.0))
+    cache = FeatureCache(
+        tone_cache.features, index, tone_cache.labels, tone_cache.mean, tone_cache.std, {}
+    )
+    cfg = TrainConfig(task="regression", loss="l1", epochs=8, batch_size=8, lr=3e-3, patience=8)
+    result = fit(cache, SMALL, cfg, 0, CPU, progress=False)
+    assert result.model.net.head[-1].out_features == 1
+    assert {"val_mae", "val_rmse"} <= set(result.history[-1].val)  # no R^2: every val target is 5
+    assert result.history[result.best_epoch - 1].val["val_mae"] < 1.0
+    values = predict_proba(result.model, cache.features, cache.rows("val"), 4, CPU, head="identity")
+    mae = np.abs(values[:, 0] - index["target"].to_numpy()[cache.rows("val")]).mean()
+    assert mae == pytest.approx(result.history[result.best_epoch - 1].val_loss, rel=1e-4)
+    with pytest.raises(ValueError, match="needs a numeric 'target' column"):
+        SeedTrainer(tone_cache, SMALL, cfg, 0, CPU)
+    with pytest.raises(ValueError, match=r"does not fit train\.task=regression"):
+        TrainConfig(task="regression", loss="ce")
+
+
+def test_classical_baseline_fits_through_fit(tone_cache):
+    result = fit(tone_cache, ModelConfig(name="logreg"), TrainConfig(), 0, CPU)
+    assert result.best_epoch == 1 and len(result.history) == 1
+    assert result.history[0].val_accuracy == 1.0
+    probs = predict_proba(result.model, tone_cache.features, tone_cache.rows("test"), 8, CPU)
+    assert (probs.argmax(1) == tone_cache.targets()[tone_cache.rows("test")]).all()
+
+
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tone_cache, tmp_path):
+    """Stopped after 3 epochs and restarted from the checkpoint: the same history, the same
+    best epoch and the same final weights as training straight through (augmentation on, so
+    every random stream must be restored)."""
+    cfg = TrainConfig(epochs=7, batch_size=8, patience=7, lr=2e-3)
+    augment = AugmentConfig(noise_std=1.0, time_shift=0.1, freq_masks=1, freq_mask_width=3)
+    straight = fit(tone_cache, SMALL, cfg, 3, CPU, progress=False, augment=augment)
+
+    path = tmp_path / "member.pt"
+    first = SeedTrainer(tone_cache, SMALL, cfg, 3, CPU, augment, path, "run-a")
+    for _ in range(3):
+        first.step()
+    del first  # the process dies here; only the checkpoint remains
+    resumed = fit(
+        tone_cache,
+        SMALL,
+        cfg,
+        3,
+        CPU,
+        progress=False,
+        augment=augment,
+        checkpoint=path,
+        fingerprint="run-a",
+    )
+    assert resumed.resumed_at == 3
+    assert [e.flat() for e in resumed.history] == [e.flat() for e in straight.history]
+    assert resumed.best_epoch == straight.best_epoch
+    torch.testing.assert_close(_weights(resumed.model), _weights(straight.model), rtol=0, atol=0)
+    other = SeedTrainer(tone_cache, SMALL, cfg, 3, CPU, augment, path, "run-b")
+    assert other.result.history == []  # another run's checkpoint is not used

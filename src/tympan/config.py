@@ -211,6 +211,8 @@ class FeatureConfig:
     # featurize processes (decode + features, one torch thread each): 0 = one per CPU when
     # there are at least 256 recordings to compute, else in this process; 1 = in this process
     workers: int = 0
+    # where the torch kinds (logmel, mfcc, stft) run: auto is the GPU when there is one
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # which features are stacked into the model input (tympan.features.stack)
     stack: StackConfig = StackConfig()
 
@@ -289,7 +291,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam, early stopping, LR plateau, one model per seed."""
+    """Optimisation: one model per seed, early stopping on the validation loss with the best
+    weights restored, LR on plateau, a checkpoint per epoch."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 60
@@ -300,8 +303,38 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_patience: int = 3
     min_lr: float = 1e-6
+    # classification: balanced class weights in the loss, or random under-sampling of the
+    # larger classes (a new draw every epoch)
     class_weights: bool = True
+    undersample: bool = False
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # regression needs a numeric `target` column in the manifest (csv adapter, target_column)
+    task: str = field(default="classification", metadata=_choices("classification", "regression"))
+    # ce: softmax over the classes; bce: one sigmoid output (two classes); mse, l1: regression
+    loss: str = field(default="auto", metadata=_choices("auto", "ce", "bce", "mse", "l1"))
+    optimizer: str = field(default="adam", metadata=_choices("adam", "sgd", "adagrad"))
+    momentum: float = 0.9  # sgd
+    grad_clip: float = 0.0  # max global gradient norm; 0 is off
+    # CUDA only (ignored on CPU): float16 autocast with loss scaling, channels-last memory
+    amp: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        pairs = {"classification": ("auto", "ce", "bce"), "regression": ("auto", "mse", "l1")}
+        if self.loss not in pairs[self.task]:
+            raise ValueError(
+                f"train.loss={self.loss} does not fit train.task={self.task} "
+                f"(choose from {', '.join(pairs[self.task])})"
+            )
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0 is off), got {self.grad_clip}")
+
+    @property
+    def criterion(self) -> str:
+        """The loss, `auto` resolved: ce for classification, mse for regression."""
+        if self.loss != "auto":
+            return self.loss
+        return "ce" if self.task == "classification" else "mse"
 
 
 @dataclass(frozen=True)
@@ -419,6 +452,20 @@ def _default_space() -> dict[str, SearchParam]:
     }
 
 
+VAL_METRICS = (
+    "val_accuracy",
+    "val_f1_macro",
+    "val_precision",
+    "val_recall",
+    "val_roc_auc",
+    "val_loss",
+    "val_mae",
+    "val_rmse",
+    "val_r2",
+)
+LOWER_IS_BETTER = ("val_loss", "val_mae", "val_rmse", "mae", "rmse")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Optuna search over `space`; a trial's value is the mean over `seeds`."""
@@ -428,7 +475,8 @@ class TuneConfig:
     timeout_s: float | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     metric: str = field(
-        default="val_accuracy", metadata=_choices("val_accuracy", "val_f1_macro", "val_loss")
+        default="val_accuracy",
+        metadata=_choices(*VAL_METRICS),
     )
     sampler: str = field(default="tpe", metadata=_choices("tpe", "grid", "random"))
     sampler_seed: int = 0

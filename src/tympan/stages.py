@@ -7,12 +7,13 @@ MLflow parent run per `train` invocation, whose id travels in `models/train.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import statistics
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -34,6 +35,7 @@ from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict_proba, resolve_device
+from tympan.training.loop import task_for
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,14 @@ def run_train(
     history: list[dict] = []
     record: dict = {"seeds": {}}
     members: dict[str, dict[str, torch.Tensor]] = {}
-    with mlflow.start_run(run_name=f"train-{params.preset}", tags=tags) as parent:
+    task = task_for(params.train, cache.labels, params.model.classical)
+    primary = "val_accuracy" if task.kind == "classification" else "val_mae"
+    checkpoints = _checkpoint_dir(params, cache)
+    # GPU utilisation and memory as MLflow system metrics, on CUDA runs
+    system = device.type == "cuda"
+    with mlflow.start_run(
+        run_name=f"train-{params.preset}", tags=tags, log_system_metrics=system
+    ) as parent:
         mlflow.log_params(
             flatten(
                 {
@@ -147,6 +156,8 @@ def run_train(
                 "n_classes": len(cache.labels),
                 "feature_key": cache.meta["key"],
                 "cv_folds": len(cache.folds),
+                "task": task.kind,
+                "criterion": task.criterion,
             }
         )
         record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
@@ -162,6 +173,7 @@ def run_train(
                     run_name=name if fold is not None else f"seed-{seed}",
                     nested=True,
                     tags=member_tags,
+                    log_system_metrics=system,
                 ) as child:
                     mlflow.log_params(
                         {
@@ -178,21 +190,27 @@ def run_train(
                         seed,
                         device,
                         augment=params.augment,
-                        on_epoch=lambda e: mlflow.log_metrics(
-                            {k: v for k, v in asdict(e).items() if k != "epoch"}, step=e.epoch
-                        ),
+                        on_epoch=lambda e: mlflow.log_metrics(_finite(e.flat()), step=e.epoch),
+                        checkpoint=checkpoints / f"{name}.pt",
+                        fingerprint=name,
                     )
+                    if result.resumed_at:
+                        mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))
+                        print(
+                            f"train: {name} resumed from its epoch-{result.resumed_at} checkpoint"
+                        )
                     best = result.history[result.best_epoch - 1]
                     mlflow.log_metrics(
-                        {
-                            "best_epoch": result.best_epoch,
-                            "best_val_loss": best.val_loss,
-                            "best_val_accuracy": best.val_accuracy,
-                            "best_val_f1_macro": best.val_f1_macro,
-                        }
+                        _finite(
+                            {
+                                "best_epoch": result.best_epoch,
+                                "best_val_loss": best.val_loss,
+                                **{f"best_{k}": v for k, v in best.val.items()},
+                            }
+                        )
                     )
                     history += [
-                        {"member": name, "seed": seed, "fold": fold, **asdict(e)}
+                        {"member": name, "seed": seed, "fold": fold, "epoch": e.epoch, **e.flat()}
                         for e in result.history
                     ]
                     members[name] = {k: v.cpu() for k, v in result.model.state_dict().items()}
@@ -204,14 +222,13 @@ def run_train(
                         "epochs_run": len(result.history),
                         "stopped_early": result.stopped_early,
                         "val_loss": best.val_loss,
-                        "val_accuracy": best.val_accuracy,
-                        "val_f1_macro": best.val_f1_macro,
+                        **best.val,
                     }
-        accuracies = [s["val_accuracy"] for s in record["seeds"].values()]
+        values = [s[primary] for s in record["seeds"].values()]
         mlflow.log_metrics(
             {
-                "val_accuracy_mean": statistics.fmean(accuracies),
-                "val_accuracy_std": statistics.pstdev(accuracies),
+                f"{primary}_mean": statistics.fmean(values),
+                f"{primary}_std": statistics.pstdev(values),
             }
         )
         save_bundle(
@@ -225,17 +242,47 @@ def run_train(
             members,
             params.segment,
             result.model.side_vocab,
+            task.head,
         )
         pd.DataFrame(history).to_csv(out / HISTORY, index=False)
         learning_curves(pd.DataFrame(history), out / CURVES)
         mlflow.log_artifact(str(out / CURVES), "plots")
         mlflow.log_artifact(str(out / HISTORY), "plots")
+    record.update(task=task.kind, criterion=task.criterion, head=task.head, primary=primary)
     _write_json(out / TRAIN_RECORD, record)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
     print(
         f"train: {len(members)} member(s) ({len(cache.folds) or 'no'} CV folds) on {device}; "
-        "val accuracy "
-        f"{statistics.fmean(accuracies):.4f} +- {statistics.pstdev(accuracies):.4f}; "
+        f"{primary.replace('_', ' ')} "
+        f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f}; "
         f"MLflow run {record['parent_run_id']}"
+    )
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    """MLflow refuses NaN; a classical baseline has no train loss or learning rate."""
+    return {k: float(v) for k, v in values.items() if v == v}
+
+
+def _checkpoint_dir(params: Params, cache: FeatureCache) -> Path:
+    """Where this run's per-epoch checkpoints live: outside the stage's DVC outputs (which
+    `dvc repro` deletes before running it), keyed by everything that shapes the run, so a
+    killed run's checkpoints are picked up by the same run only."""
+    identity = {
+        "features": cache.meta["key"],
+        "folds": cache.folds,
+        "splits": hashlib.sha256(
+            cache.index[[c for c in cache.index.columns if c.startswith("split")]]
+            .to_csv(index=False)
+            .encode()
+        ).hexdigest(),
+        "model": to_dict(params.model),
+        "train": to_dict(params.train),
+        "augment": to_dict(params.augment),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    return (
+        Path(os.environ.get("TYMPAN_CHECKPOINTS", ".tympan/checkpoints")) / digest.hexdigest()[:16]
     )
 
 
@@ -272,6 +319,11 @@ def run_tune(
         print(f"tune: disabled (tune.enabled: false); train uses the params file as it is ({out})")
         return
     validate_space(params)
+    if params.model.classical:
+        raise TuneError(
+            f"model.name={params.model.name} is a scikit-learn baseline: tune searches the "
+            "epoch-by-epoch training of the neural families (set tune.enabled: false)"
+        )
     cache = open_cache(features)
     storage = open_storage(params, worker=worker)
     study = open_study(params, storage, study_name(params, cache.meta["key"]))
@@ -306,40 +358,51 @@ def run_evaluate(
     """Score the test split with every seed and the ensemble; write `metrics/` and `plots/`,
     and the test set's fingerprint (what register compares before promoting)."""
     from tympan.evaluation.card import fingerprint
-    from tympan.evaluation.report import HeldOut, classification_report, per_recording
+    from tympan.evaluation.report import (
+        HeldOut,
+        classification_report,
+        per_recording,
+        regression_report,
+    )
+    from tympan.training.loop import regression_targets
 
     cache = open_cache(features)
     record = json.loads((models / TRAIN_RECORD).read_text())
     predictor = Predictor.load(models / BUNDLE)
+    head = predictor.head
     device = torch.device("cpu")
     side = cache.side_codes(predictor.side_vocab) if predictor.side_vocab else None
     members = dict(zip(record["seeds"], predictor.members, strict=True))
+    aggregate = params.segment.aggregate
     if cache.folds:
         rows, per_seed_probs, per_member, cv = _score_folds(
-            cache, record, members, side, params.segment.aggregate
+            cache, record, members, side, aggregate, head
         )
     else:
         rows = cache.rows("test")
         per_seed_probs = {
-            name: predict_proba(member, cache.features, rows, 256, device, side)
+            name: predict_proba(member, cache.features, rows, 256, device, side, head)
             for name, member in members.items()
         }
         if "window" in cache.index.columns:  # segmented: score recordings, not windows
             first, per_seed_probs = per_recording(
-                cache.index.iloc[rows], per_seed_probs, params.segment.aggregate
+                cache.index.iloc[rows], per_seed_probs, aggregate, head != "identity"
             )
             rows = rows[first]
         per_member, cv = None, None
+    regression = head == "identity"
     test = HeldOut(
         index=cache.index.iloc[rows].reset_index(drop=True),
-        targets=cache.targets()[rows],
+        targets=(regression_targets(cache) if regression else cache.targets())[rows],
         labels=cache.labels,
         features=RowsOf(cache.features, rows),  # read only for the worst-k spectrograms
         hop_s=params.features.hop_length / params.features.sample_rate,
     )
-    results = classification_report(
+    report = regression_report if regression else classification_report
+    outputs = {k: v[:, 0] for k, v in per_seed_probs.items()} if regression else per_seed_probs
+    results = report(
         test,
-        per_seed_probs,
+        outputs,
         params.register.metric,
         params.evaluate.breakdown,
         params.evaluate.worst_k,
@@ -367,9 +430,10 @@ def run_evaluate(
         mlflow.log_artifacts(str(plots), "plots")
         mlflow.log_artifact(str(test_set), "metrics")
         mlflow.set_tag("tympan.test_set", held_out["hash"])
+    shown = "mae" if regression else "accuracy"
     print(
-        f"evaluate: test accuracy ensemble {ensemble['accuracy']:.4f}, per seed "
-        f"{mean['accuracy']:.4f} +- {std['accuracy']:.4f} on {len(rows)} clips; "
+        f"evaluate: test {shown} ensemble {ensemble[shown]:.4f}, per seed "
+        f"{mean[shown]:.4f} +- {std[shown]:.4f} on {len(rows)} clips; "
         f"worst {params.evaluate.worst_k} in {plots / 'worst.csv'}"
     )
 
@@ -393,18 +457,25 @@ def _score_folds(
     members: dict[str, torch.nn.Module],
     side: np.ndarray | None,
     aggregate: str,
+    head: str = "softmax",
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict], dict]:
     """Score each fold's test split with that fold's members (windows combined per
     recording when segmented). -> the scored rows (every recording once, in index order),
     out-of-fold probabilities per seed `(recordings, n_classes)` (each recording scored by its
     own fold's member of that seed), metrics per member on its fold's test split, and the
     per-fold ensemble metrics."""
-    from tympan.evaluation.metrics import classification_metrics
+    from tympan.evaluation.metrics import classification_metrics, regression_metrics
     from tympan.evaluation.report import per_recording
+    from tympan.training.loop import regression_targets
 
     device = torch.device("cpu")
-    targets = cache.targets()
-    n_classes = len(cache.labels)
+    regression = head == "identity"
+    targets = regression_targets(cache) if regression else cache.targets()
+    n_classes = 1 if regression else len(cache.labels)
+
+    def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        return regression_metrics(y, p[:, 0]) if regression else classification_metrics(y, p)
+
     oof: dict[str, dict[int, np.ndarray]] = {}
     per_member: dict[str, dict] = {}
     per_fold: dict[str, dict] = {}
@@ -423,9 +494,7 @@ def _score_folds(
             per_member[name] = classification_metrics(targets[rows], p)
             seed = str(record["seeds"][name]["seed"])
             oof.setdefault(seed, {}).update(zip(rows.tolist(), p, strict=True))
-        per_fold[str(fold)] = classification_metrics(
-            targets[rows], np.mean(list(probs.values()), axis=0)
-        )
+        per_fold[str(fold)] = score(targets[rows], np.mean(list(probs.values()), axis=0))
     scored = np.array(sorted(next(iter(oof.values()))), dtype=np.int64)
     per_seed = {}
     for seed, by_row in oof.items():

@@ -112,7 +112,13 @@ def known_limits(card: CardInputs) -> list[str]:
     limits = []
     n = card.test_set["clips"]
     value = card.results["ensemble"].get(card.metric)
-    if value is not None and 0 <= value <= 1 and n:
+    regression = "mae" in card.results["ensemble"]
+    if regression:
+        limits.append(
+            f"Regression on {n} test clips: MAE {card.results['ensemble']['mae']:.3f}, seed "
+            f"spread +-{card.results['seed_std'].get('mae', float('nan')):.3f}."
+        )
+    elif value is not None and 0 <= value <= 1 and n:
         half = 1.96 * math.sqrt(value * (1 - value) / n)
         limits.append(
             f"Test set of {n} clips from {card.test_set['groups']} groups: the {card.metric} "
@@ -137,19 +143,26 @@ def known_limits(card: CardInputs) -> list[str]:
             f"Split by group ({card.split.get('groups', {}).get('test', '?')} test groups never "
             "seen in training); performance on groups unlike these is not measured."
         )
-    if card.classes:
+    if card.classes and regression:
+        worst = max(card.classes.items(), key=lambda kv: kv[1]["mae"])
+        limits.append(
+            f"Largest errors at true value {worst[0]} (MAE {worst[1]['mae']:.3f} on "
+            f"{worst[1]['support']} clips)."
+        )
+    elif card.classes:
         worst = min(card.classes.items(), key=lambda kv: kv[1]["accuracy"])
         limits.append(
             f"Weakest class: {worst[0]} (accuracy {worst[1]['accuracy']:.3f} on "
             f"{worst[1]['support']} clips)."
         )
+    key = "mae" if regression else "accuracy"
     for attribute, values in card.breakdown.items():
         if len(values) > 1:
-            low = min(values.items(), key=lambda kv: kv[1]["accuracy"])
-            high = max(values.items(), key=lambda kv: kv[1]["accuracy"])
+            low = min(values.items(), key=lambda kv: kv[1][key])
+            high = max(values.items(), key=lambda kv: kv[1][key])
             limits.append(
-                f"By {attribute}: accuracy from {low[1]['accuracy']:.3f} ({attribute}={low[0]}, "
-                f"{low[1]['n']} clips) to {high[1]['accuracy']:.3f} ({attribute}={high[0]})."
+                f"By {attribute}: {key} from {low[1][key]:.3f} ({attribute}={low[0]}, "
+                f"{low[1]['n']} clips) to {high[1][key]:.3f} ({attribute}={high[0]})."
             )
     features = card.params.get("features", {})
     if features:
@@ -210,29 +223,29 @@ def model_card(card: CardInputs) -> str:
         _table(["metric", "ensemble", "seeds"], metrics_rows),
     ]
     if card.classes:
+        first = next(iter(card.classes.values()))
+        class_keys = [k for k in first if k != "support"]
         parts += [
             "",
-            "## Per class",
+            "## Per class" if "precision" in first else "## Per level (true value rounded)",
             "",
             _table(
-                ["class", "accuracy", "precision", "f1", "support"],
+                ["class", *class_keys, "support"],
                 [
-                    [c, *(f"{v[k]:.3f}" for k in ("accuracy", "precision", "f1")), v["support"]]
+                    [c, *(f"{v[k]:.3f}" for k in class_keys), v["support"]]
                     for c, v in card.classes.items()
                 ],
             ),
         ]
     for attribute, values in card.breakdown.items():
+        keys = [k for k in next(iter(values.values()), {}) if k != "n"]
         parts += [
             "",
             f"## By {attribute}",
             "",
             _table(
-                [attribute, "clips", "accuracy", "macro F1"],
-                [
-                    [k, v["n"], f"{v['accuracy']:.3f}", f"{v['f1_macro']:.3f}"]
-                    for k, v in values.items()
-                ],
+                [attribute, "clips", *keys],
+                [[k, v["n"], *(f"{v[key]:.3f}" for key in keys)] for k, v in values.items()],
             ),
         ]
     if card.params:

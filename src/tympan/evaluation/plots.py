@@ -21,15 +21,17 @@ def learning_curves(history: pd.DataFrame, path: Path) -> None:
     """
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     key = "member" if "member" in history.columns else "seed"
+    score = "val_accuracy" if "val_accuracy" in history.columns else "val_mae"
     for member, rows in history.groupby(key, sort=False):
         name = f"seed {member}" if str(member).isdigit() else str(member)
         line = ax_loss.plot(rows["epoch"], rows["train_loss"], label=f"{name} train")[0]
         ax_loss.plot(
             rows["epoch"], rows["val_loss"], "--", color=line.get_color(), label=f"{name} val"
         )
-        ax_acc.plot(rows["epoch"], rows["val_accuracy"], color=line.get_color(), label=name)
+        ax_acc.plot(rows["epoch"], rows[score], color=line.get_color(), label=name)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: validation)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
+    label = score.removeprefix("val_")
+    ax_acc.set(xlabel="epoch", ylabel=label, title=f"validation {label}")
     ax_loss.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
     fig.tight_layout()

@@ -53,13 +53,16 @@ class HeldOut:
 
 
 def per_recording(
-    index: pd.DataFrame, per_seed_probs: dict[str, np.ndarray], how: str = "mean"
+    index: pd.DataFrame,
+    per_seed_probs: dict[str, np.ndarray],
+    how: str = "mean",
+    renormalise: bool = True,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Combine window probabilities per recording (`path`), keeping the recordings' order.
 
     `index`: one row per window `(windows,)`; probabilities `(windows, n_classes)`. -> the
     position of each recording's first window, and `(recordings, n_classes)` per seed (mean,
-    or max renormalised to sum to 1).
+    or max renormalised to sum to 1; `renormalise=False` for regression predictions).
     """
     codes, first = np.unique(index["path"].to_numpy(), return_index=True)
     order = np.argsort(first)
@@ -70,8 +73,10 @@ def per_recording(
     for seed, probs in per_seed_probs.items():
         combined = np.zeros((len(first), probs.shape[1]))
         if how == "max":
+            combined[:] = -np.inf
             np.maximum.at(combined, member, probs)
-            combined /= combined.sum(axis=1, keepdims=True)
+            if renormalise:
+                combined /= combined.sum(axis=1, keepdims=True)
         else:
             np.add.at(combined, member, probs)
             combined /= np.bincount(member, minlength=len(first))[:, None]
@@ -250,27 +255,117 @@ def _worst(
 
 
 def regression_report(
-    paths: list[str],
-    targets: np.ndarray,
+    test: HeldOut,
     per_seed_predictions: dict[str, np.ndarray],
     metric: str,
+    breakdown_by: tuple[str, ...],
+    worst_k: int,
     metrics_dir: Path,
     plots: Path,
+    members: dict[str, dict[str, float]] | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """MAE, RMSE, R^2 per seed, mean +- std and for the averaged prediction; scatter, fit.png."""
-    per_seed = {s: m.regression_metrics(targets, p) for s, p in per_seed_predictions.items()}
+    """The regression counterpart of `classification_report`, writing the same files.
+
+    `test.targets` are the true values `(clips,)` and each seed's predictions `(clips,)`.
+    MAE, RMSE and R^2 per seed, mean +- std, and of the averaged prediction (test.json,
+    headline.json). Scored by level (the true value rounded to an integer, as S5's 1-5
+    valence): classes.json and classes.csv give per level the MAE, the share predicted within
+    0.5 (`accuracy`) and the support; confusion.csv/.txt/.png cross the rounded true and
+    predicted levels. breakdown.json: MAE, RMSE and n per attribute value. worst.csv and
+    worst/*.png: the largest absolute errors with their spectrograms (S5's error analysis).
+    curves.png is the predicted-vs-true and residual plot, scatter.csv its data; roc/ and pr/
+    stay empty.
+    """
+    missing = [c for c in breakdown_by if c not in test.index.columns]
+    if missing:
+        raise EvaluationError(
+            f"evaluate.breakdown: column(s) {', '.join(missing)} not in the feature index "
+            f"(have: {', '.join(test.index.columns)}); add them to the manifest"
+        )
+    targets = np.asarray(test.targets, dtype=np.float64)
+    per_seed = members or {
+        s: m.regression_metrics(targets, p) for s, p in per_seed_predictions.items()
+    }
     predicted = np.mean(list(per_seed_predictions.values()), axis=0)
     results = summarise(per_seed, m.regression_metrics(targets, predicted), len(targets))
+    results.update(extra or {})
+    errors = np.abs(predicted - targets)
+    levels = np.rint(targets).astype(int)
+    guessed = np.rint(predicted).astype(int)
+    names = sorted(set(levels) | set(guessed))
+    by_level = {
+        str(level): {
+            "accuracy": float((errors[levels == level] <= 0.5).mean()),
+            "mae": float(errors[levels == level].mean()),
+            "support": int((levels == level).sum()),
+        }
+        for level in sorted(set(levels))
+    }
+    by_attribute = {}
+    for column in breakdown_by:
+        values = test.index[column].astype(str).to_numpy()
+        by_attribute[column] = {
+            value: {
+                "n": int((values == value).sum()),
+                **m.regression_metrics(targets[values == value], predicted[values == value]),
+            }
+            for value in sorted(set(values))
+        }
     _write_json(metrics_dir / "test.json", results)
     _write_json(metrics_dir / "headline.json", headline(results, metric))
+    _write_json(metrics_dir / "classes.json", by_level)
+    _write_json(metrics_dir / "breakdown.json", by_attribute)
+
     plots.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        {
+            "path": test.index["path"].to_numpy(),
+            "actual": targets,
+            "predicted": predicted.round(4),
+            "residual": (predicted - targets).round(4),
+        }
+    )
+    table.to_csv(plots / "scatter.csv", index=False)
+    table.to_csv(plots / "test_predictions.csv", index=False)
+    pd.DataFrame({"actual": levels.astype(str), "predicted": guessed.astype(str)}).to_csv(
+        plots / "confusion.csv", index=False
+    )
     pd.DataFrame(
-        {"path": paths, "actual": targets, "predicted": predicted, "residual": predicted - targets}
-    ).to_csv(plots / "scatter.csv", index=False)
+        [{"class": k, **v} for k, v in by_level.items()], columns=["class", "accuracy", "support"]
+    ).to_csv(plots / "classes.csv", index=False)
+    index = {level: i for i, level in enumerate(names)}
+    matrix = np.zeros((len(names), len(names)), dtype=np.int64)
+    for true, guess in zip(levels, guessed, strict=True):
+        matrix[index[true], index[guess]] += 1
+    labels = [str(n) for n in names]
+    (plots / "confusion.txt").write_text(matrix_to_text(matrix, labels))
+    confusion_matrix_plot(
+        matrix, labels, plots / "confusion.png", "test, rounded true vs predicted value"
+    )
+    for folder in ("roc", "pr"):
+        _replace_dir(plots / folder)
     regression_plots(
         targets,
         predicted,
-        plots / "fit.png",
-        f"test, mean of {len(per_seed)} (MAE {results['ensemble']['mae']:.3g})",
+        plots / "curves.png",
+        f"test, mean of {len(per_seed_predictions)} (MAE {results['ensemble']['mae']:.3g})",
     )
+    order = np.argsort(-errors, kind="stable")[:worst_k]
+    worst = table.iloc[order].reset_index(drop=True)
+    worst.insert(0, "rank", np.arange(1, len(worst) + 1))
+    _replace_dir(plots / "worst")
+    images = []
+    for rank, i in enumerate(order, start=1):
+        row = table.iloc[i]
+        image = f"worst/{rank:02d}_{safe_name(Path(row['path']).stem)}.png"
+        spectrogram_plot(
+            test.features[i],
+            plots / image,
+            f"#{rank} {row['path']}\ntrue {row['actual']:.3g}, predicted {row['predicted']:.3g}",
+            test.hop_s,
+        )
+        images.append(image)
+    worst["image"] = images
+    worst.to_csv(plots / "worst.csv", index=False)
     return results

@@ -180,7 +180,8 @@ class FeatureCache:
 
 def cache_key(sha256s: list[str], cfg: FeatureConfig, segment: SegmentConfig | None = None) -> str:
     params = to_dict(cfg)
-    for how in ("batch_size", "workers"):  # how it was computed changes no value
+    # how it was computed changes no value (beyond float rounding on a GPU)
+    for how in ("batch_size", "workers", "device"):
         params.pop(how)
     if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
         params["segment"] = to_dict(segment)
@@ -414,16 +415,19 @@ def _fill(
             todo.append(kind)
             np.lib.format.open_memmap(target, mode="w+", dtype=_dtype(kind, cfg), shape=shape)
     if todo:
-        workers = _workers(cfg, len(paths))
+        device = feature_device(cfg)
+        # on a GPU the torch kinds run batched in this process; on CPUs, one process per core
+        workers = 1 if device == "cuda" else _workers(cfg, len(paths))
         print(
             f"featurize: computing {', '.join(todo)} for {len(paths)} recordings"
             + (f" in {workers} processes" if workers > 1 else "")
+            + (" (torch kinds on the GPU)" if device == "cuda" else "")
         )
         arrays = {k: np.load(partial / SETS / f"{k}.npy", mmap_mode="r+") for k in todo}
         # several chunks per process, so the last ones finish together
         size = min(cfg.batch_size, max(1, -(-len(paths) // (4 * workers)))) if workers > 1 else 0
         jobs = _jobs(paths, counts, size or cfg.batch_size)
-        job = _Job(cfg, segment, tuple(todo))
+        job = _Job(cfg, segment, tuple(todo), device)
         written = 0
         unit = "recording" if segment is not None else "clip"
         with tqdm(total=len(paths), desc="featurize", unit=unit) as bar:
@@ -458,6 +462,15 @@ def _fits(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
 PARALLEL_MIN = 256
 
 
+def feature_device(cfg: FeatureConfig) -> str:
+    """`features.device`: auto is CUDA when there is one; cuda without one is an error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FeatureError("features.device=cuda but no CUDA device is visible; use auto or cpu")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
 def _workers(cfg: FeatureConfig, recordings: int) -> int:
     if cfg.workers > 0:
         return min(cfg.workers, max(1, recordings))
@@ -489,10 +502,13 @@ class _Job:
     cfg: FeatureConfig
     segment: SegmentConfig | None
     kinds: tuple[str, ...]
+    device: str = "cpu"
 
     def frontend(self) -> FeatureStack | None:
         kinds = tuple(k for k in self.kinds if k != WAVE)
-        return FeatureStack(self.cfg, replace(self.cfg.stack, kinds=kinds)) if kinds else None
+        if not kinds:
+            return None
+        return FeatureStack(self.cfg, replace(self.cfg.stack, kinds=kinds)).to(self.device)
 
     def __call__(
         self, chunk: tuple[list[str], list[int] | None], frontend: FeatureStack | None
@@ -502,8 +518,10 @@ class _Job:
         out = {WAVE: waves.numpy()} if WAVE in self.kinds else {}
         if frontend is not None:
             with torch.no_grad():
-                parts = frontend.parts(waves)
-            out.update({kind: part.numpy().astype(self.cfg.dtype) for kind, part in parts.items()})
+                parts = frontend.parts(waves.to(self.device))
+            out.update(
+                {kind: part.cpu().numpy().astype(self.cfg.dtype) for kind, part in parts.items()}
+            )
         return out
 
 

@@ -1,5 +1,5 @@
 """Model families, one parameterised module each, looked up by name."""
 
-from tympan.models.registry import AudioClassifier, build_model
+from tympan.models.registry import HEADS, AudioClassifier, build_model, to_output
 
-__all__ = ["AudioClassifier", "build_model"]
+__all__ = ["HEADS", "AudioClassifier", "build_model", "to_output"]

@@ -47,9 +47,11 @@ class SmallCNN(nn.Module):
 class ParallelCNN(nn.Module):
     """S5 (after Tripathi et al. 2019): `(batch, C, bins, frames)` -> `(batch, outputs)`.
 
-    One branch per `kernels` entry `(kh, kw)`: Conv2d of `filters` filters, ReLU, 2 x 2
-    max-pool; the branches' flattened outputs are concatenated and go through the dense head
-    (`head`, with `batch_norm`, ReLU and `dropout`; S5: 400 and 200 with batch norm).
+    One branch per `kernels` entry `(kh, kw)`: Conv2d of `filters` filters, ReLU, `pool` x
+    `pool` max-pool (S5: 2); the branches' flattened outputs are concatenated and go through
+    the dense head (`head`, with `batch_norm`, ReLU and `dropout`; S5: 400 and 200 with batch
+    norm). The first dense layer's width is the concatenation's: with S5's 128 x 94 inputs and
+    pool 2 it is about 1.4M wide (a 560M-parameter layer); pool 8 makes it 100k.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class ParallelCNN(nn.Module):
             nn.Sequential(
                 nn.Conv2d(input_shape[0], cfg.filters, (kh, kw)),
                 nn.ReLU(),
-                nn.MaxPool2d(2, ceil_mode=True),
+                nn.MaxPool2d(cfg.pool, ceil_mode=True),
                 nn.Dropout(cfg.dropout_conv),
                 nn.Flatten(),
             )

@@ -100,3 +100,20 @@ def build_model(
     mean = torch.zeros(bins) if mean is None else mean
     std = torch.ones(bins) if std is None else std
     return AudioClassifier(cfg, input_shape, outputs, mean, std, side_vocab)
+
+
+# What a model's outputs mean (stored in the bundle): class logits, one logit, a value.
+HEADS = ("softmax", "sigmoid", "identity")
+
+
+def to_output(out: torch.Tensor, head: str) -> torch.Tensor:
+    """Network outputs `(batch, k)` -> class probabilities `(batch, n_classes)` (softmax; a
+    sigmoid's p as `[1 - p, p]`) or predictions `(batch, 1)` (identity)."""
+    if head == "softmax":
+        return torch.softmax(out.float(), dim=1)
+    if head == "sigmoid":
+        p = torch.sigmoid(out.float()[:, :1])
+        return torch.cat([1 - p, p], dim=1)
+    if head == "identity":
+        return out.float()
+    raise ValueError(f"unknown output head {head!r} (known: {', '.join(HEADS)})")

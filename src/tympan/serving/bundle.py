@@ -31,7 +31,7 @@ from tympan.config import (
 )
 from tympan.features import windows
 from tympan.features.stack import FeatureStack
-from tympan.models import build_model
+from tympan.models import HEADS, build_model, to_output
 
 BUNDLE_VERSION = 3
 # A request item larger than this is refused before decoding (100 MiB is about 10 minutes of
@@ -57,10 +57,16 @@ def save_bundle(
     members: dict[int, dict[str, torch.Tensor]],
     segment: SegmentConfig | None = None,
     side_vocab: dict[str, list[str]] | None = None,
+    head: str = "softmax",
 ) -> None:
+    """Everything serving needs: feature and model params, labels, input shape, statistics,
+    every member's weights, and `head` (softmax, sigmoid: classes; identity: regression)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     torch.save(
         {
             "version": BUNDLE_VERSION,
+            "head": head,
             "features": to_dict(features),
             "segment": to_dict(segment or SegmentConfig()),
             "model": to_dict(model),
@@ -99,16 +105,19 @@ class Predictor:
         self.features = params.features
         self.segment = params.segment
         self.labels: list[str] = bundle["labels"]
+        self.head: str = bundle["head"]
+        self.regression = self.head == "identity"
         self.side_vocab: dict[str, list[str]] = bundle["side_vocab"]
         self.device = device or torch.device("cpu")
         self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
         shape = tuple(bundle["input_shape"])
+        outputs = len(self.labels) if self.head == "softmax" else 1
         self.members = []
         for state in bundle["members"].values():
             member = build_model(
                 params.model,
                 shape,
-                len(self.labels),
+                outputs,
                 bundle["mean"],
                 bundle["std"],
                 self.side_vocab,
@@ -160,7 +169,8 @@ class Predictor:
     def score(
         self, sources: Sequence[Source], side: Mapping[str, Sequence[Any]] | None = None
     ) -> Scored:
-        """Probabilities per recording for files or in-memory audio bytes, with window counts.
+        """Probabilities per recording for files or in-memory audio bytes, with window counts
+        (for a regression model: the prediction `(items, 1)`).
 
         Every window goes through every member; a recording's probability is the `aggregate`
         (mean or max, renormalised) of its windows' ensemble probabilities.
@@ -169,26 +179,24 @@ class Predictor:
         per_item = [self._windows(i, source) for i, source in enumerate(sources)]
         counts = [len(w) for w in per_item]
         if not per_item:
-            return Scored(np.zeros((0, len(self.labels)), dtype=np.float32), [])
+            width = 1 if self.regression else len(self.labels)
+            return Scored(np.zeros((0, width), dtype=np.float32), [])
         waves = torch.cat(per_item)  # (all windows, samples)
         window_codes = codes.repeat_interleave(torch.tensor(counts), dim=0)
         chunks = []
         for start in range(0, len(waves), WINDOW_BATCH):
             x = self.frontend(waves[start : start + WINDOW_BATCH].to(self.device))
             s = window_codes[start : start + WINDOW_BATCH].to(self.device)
-            chunks.append(
-                torch.stack(
-                    [torch.softmax(m(x, s) if self.side_vocab else m(x), 1) for m in self.members]
-                )
-                .mean(0)
-                .cpu()
-            )
+            outputs = [
+                to_output(m(x, s) if self.side_vocab else m(x), self.head) for m in self.members
+            ]
+            chunks.append(torch.stack(outputs).mean(0).cpu())
         probs = torch.cat(chunks)
         out = []
         for block in torch.split(probs, counts):
             if self.segment.aggregate == "max":
                 top = block.amax(0)
-                out.append(top / top.sum())
+                out.append(top if self.regression else top / top.sum())
             else:
                 out.append(block.mean(0))
         return Scored(torch.stack(out).numpy(), counts)
@@ -202,8 +210,14 @@ class Predictor:
     def predict(
         self, sources: Sequence[Source], side: Mapping[str, Sequence[Any]] | None = None
     ) -> list[dict[str, Any]]:
-        """`[{"label": ..., "probabilities": {label: p}, "windows": n}]`, one per item."""
+        """`[{"label": ..., "probabilities": {label: p}, "windows": n}]`, one per item; for a
+        regression model `[{"value": v, "windows": n}]`."""
         scored = self.score(sources, side)
+        if self.regression:
+            return [
+                {"value": float(row[0]), "windows": n}
+                for row, n in zip(scored.probs, scored.windows, strict=True)
+            ]
         return [
             {
                 "label": self.labels[int(row.argmax())],

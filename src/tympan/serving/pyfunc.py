@@ -49,15 +49,18 @@ class AudioModel(mlflow.pyfunc.PythonModel):
                 for name in self.predictor.side_vocab
                 if name in model_input.columns
             }
-            return pd.DataFrame(
-                self.predictor.predict(items, side), columns=["label", "probabilities", "windows"]
-            )
+            columns = ["value", "windows"] if self.predictor.regression else CLASS_COLUMNS
+            return pd.DataFrame(self.predictor.predict(items, side), columns=columns)
         except PayloadError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
-def signature(side: tuple[str, ...] = ()) -> ModelSignature:
-    """Audio plus side-attribute columns in; label, probabilities and window count out.
+CLASS_COLUMNS = ["label", "probabilities", "windows"]
+
+
+def signature(side: tuple[str, ...] = (), regression: bool = False) -> ModelSignature:
+    """Audio plus side-attribute columns in; label, probabilities and window count out (a
+    regression model: value and window count).
 
     Side columns are optional in the schema so that a missing one reaches the model, which
     answers with a message naming the attribute instead of a schema error.
@@ -68,7 +71,9 @@ def signature(side: tuple[str, ...] = ()) -> ModelSignature:
             + [ColSpec("string", name, required=False) for name in side]
         ),
         outputs=Schema(
-            [
+            [ColSpec("double", "value"), ColSpec("long", "windows")]
+            if regression
+            else [
                 ColSpec("string", "label"),
                 ColSpec(Map("double"), "probabilities"),
                 ColSpec("long", "windows"),
@@ -96,6 +101,7 @@ def requirements() -> list[str]:
     names = [
         "torch",
         "torchaudio",
+        "torchvision",
         "numpy",
         "pandas",
         "soundfile",
@@ -109,13 +115,14 @@ def requirements() -> list[str]:
 
 def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
     """Log the pyfunc (bundle + tympan's own code) in the active run; -> ModelInfo."""
-    side_vocab = torch.load(bundle, map_location="cpu", weights_only=True)["side_vocab"]
+    stored = torch.load(bundle, map_location="cpu", weights_only=True)
+    side_vocab = stored["side_vocab"]
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=AudioModel(),
         artifacts={"bundle": str(bundle)},
         code_paths=[str(Path(tympan.__file__).parent)],
-        signature=signature(tuple(side_vocab)),
+        signature=signature(tuple(side_vocab), regression=stored["head"] == "identity"),
         input_example=example_input(sample_rate, side_vocab),
         pip_requirements=requirements(),
         registered_model_name=registered_name,

@@ -1,38 +1,73 @@
-"""Train one model per seed on cached features: Adam, early stopping, LR on plateau.
+"""Train one model per seed on cached features: the task's loss, the chosen optimiser, early
+stopping with the best weights restored, LR on plateau, and a checkpoint per epoch.
 
-`fit` is the single training function: the `train` stage calls it once per seed, and the tune
-stage (later) will call the same function per trial.
+`SeedTrainer` is the single training loop: the train stage runs one per seed (and per CV
+fold), the tune stage steps several in lockstep. A trainer given a checkpoint path saves its
+whole state after every epoch (weights, optimiser, scheduler, loss scaler, every random
+stream, early-stopping state and history) and, when the file is there and was written for the
+same run, starts from it: a killed run resumes where it stopped and ends exactly as an
+uninterrupted run would on the CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from tympan.config import AugmentConfig, ModelConfig, TrainConfig, params_from_dict
-from tympan.evaluation.metrics import classification_metrics
+from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
-from tympan.models import AudioClassifier, build_model
+from tympan.models import AudioClassifier, build_model, to_output
 from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
+
+
+class TrainingError(ValueError):
+    """Train params that do not fit the data (the message names the param)."""
 
 
 @dataclass(frozen=True)
 class EpochLog:
-    """One row of the learning curve."""
+    """One row of the learning curve: losses, learning rate and validation metrics (`val`:
+    val_accuracy, val_f1_macro, val_precision, val_recall, val_roc_auc, or val_mae, val_rmse,
+    val_r2 for regression)."""
 
     epoch: int
     train_loss: float
     val_loss: float
-    val_accuracy: float
-    val_f1_macro: float
     lr: float
+    val: dict[str, float] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, float]:
+        """Every number but the epoch, as MLflow metrics and history columns."""
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss, "lr": self.lr, **self.val}
+
+    def metric(self, name: str) -> float:
+        values = self.flat()
+        if name not in values:
+            raise TrainingError(
+                f"{name} is not measured for this task (measured: {', '.join(values)})"
+            )
+        return values[name]
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.val.get("val_accuracy", math.nan)
+
+    @property
+    def val_f1_macro(self) -> float:
+        return self.val.get("val_f1_macro", math.nan)
 
 
 @dataclass
@@ -44,6 +79,37 @@ class SeedResult:
     history: list[EpochLog] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
+    resumed_at: int = 0  # epochs already done when this run started from a checkpoint
+
+
+@dataclass(frozen=True)
+class Task:
+    """What is learnt: `head` turns the network's outputs into what is scored and served."""
+
+    kind: str  # classification | regression
+    criterion: str  # ce | bce | mse | l1
+    n_classes: int
+
+    @property
+    def outputs(self) -> int:
+        return self.n_classes if self.criterion == "ce" else 1
+
+    @property
+    def head(self) -> str:
+        return {"ce": "softmax", "bce": "sigmoid"}.get(self.criterion, "identity")
+
+
+def task_for(cfg: TrainConfig, labels: list[str], classical: bool = False) -> Task:
+    criterion = cfg.criterion
+    if classical and criterion == "bce":
+        criterion = "ce"  # the baselines' own probabilities, one column per class
+    if criterion == "bce" and len(labels) != 2:
+        raise TrainingError(
+            f"train.loss=bce needs exactly two classes, the data has {len(labels)} "
+            f"({', '.join(labels[:5])}); use ce"
+        )
+    n_classes = len(labels) if cfg.task == "classification" else 0
+    return Task(cfg.task, criterion, n_classes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +128,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _batches(
-    features: np.ndarray,
+    features: Any,
     rows: np.ndarray,
     targets: np.ndarray,
     batch_size: int,
@@ -70,8 +136,8 @@ def _batches(
     rng: np.random.Generator | None,
     side: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """Yield float32 inputs `(batch, 1, n_mels, frames)`, side codes `(batch, n_side)` (None
-    without side attributes) and targets `(batch,)` from the memmap."""
+    """Yield float32 inputs `(batch, C, bins, frames)`, side codes `(batch, n_side)` (None
+    without side attributes) and targets `(batch,)` from the memmap (shuffled with `rng`)."""
     order = rows[rng.permutation(len(rows))] if rng is not None else rows
     pin = device.type == "cuda"
 
@@ -87,15 +153,17 @@ def _batches(
 
 
 @torch.no_grad()
-def predict_proba(
+def predict(
     model: nn.Module,
-    features: np.ndarray,
+    features: Any,
     rows: np.ndarray,
     batch_size: int,
     device: torch.device,
     side: np.ndarray | None = None,
+    head: str = "softmax",
 ) -> np.ndarray:
-    """Class probabilities `(len(rows), n_classes)` for the given rows, in row order.
+    """Outputs for the given rows, in row order: probabilities `(len(rows), n_classes)`, or
+    predictions `(len(rows), 1)` for a regression head.
 
     `side`: side-attribute codes for every row of `features` `(clips, n_side)`, when the model
     declares side attributes.
@@ -104,12 +172,25 @@ def predict_proba(
     dummy = np.zeros(len(features), dtype=np.int64)
     sorted_rows = np.sort(rows)
     out = [
-        torch.softmax(model(x, s) if s is not None else model(x), dim=1).cpu()
+        to_output(model(x, s) if s is not None else model(x), head).cpu()
         for x, s, _ in _batches(features, sorted_rows, dummy, batch_size, device, None, side)
     ]
-    probs = torch.cat(out).numpy() if out else np.zeros((0, 0))
+    values = torch.cat(out).numpy() if out else np.zeros((0, 0))
     position = {r: i for i, r in enumerate(sorted_rows)}
-    return probs[[position[r] for r in rows]]
+    return values[[position[r] for r in rows]]
+
+
+def predict_proba(
+    model: nn.Module,
+    features: Any,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    side: np.ndarray | None = None,
+    head: str = "softmax",
+) -> np.ndarray:
+    """Class probabilities `(len(rows), n_classes)`: `predict` with a classification head."""
+    return predict(model, features, rows, batch_size, device, side, head)
 
 
 def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -119,13 +200,34 @@ def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def undersample(rows: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows with every class cut to the smallest class's count, drawn with `rng`, in order."""
+    labels, counts = np.unique(targets[rows], return_counts=True)
+    keep = [
+        rng.choice(rows[targets[rows] == label], counts.min(), replace=False) for label in labels
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+def regression_targets(cache: FeatureCache) -> np.ndarray:
+    """The manifest's numeric `target` per row `(clips,)` float32."""
+    if "target" not in cache.index.columns:
+        raise TrainingError(
+            "train.task=regression needs a numeric 'target' column in the manifest "
+            "(data.adapter: csv with data.target_column)"
+        )
+    return cache.index["target"].astype(np.float32).to_numpy()
+
+
 class SeedTrainer:
     """One seed's training, advanced an epoch at a time.
 
     Each trainer keeps its own torch and numpy random state, so several seeds can be stepped
     in lockstep (the tune stage reports their mean every epoch) and still give exactly what
     `fit` gives for each seed alone. Early stopping watches the validation loss; `finish`
-    restores the weights of the best epoch.
+    restores the weights of the best epoch. With `checkpoint` (a file path) the state is saved
+    after every epoch and, when that file holds the state of the same run (`fingerprint`),
+    training continues from it.
     """
 
     def __init__(
@@ -136,31 +238,41 @@ class SeedTrainer:
         seed: int,
         device: torch.device,
         augment: AugmentConfig | None = None,
+        checkpoint: Path | None = None,
+        fingerprint: str = "",
     ) -> None:
         seed_everything(seed)
         self.cache, self.cfg, self.device = cache, cfg, device
-        self.targets = cache.targets()
+        self.task = task_for(cfg, cache.labels)
+        classify = self.task.kind == "classification"
+        self.labels = cache.targets() if classify else np.zeros(len(cache.index), np.int64)
+        self.targets = self.labels if classify else regression_targets(cache)
         self.train_rows, self.val_rows = cache.rows("train"), cache.rows("val")
-        n_classes = len(cache.labels)
+        if classify and cfg.undersample and cfg.class_weights:
+            raise TrainingError("train.undersample and train.class_weights: choose one")
         vocab = cache.side_vocab(model_cfg.side_attributes)
         self.side = cache.side_codes(vocab) if vocab else None
         self.model = build_model(
             model_cfg,
             tuple(cache.features.shape[1:]),
-            n_classes,
+            self.task.outputs,
             torch.from_numpy(cache.mean),
             torch.from_numpy(cache.std),
             vocab,
         ).to(device)
-        train_targets = self.targets[self.train_rows]
-        self.weight = (
-            class_weights(train_targets, n_classes).to(device) if cfg.class_weights else None
-        )
-        self.loss_fn = nn.CrossEntropyLoss(weight=self.weight)
-        # Training batches only: validation (and test, serving) never pass through it.
-        self.augmenter = (
-            Augmenter(augment, n_classes, seed) if augment is not None and augment.enabled else None
-        )
+        cuda = device.type == "cuda"
+        self.amp = cfg.amp and cuda
+        self.channels_last = cfg.channels_last and cuda
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        n = max(self.task.n_classes, 1)
+        weight = class_weights(self.labels[self.train_rows], n) if classify else None
+        self.weight = weight.to(device) if weight is not None and cfg.class_weights else None
+        self.augmenter = None
+        if augment is not None and augment.enabled:
+            if not classify and augment.mixup_alpha > 0:
+                raise TrainingError("augment.mixup_alpha needs train.task=classification")
+            self.augmenter = Augmenter(augment, n, seed)
         self.inputs = cache.features
         if augment is not None and augment.waveform:
             if cache.waves is None:
@@ -173,9 +285,7 @@ class SeedTrainer:
             ).features
             # its own stream, so spectral draws stay as they were without waveform augmentation
             self.inputs = AugmentedInputs(cache.waves, features, augment, seed + 7919)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = _optimizer(cfg, self.model)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer,
             mode="min",
@@ -183,12 +293,16 @@ class SeedTrainer:
             patience=cfg.lr_patience,
             min_lr=cfg.min_lr,
         )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         self.rng = np.random.default_rng(seed)
         self.result = SeedResult(seed=seed, model=self.model)
         self.best_loss, self.waited = float("inf"), 0
         self.best_state = copy.deepcopy(self.model.state_dict())
         self._torch_state = torch.get_rng_state()
-        self._cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self._cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+        self.checkpoint, self.fingerprint = checkpoint, fingerprint
+        if checkpoint is not None and checkpoint.exists():
+            self._resume(checkpoint)
 
     @property
     def done(self) -> bool:
@@ -199,6 +313,24 @@ class SeedTrainer:
         """The epoch whose weights `finish` restores (lowest validation loss so far)."""
         return self.result.history[self.result.best_epoch - 1] if self.result.best_epoch else None
 
+    def _loss(self, out: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        criterion = self.task.criterion
+        if criterion == "ce":
+            if soft is not None:
+                return soft_cross_entropy(out, soft.to(out.device), self.weight)
+            return F.cross_entropy(out, y, weight=self.weight)
+        if criterion == "bce":
+            target = soft[:, 1].to(out.device) if soft is not None else y.float()
+            pos_weight = None if self.weight is None else self.weight[1:] / self.weight[0]
+            return F.binary_cross_entropy_with_logits(out[:, 0], target, pos_weight=pos_weight)
+        loss = F.mse_loss if criterion == "mse" else F.l1_loss
+        return loss(out[:, 0].float(), y.float())
+
+    def _epoch_rows(self) -> np.ndarray:
+        if self.cfg.undersample and self.task.kind == "classification":
+            return undersample(self.train_rows, self.labels, self.rng)
+        return self.train_rows
+
     def step(self) -> EpochLog:
         """Train one epoch, validate, update the LR schedule and early stopping."""
         torch.set_rng_state(self._torch_state)
@@ -206,48 +338,40 @@ class SeedTrainer:
             torch.cuda.set_rng_state(self._cuda_state, self.device)
         self.model.train()
         total, count = 0.0, 0
+        rows = self._epoch_rows()
         for x, side, y in _batches(
-            self.inputs,
-            self.train_rows,
-            self.targets,
-            self.cfg.batch_size,
-            self.device,
-            self.rng,
-            self.side,
+            self.inputs, rows, self.targets, self.cfg.batch_size, self.device, self.rng, self.side
         ):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
+            soft = None
             if self.augmenter is not None:
-                x, soft = self.augmenter(x, y)
-            logits = self.model(x, side) if side is not None else self.model(x)
-            if self.augmenter is not None:
-                loss = soft_cross_entropy(logits, soft.to(logits.device), self.weight)
-            else:
-                loss = self.loss_fn(logits, y)
-            loss.backward()
-            self.optimizer.step()
+                labels = y if self.task.kind == "classification" else torch.zeros_like(y).long()
+                x, soft = self.augmenter(x, labels)
+                if self.task.kind != "classification":
+                    soft = None
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                out = self.model(x, side) if side is not None else self.model(x)
+                loss = self._loss(out, y, soft)
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             total += loss.item() * len(y)
             count += len(y)
         self._torch_state = torch.get_rng_state()
         if self._cuda_state is not None:
             self._cuda_state = torch.cuda.get_rng_state(self.device)
-        val_targets = self.targets[self.val_rows]
-        probs = predict_proba(
-            self.model,
-            self.cache.features,
-            self.val_rows,
-            self.cfg.batch_size,
-            self.device,
-            self.side,
-        )
-        val_loss = _nll(probs, val_targets, self.weight)
-        metrics = classification_metrics(val_targets, probs)
+        val_loss, val = self.validate()
         entry = EpochLog(
             len(self.result.history) + 1,
             total / max(count, 1),
             val_loss,
-            metrics["accuracy"],
-            metrics["f1_macro"],
             self.optimizer.param_groups[0]["lr"],
+            val,
         )
         self.result.history.append(entry)
         self.plateau.step(val_loss)
@@ -258,11 +382,99 @@ class SeedTrainer:
         else:
             self.waited += 1
             self.result.stopped_early = self.waited >= self.cfg.patience
+        if self.checkpoint is not None:
+            self._save(self.checkpoint)
         return entry
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        """-> validation loss (weighted like training) and `val_*` metrics."""
+        outputs = predict(
+            self.model,
+            self.cache.features,
+            self.val_rows,
+            self.cfg.batch_size,
+            self.device,
+            self.side,
+            self.task.head,
+        )
+        targets = self.targets[self.val_rows]
+        if self.task.kind == "classification":
+            metrics = classification_metrics(targets, outputs)
+            loss = _nll(outputs, targets, self.weight)
+        else:
+            metrics = regression_metrics(targets, outputs[:, 0])
+            errors = outputs[:, 0].astype(np.float64) - targets
+            loss = float(np.mean(errors**2 if self.task.criterion == "mse" else np.abs(errors)))
+        return loss, {f"val_{k}": v for k, v in metrics.items()}
 
     def finish(self) -> SeedResult:
         self.model.load_state_dict(self.best_state)
         return self.result
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        inputs = self.inputs if isinstance(self.inputs, AugmentedInputs) else None
+        return {
+            "fingerprint": self.fingerprint,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": self._torch_state,
+            "cuda_rng": self._cuda_state,
+            "numpy_rng": self.rng.bit_generator.state,
+            "augmenter": None if self.augmenter is None else self.augmenter.state_dict(),
+            "wave_augmenter": None if inputs is None else inputs.augment.state_dict(),
+            "best_state": self.best_state,
+            "best_loss": self.best_loss,
+            "waited": self.waited,
+            "best_epoch": self.result.best_epoch,
+            "stopped_early": self.result.stopped_early,
+            "history": [asdict(e) for e in self.result.history],
+        }
+
+    def _save(self, path: Path) -> None:
+        """Write the state beside `path`, then move it in place: a kill mid-write leaves the
+        previous epoch's checkpoint."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(self.state_dict(), partial)
+        os.replace(partial, path)
+
+    def _resume(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            return  # another run's checkpoint: start afresh (it is overwritten after epoch 1)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._torch_state = state["torch_rng"]
+        if self._cuda_state is not None and state["cuda_rng"] is not None:
+            self._cuda_state = state["cuda_rng"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        if self.augmenter is not None and state["augmenter"] is not None:
+            self.augmenter.load_state_dict(state["augmenter"])
+        if isinstance(self.inputs, AugmentedInputs) and state["wave_augmenter"] is not None:
+            self.inputs.augment.load_state_dict(state["wave_augmenter"])
+        self.best_state = state["best_state"]
+        self.best_loss, self.waited = state["best_loss"], state["waited"]
+        self.result.best_epoch = state["best_epoch"]
+        self.result.stopped_early = state["stopped_early"]
+        self.result.history = [EpochLog(**e) for e in state["history"]]
+        self.result.resumed_at = len(self.result.history)
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def fit(
@@ -274,26 +486,75 @@ def fit(
     on_epoch: Callable[[EpochLog], None] | None = None,
     progress: bool = True,
     augment: AugmentConfig | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
 ) -> SeedResult:
     """Train one seed until `cfg.epochs` or `cfg.patience` epochs without a lower val loss.
 
     `augment` applies to training batches only. The returned model holds the weights of its
-    best epoch (lowest validation loss).
+    best epoch (lowest validation loss). With `checkpoint`, see `SeedTrainer`; `on_epoch` is
+    called for the epochs restored from it too, so a resumed run logs its whole curve.
     """
-    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device, augment)
-    with tqdm(total=cfg.epochs, desc=f"seed {seed}", unit="epoch", disable=not progress) as bar:
+    if model_cfg.classical:
+        return fit_classical(cache, model_cfg, cfg, seed)
+    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device, augment, checkpoint, fingerprint)
+    if on_epoch is not None:
+        for entry in trainer.result.history:
+            on_epoch(entry)
+    with tqdm(
+        total=cfg.epochs,
+        initial=len(trainer.result.history),
+        desc=f"seed {seed}",
+        unit="epoch",
+        disable=not progress,
+    ) as bar:
         while not trainer.done:
             entry = trainer.step()
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{entry.train_loss:.3f}",
-                val_loss=f"{entry.val_loss:.3f}",
-                val_acc=f"{entry.val_accuracy:.3f}",
-                val_f1=f"{entry.val_f1_macro:.3f}",
-            )
+            bar.set_postfix(_postfix(entry))
             if on_epoch is not None:
                 on_epoch(entry)
     return trainer.finish()
+
+
+def _postfix(entry: EpochLog) -> dict[str, str]:
+    shown = ("val_accuracy", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
+    shown += ("val_mae",)
+    values = {"loss": entry.train_loss, "val_loss": entry.val_loss, **entry.val}
+    return {
+        k.replace("val_", "v_"): f"{v:.3f}" for k, v in values.items() if k in shown or "loss" in k
+    }
+
+
+def fit_classical(
+    cache: FeatureCache, model_cfg: ModelConfig, cfg: TrainConfig, seed: int
+) -> SeedResult:
+    """Fit a scikit-learn baseline on the normalised train rows (one "epoch"); validation
+    metrics as for a network."""
+    seed_everything(seed)
+    task = task_for(cfg, cache.labels, classical=True)
+    model = build_model(
+        model_cfg,
+        tuple(cache.features.shape[1:]),
+        task.outputs,
+        torch.from_numpy(cache.mean),
+        torch.from_numpy(cache.std),
+    )
+    classify = task.kind == "classification"
+    targets = cache.targets() if classify else regression_targets(cache)
+    rows = cache.rows("train")
+    x = model.normalize(torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)))
+    model.net.fit(x, targets[rows], regression=not classify, seed=seed)
+    val_rows = cache.rows("val")
+    outputs = predict(model, cache.features, val_rows, 256, torch.device("cpu"), None, task.head)
+    if classify:
+        val = classification_metrics(targets[val_rows], outputs)
+        loss = _nll(outputs, targets[val_rows], None)
+    else:
+        val = regression_metrics(targets[val_rows], outputs[:, 0])
+        loss = float(np.mean((outputs[:, 0] - targets[val_rows]) ** 2))
+    entry = EpochLog(1, math.nan, loss, math.nan, {f"val_{k}": v for k, v in val.items()})
+    return SeedResult(seed=seed, model=model, history=[entry], best_epoch=1)
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray, weight: torch.Tensor | None) -> float:

@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tympan import tracking
-from tympan.config import Params, to_dict
+from tympan.config import LOWER_IS_BETTER, Params, to_dict
 from tympan.features import FeatureCache
 from tympan.training import SeedTrainer
 from tympan.tuning.space import apply_overrides, grid_values, sample
@@ -54,7 +54,7 @@ class SurplusTrial(RuntimeError):
 
 
 def direction(metric: str) -> str:
-    return "minimize" if metric == "val_loss" else "maximize"
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
 
 def masked(url: str) -> str:
@@ -262,7 +262,7 @@ def parent_run(study: optuna.Study, params: Params) -> str:
 
 def _best_value(trainer: SeedTrainer, metric: str) -> float:
     """The seed's `metric` at its best epoch so far (the weights early stopping keeps)."""
-    return float(getattr(trainer.best, metric))
+    return float(trainer.best.metric(metric))
 
 
 def make_objective(
@@ -318,8 +318,8 @@ def make_objective(
                             seed_runs[seed],
                             metrics=[
                                 Metric(k, float(v), now, entry.epoch)
-                                for k, v in vars(entry).items()
-                                if k != "epoch"
+                                for k, v in entry.flat().items()
+                                if v == v  # MLflow refuses NaN
                             ],
                         )
                     mean = statistics.fmean(_best_value(t, cfg.metric) for t in trainers.values())

@@ -1,0 +1,98 @@
+"""A `tympan train` killed with SIGKILL resumes from its per-epoch checkpoints and ends with
+the same weights as an uninterrupted run (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tympan.config import ModelConfig, load_params, to_dict
+
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _train(params_file: Path, cache_dir: Path, out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            str(BIN / "tympan"),
+            "--params",
+            str(params_file),
+            "train",
+            "--features",
+            str(cache_dir),
+            "--manifest",
+            str(params_file),  # only hashed for the run's tags
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _members(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(out / "bundle.pt", map_location="cpu", weights_only=True)["members"]
+
+
+def test_a_killed_train_resumes_and_matches_an_uninterrupted_run(tone_cache_dir, tmp_path):
+    base = load_params(REPO / "params.yaml")
+    params = replace(
+        base,
+        model=replace(ModelConfig(), channels=8, hidden=16),
+        train=replace(base.train, seeds=(0, 1), epochs=40, patience=40, batch_size=8),
+        tracking=replace(base.tracking, experiment="resume-test"),
+    )
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(params), sort_keys=False))
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "TYMPAN_CHECKPOINTS": str(tmp_path / "checkpoints"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+
+    straight = _train(params_file, tone_cache_dir, tmp_path / "straight", env)
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+
+    killed = _train(params_file, tone_cache_dir, tmp_path / "resumed", env)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and checkpoint is None:
+        found = sorted((tmp_path / "checkpoints").glob("*/1.pt"))  # seed 1, the second member
+        checkpoint = found[0] if found else None
+        time.sleep(0.01)
+    assert checkpoint is not None, "no checkpoint of the second member appeared"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed" / "bundle.pt").exists()
+
+    again = _train(params_file, tone_cache_dir, tmp_path / "resumed", env)
+    output = again.stdout.read()
+    assert again.wait(timeout=600) == 0, output
+    assert "train: 0 resumed from its epoch-40 checkpoint" in output  # finished before the kill
+    assert "train: 1 resumed from its epoch-" in output
+    assert not checkpoint.parent.exists()  # removed once the bundle is written
+
+    expected, got = _members(tmp_path / "straight"), _members(tmp_path / "resumed")
+    assert list(got) == list(expected) == ["0", "1"]
+    for name in expected:
+        for key, tensor in expected[name].items():
+            torch.testing.assert_close(got[name][key], tensor, rtol=0, atol=0)
+    record = json.loads((tmp_path / "resumed" / "train.json").read_text())
+    assert record["seeds"]["1"]["epochs_run"] == 40
