@@ -65,3 +65,45 @@ def test_windows_train_and_are_scored_per_recording(s3_like, repo_params, mlflow
     assert json.loads((tmp / "t.json").read_text())["clips"] == test_recordings
     predictions = pd.read_csv(tmp / "plots" / "test_predictions.csv")
     assert predictions["path"].is_unique and len(predictions) == test_recordings
+
+
+def test_validation_scores_recordings_not_windows(s3_like):
+    """During training, the validation metrics and loss are per recording: the windows'
+    probabilities combined by segment.aggregate, as evaluation and serving do."""
+    import torch
+
+    from tympan.config import ModelConfig
+    from tympan.evaluation.metrics import classification_metrics
+    from tympan.evaluation.report import per_recording
+    from tympan.features import build_cache
+    from tympan.training import SeedTrainer, predict_proba
+    from tympan.training.loop import _nll
+
+    rows = []
+    for path in sorted((s3_like / "audio").glob("*.wav")):
+        split = ["train", "train", "val"][len(rows) % 3]
+        rows.append(
+            {
+                "path": str(path),
+                "label": "Argentinian" if "Arg" in path.name else "Other",
+                "group": path.stem,
+                "split": split,
+                "sha256": f"{len(rows):064x}",
+            }
+        )
+    cfg = FeatureConfig(sample_rate=8000, seconds=1.0, n_fft=256, hop_length=128)
+    cache = build_cache(
+        pd.DataFrame(rows), cfg, s3_like / "cache", SegmentConfig(enabled=True, hop=0.5)
+    )
+    cpu = torch.device("cpu")
+    model = ModelConfig(channels=4, hidden=8)
+    for how in ("mean", "max"):
+        trainer = SeedTrainer(cache, model, TrainConfig(batch_size=8), 0, cpu, aggregate=how)
+        loss, val = trainer.validate()
+        windows = predict_proba(trainer.model, cache.features, cache.rows("val"), 8, cpu)
+        first, combined = per_recording(cache.index.iloc[cache.rows("val")], {"v": windows}, how)
+        targets = cache.targets()[cache.rows("val")[first]]
+        assert len(targets) == 4  # recordings, each of 5 windows
+        expected = classification_metrics(targets, combined["v"])
+        assert val == {f"val_{k}": v for k, v in expected.items()}
+        assert loss == pytest.approx(_nll(combined["v"], targets, trainer.weight))

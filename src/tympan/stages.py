@@ -193,6 +193,7 @@ def run_train(
                         on_epoch=lambda e: mlflow.log_metrics(_finite(e.flat()), step=e.epoch),
                         checkpoint=checkpoints / f"{name}.pt",
                         fingerprint=name,
+                        aggregate=params.segment.aggregate,
                     )
                     if result.resumed_at:
                         mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))

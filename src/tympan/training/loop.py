@@ -240,8 +240,10 @@ class SeedTrainer:
         augment: AugmentConfig | None = None,
         checkpoint: Path | None = None,
         fingerprint: str = "",
+        aggregate: str = "mean",
     ) -> None:
         seed_everything(seed)
+        self.aggregate = aggregate  # segment.aggregate: windows -> recording in validation
         self.cache, self.cfg, self.device = cache, cfg, device
         self.task = task_for(cfg, cache.labels)
         classify = self.task.kind == "classification"
@@ -387,7 +389,9 @@ class SeedTrainer:
         return entry
 
     def validate(self) -> tuple[float, dict[str, float]]:
-        """-> validation loss (weighted like training) and `val_*` metrics."""
+        """-> validation loss (weighted like training) and `val_*` metrics, per recording:
+        a segmented recording's windows are combined by `segment.aggregate` first, as
+        evaluation and serving combine them."""
         outputs = predict(
             self.model,
             self.cache.features,
@@ -397,7 +401,17 @@ class SeedTrainer:
             self.side,
             self.task.head,
         )
-        targets = self.targets[self.val_rows]
+        rows = self.val_rows
+        if "window" in self.cache.index.columns:
+            from tympan.evaluation.report import per_recording
+
+            how = self.aggregate
+            classify = self.task.kind == "classification"
+            first, combined = per_recording(
+                self.cache.index.iloc[rows], {"val": outputs}, how, classify
+            )
+            outputs, rows = combined["val"], rows[first]
+        targets = self.targets[rows]
         if self.task.kind == "classification":
             metrics = classification_metrics(targets, outputs)
             loss = _nll(outputs, targets, self.weight)
@@ -488,6 +502,7 @@ def fit(
     augment: AugmentConfig | None = None,
     checkpoint: Path | None = None,
     fingerprint: str = "",
+    aggregate: str = "mean",
 ) -> SeedResult:
     """Train one seed until `cfg.epochs` or `cfg.patience` epochs without a lower val loss.
 

@@ -294,7 +294,15 @@ def make_objective(
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({**sampled, "trial": trial.number})
             trainers = {
-                seed: SeedTrainer(cache, config.model, config.train, seed, device, config.augment)
+                seed: SeedTrainer(
+                    cache,
+                    config.model,
+                    config.train,
+                    seed,
+                    device,
+                    config.augment,
+                    aggregate=config.segment.aggregate,
+                )
                 for seed in cfg.seeds
             }
             seed_runs = {
