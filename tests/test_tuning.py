@@ -80,7 +80,8 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
     [
         ({"train.lr": SearchParam("float", 0.01, 0.001)}, "empty or inverted range"),
         ({"train.lr": SearchParam("float", 0.01, 0.01)}, "empty or inverted range"),
-        ({"train.momentum": SearchParam("float", 0.1, 0.9)}, "not a tunable param"),
+        ({"train.nesterov": SearchParam("float", 0.1, 0.9)}, "not a tunable param"),
+        ({"train.task": SearchParam("categorical", choices=("a", "b"))}, "not a tunable param"),
         (
             {"optimizer.lr": SearchParam("float", 0.1, 0.9)},
             "must be model.<field>, train.<field> or augment.<field>",

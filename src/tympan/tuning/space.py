@@ -20,7 +20,14 @@ from tympan.config import (
 )
 
 TUNABLE = {"model": ModelConfig, "train": TrainConfig, "augment": AugmentConfig}
-NOT_TUNABLE = {"model.name", "model.side_attributes", "train.seeds", "train.device"}
+NOT_TUNABLE = {
+    "model.name",
+    "model.side_attributes",
+    "model.weights",
+    "train.seeds",
+    "train.device",
+    "train.task",
+}
 
 
 def apply_overrides(params: Params, overrides: dict[str, Any], source: str) -> Params:
