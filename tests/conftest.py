@@ -23,6 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("TYMPAN_FSDD", REPO.parent / "shared" / "datasets" / "fsdd"))
 
 
+@pytest.fixture(autouse=True)
+def _checkpoints_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train stages run in-process write their per-epoch checkpoints under the test's own
+    folder, not the project's `.tympan/`."""
+    monkeypatch.setenv("TYMPAN_CHECKPOINTS", str(tmp_path / "checkpoints"))
+
+
 @pytest.fixture(scope="session")
 def repo_params() -> Params:
     return load_params(REPO / "params.yaml")
