@@ -234,6 +234,23 @@ def _worst(
 ) -> pd.DataFrame:
     """The k test clips whose true class got the lowest probability: CSV and spectrograms."""
     order = m.worst_predictions(test.targets, probs, k)
+    return _write_worst(
+        test,
+        table,
+        order,
+        lambda row: (
+            f"true {row['actual']} (p={row['p_actual']:.3f}), "
+            f"predicted {row['predicted']} (p={row['confidence']:.3f})"
+        ),
+        plots,
+    )
+
+
+def _write_worst(
+    test: HeldOut, table: pd.DataFrame, order: np.ndarray, caption, plots: Path
+) -> pd.DataFrame:
+    """worst.csv (the `order` rows of `table`, ranked) and one spectrogram per clip in
+    worst/, titled with the file and `caption(row)`."""
     worst = table.iloc[order].reset_index(drop=True)
     worst.insert(0, "rank", np.arange(1, len(worst) + 1))
     images = []
@@ -242,11 +259,7 @@ def _worst(
         row = table.iloc[i]
         image = f"worst/{rank:02d}_{safe_name(Path(row['path']).stem)}.png"
         spectrogram_plot(
-            test.features[i],
-            plots / image,
-            f"#{rank} {row['path']}\ntrue {row['actual']} (p={row['p_actual']:.3f}), "
-            f"predicted {row['predicted']} (p={row['confidence']:.3f})",
-            test.hop_s,
+            test.features[i], plots / image, f"#{rank} {row['path']}\n{caption(row)}", test.hop_s
         )
         images.append(image)
     worst["image"] = images
@@ -352,20 +365,11 @@ def regression_report(
         f"test, mean of {len(per_seed_predictions)} (MAE {results['ensemble']['mae']:.3g})",
     )
     order = np.argsort(-errors, kind="stable")[:worst_k]
-    worst = table.iloc[order].reset_index(drop=True)
-    worst.insert(0, "rank", np.arange(1, len(worst) + 1))
-    _replace_dir(plots / "worst")
-    images = []
-    for rank, i in enumerate(order, start=1):
-        row = table.iloc[i]
-        image = f"worst/{rank:02d}_{safe_name(Path(row['path']).stem)}.png"
-        spectrogram_plot(
-            test.features[i],
-            plots / image,
-            f"#{rank} {row['path']}\ntrue {row['actual']:.3g}, predicted {row['predicted']:.3g}",
-            test.hop_s,
-        )
-        images.append(image)
-    worst["image"] = images
-    worst.to_csv(plots / "worst.csv", index=False)
+    _write_worst(
+        test,
+        table,
+        order,
+        lambda row: f"true {row['actual']:.3g}, predicted {row['predicted']:.3g}",
+        plots,
+    )
     return results
