@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -87,6 +88,17 @@ def test_a_killed_train_resumes_and_matches_an_uninterrupted_run(tone_cache_dir,
     assert again.wait(timeout=600) == 0, output
     assert "train: 0 resumed from its epoch-40 checkpoint" in output  # finished before the kill
     assert "train: 1 resumed from its epoch-" in output
+    # the killed process's parent and seed runs are closed as KILLED, not left RUNNING
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("resume-test").experiment_id], order_by=["start_time"]
+    )
+    statuses = [(r.info.run_name, r.info.status) for r in runs]
+    # seed 0 had finished before the kill; its parent and seed 1 had not
+    killed_runs = [name for name, status in statuses if status == "KILLED"]
+    assert killed_runs == ["train-demo", "seed-1"], statuses
+    assert output.count("of the interrupted run marked KILLED") == 2
+    assert all(status in ("FINISHED", "KILLED") for _, status in statuses), statuses
     assert not checkpoint.parent.exists()  # removed once the bundle is written
 
     expected, got = _members(tmp_path / "straight"), _members(tmp_path / "resumed")

@@ -117,7 +117,7 @@ def run_train(
     cache = open_cache(features)
     device = resolve_device(params.train.device)
     out.mkdir(parents=True, exist_ok=True)
-    tracking.setup(params.tracking.experiment)
+    experiment_id = tracking.setup(params.tracking.experiment)
     tags = tracking.run_tags(
         "train",
         params.preset,
@@ -134,6 +134,10 @@ def run_train(
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
     checkpoints = _checkpoint_dir(params, cache)
+    tags["tympan.checkpoints"] = checkpoints.name
+    if checkpoints.exists():  # an interrupted run of the same params: it is resumed below
+        for run_id in tracking.end_stale_runs(experiment_id, tags["tympan.checkpoints"]):
+            print(f"train: MLflow run {run_id} of the interrupted run marked KILLED")
     # GPU utilisation and memory as MLflow system metrics, on CUDA runs
     system = device.type == "cuda"
     with mlflow.start_run(
@@ -190,7 +194,9 @@ def run_train(
                         seed,
                         device,
                         augment=params.augment,
-                        on_epoch=lambda e: mlflow.log_metrics(_finite(e.flat()), step=e.epoch),
+                        on_epoch=lambda e: mlflow.log_metrics(
+                            tracking.finite(e.flat()), step=e.epoch
+                        ),
                         checkpoint=checkpoints / f"{name}.pt",
                         fingerprint=name,
                         aggregate=params.segment.aggregate,
@@ -202,7 +208,7 @@ def run_train(
                         )
                     best = result.history[result.best_epoch - 1]
                     mlflow.log_metrics(
-                        _finite(
+                        tracking.finite(
                             {
                                 "best_epoch": result.best_epoch,
                                 "best_val_loss": best.val_loss,
@@ -258,11 +264,6 @@ def run_train(
         f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f}; "
         f"MLflow run {record['parent_run_id']}"
     )
-
-
-def _finite(values: dict[str, float]) -> dict[str, float]:
-    """MLflow refuses NaN; a classical baseline has no train loss or learning rate."""
-    return {k: float(v) for k, v in values.items() if v == v}
 
 
 def _checkpoint_dir(params: Params, cache: FeatureCache) -> Path:

@@ -33,6 +33,26 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
 
 
+def finite(values: dict[str, float]) -> dict[str, float]:
+    """The entries MLflow accepts: it refuses NaN (a classical baseline has no train loss or
+    learning rate)."""
+    return {k: float(v) for k, v in values.items() if v == v}
+
+
+def end_stale_runs(experiment_id: str, checkpoints: str) -> list[str]:
+    """Mark KILLED the runs of a killed `train` (tag `tympan.checkpoints`, still RUNNING), so
+    `mlflow ui` does not show them running for ever; the resumed run logs their curves again.
+    -> the ids marked."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`tympan.checkpoints` = '{checkpoints}' and status = 'RUNNING'",
+    )
+    for run in found:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in found]
+
+
 def connect() -> str:
     """Point MLflow (tracking and registry) at the project store; -> the URI."""
     uri = tracking_uri()

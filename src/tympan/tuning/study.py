@@ -325,9 +325,8 @@ def make_objective(
                         client.log_batch(
                             seed_runs[seed],
                             metrics=[
-                                Metric(k, float(v), now, entry.epoch)
-                                for k, v in entry.flat().items()
-                                if v == v  # MLflow refuses NaN
+                                Metric(k, v, now, entry.epoch)
+                                for k, v in tracking.finite(entry.flat()).items()
                             ],
                         )
                     mean = statistics.fmean(_best_value(t, cfg.metric) for t in trainers.values())
