@@ -65,6 +65,16 @@ def test_windows_train_and_are_scored_per_recording(s3_like, repo_params, mlflow
     assert json.loads((tmp / "t.json").read_text())["clips"] == test_recordings
     predictions = pd.read_csv(tmp / "plots" / "test_predictions.csv")
     assert predictions["path"].is_unique and len(predictions) == test_recordings
+    # serving (torch, from the raw audio) combines the windows as evaluation (numpy) did
+    from tympan.serving import Predictor
+
+    predictor = Predictor.load(tmp / "models" / "bundle.pt")
+    files = [str(tmp / "audio" / p) for p in predictions["path"]]
+    served = predictor.predict(files)
+    assert [s["windows"] for s in served] == [5] * len(files)
+    assert [s["label"] for s in served] == predictions["predicted"].astype(str).tolist()
+    confidence = [max(s["probabilities"].values()) for s in served]
+    np.testing.assert_allclose(confidence, predictions["confidence"], atol=2e-4)
 
 
 def test_validation_scores_recordings_not_windows(s3_like):
