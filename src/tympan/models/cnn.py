@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tympan.config import ModelConfig
-from tympan.models.layers import as_sequence, dense_head, flat_size, join
+from tympan.models.layers import as_sequence, dense_head, flat_size, join, last_step
 
 
 class SmallCNN(nn.Module):
@@ -118,6 +118,4 @@ class CRNN(nn.Module):
         seq = as_sequence(self.conv(x))
         for layer in self.rnn:
             seq, _ = layer(seq)
-        half = seq.shape[2] // 2  # forward direction's last step, backward direction's first
-        last = torch.cat([seq[:, -1, :half], seq[:, 0, half:]], dim=1)
-        return self.head(join(last, extra))
+        return self.head(join(last_step(seq, bidirectional=True), extra))

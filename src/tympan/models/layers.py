@@ -38,6 +38,15 @@ def as_sequence(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).reshape(batch, frames, channels * bins)
 
 
+def last_step(seq: torch.Tensor, bidirectional: bool) -> torch.Tensor:
+    """`(batch, steps, H)` -> `(batch, H)`: the last step's output; for a bidirectional layer
+    the forward half's last step and the backward half's first (each direction's summary)."""
+    if not bidirectional:
+        return seq[:, -1]
+    half = seq.shape[2] // 2
+    return torch.cat([seq[:, -1, :half], seq[:, 0, half:]], dim=1)
+
+
 def xavier_(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every convolution and linear layer (S2)."""
     for layer in module.modules():

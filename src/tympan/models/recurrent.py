@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tympan.config import ModelConfig
-from tympan.models.layers import as_sequence, dense_head, join
+from tympan.models.layers import as_sequence, dense_head, join, last_step
 
 
 class FrameRNN(nn.Module):
@@ -46,12 +46,7 @@ class FrameRNN(nn.Module):
         for layer, norm in zip(self.layers, self.norms, strict=True):
             seq, _ = layer(seq)
             seq = norm(seq.transpose(1, 2)).transpose(1, 2)
-        if self.bidirectional:
-            half = seq.shape[2] // 2
-            last = torch.cat([seq[:, -1, :half], seq[:, 0, half:]], dim=1)
-        else:
-            last = seq[:, -1]
-        return self.head(join(self.dropout(last), extra))
+        return self.head(join(self.dropout(last_step(seq, self.bidirectional)), extra))
 
 
 def lstm(cfg, input_shape, outputs, extra=0) -> FrameRNN:
