@@ -86,7 +86,7 @@ def test_validation_scores_recordings_not_windows(s3_like):
     from tympan.evaluation.metrics import classification_metrics
     from tympan.evaluation.report import per_recording
     from tympan.features import build_cache
-    from tympan.training import SeedTrainer, predict_proba
+    from tympan.training import SeedTrainer, predict
     from tympan.training.loop import _nll
 
     rows = []
@@ -110,7 +110,7 @@ def test_validation_scores_recordings_not_windows(s3_like):
     for how in ("mean", "max"):
         trainer = SeedTrainer(cache, model, TrainConfig(batch_size=8), 0, cpu, aggregate=how)
         loss, val = trainer.validate()
-        windows = predict_proba(trainer.model, cache.features, cache.rows("val"), 8, cpu)
+        windows = predict(trainer.model, cache.features, cache.rows("val"), 8, cpu)
         first, combined = per_recording(cache.index.iloc[cache.rows("val")], {"v": windows}, how)
         targets = cache.targets()[cache.rows("val")[first]]
         assert len(targets) == 4  # recordings, each of 5 windows

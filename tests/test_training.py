@@ -7,7 +7,7 @@ import torch
 
 from tympan.config import AugmentConfig, ModelConfig, TrainConfig
 from tympan.models import build_model
-from tympan.training import SeedTrainer, fit, predict_proba, resolve_device
+from tympan.training import SeedTrainer, fit, predict, resolve_device
 from tympan.training.augment import Augmenter
 from tympan.training.loop import class_weights
 
@@ -48,7 +48,7 @@ def test_fit_learns_and_restores_the_best_epoch(tone_cache):
     best = min(result.history, key=lambda e: e.val_loss)
     assert result.best_epoch == best.epoch
     rows = tone_cache.rows("val")
-    probs = predict_proba(result.model, tone_cache.features, rows, 4, torch.device("cpu"))
+    probs = predict(result.model, tone_cache.features, rows, 4, torch.device("cpu"))
     targets = tone_cache.targets()[rows]
     nll = -np.log(probs[np.arange(len(rows)), targets]).mean()
     assert nll == pytest.approx(
@@ -68,13 +68,13 @@ def test_fit_is_repeatable_for_a_seed(tone_cache):
     )
 
 
-def test_predict_proba_keeps_row_order(tone_cache):
+def test_predict_keeps_row_order(tone_cache):
     model = build_model(ModelConfig(channels=4, hidden=8), tuple(tone_cache.features.shape[1:]), 2)
     rows = np.array([5, 1, 9, 3])
-    together = predict_proba(model, tone_cache.features, rows, 2, torch.device("cpu"))
+    together = predict(model, tone_cache.features, rows, 2, torch.device("cpu"))
     alone = np.concatenate(
         [
-            predict_proba(model, tone_cache.features, rows[i : i + 1], 2, torch.device("cpu"))
+            predict(model, tone_cache.features, rows[i : i + 1], 2, torch.device("cpu"))
             for i in range(4)
         ]
     )
@@ -110,7 +110,7 @@ def test_augmentation_touches_training_batches_only(tone_cache, monkeypatch):
     assert sum(seen) == len(tone_cache.rows("train"))
     seen.clear()
     rows = tone_cache.rows("test")
-    predict_proba(trainer.model, tone_cache.features, rows, 4, torch.device("cpu"))
+    predict(trainer.model, tone_cache.features, rows, 4, torch.device("cpu"))
     assert seen == []
 
 
@@ -164,7 +164,7 @@ def test_waveform_augmentation_recomputes_training_batches_only(tone_cache_dir, 
         trainer.step()
         assert sum(seen) == len(cache.rows("train"))
         seen.clear()
-        predict_proba(trainer.model, cache.features, cache.rows("test"), 4, torch.device("cpu"))
+        predict(trainer.model, cache.features, cache.rows("test"), 4, torch.device("cpu"))
         assert seen == []
     # un-augmented inputs recomputed from the kept waveforms equal the cached features
     same = AugmentedInputs(cache.waves, TONE_FEATURES, AugmentConfig(), 0)[np.arange(6)]
@@ -211,7 +211,7 @@ def test_binary_cross_entropy_has_one_output_and_two_probabilities(tone_cache):
     cfg = TrainConfig(epochs=4, batch_size=8, loss="bce", patience=4)
     result = fit(tone_cache, SMALL, cfg, 0, CPU, progress=False)
     assert result.model.net.head[-1].out_features == 1
-    probs = predict_proba(
+    probs = predict(
         result.model, tone_cache.features, tone_cache.rows("test"), 4, CPU, head="sigmoid"
     )
     assert probs.shape == (len(tone_cache.rows("test")), 2)
@@ -255,7 +255,7 @@ def test_regression_trains_on_the_target_column(tone_cache, tmp_path):
     assert result.model.net.head[-1].out_features == 1
     assert {"val_mae", "val_rmse"} <= set(result.history[-1].val)  # no R^2: every val target is 5
     assert result.history[result.best_epoch - 1].val["val_mae"] < 1.0
-    values = predict_proba(result.model, cache.features, cache.rows("val"), 4, CPU, head="identity")
+    values = predict(result.model, cache.features, cache.rows("val"), 4, CPU, head="identity")
     mae = np.abs(values[:, 0] - index["target"].to_numpy()[cache.rows("val")]).mean()
     assert mae == pytest.approx(result.history[result.best_epoch - 1].val_loss, rel=1e-4)
     with pytest.raises(ValueError, match="needs a numeric 'target' column"):
@@ -268,7 +268,7 @@ def test_classical_baseline_fits_through_fit(tone_cache):
     result = fit(tone_cache, ModelConfig(name="logreg"), TrainConfig(), 0, CPU)
     assert result.best_epoch == 1 and len(result.history) == 1
     assert result.history[0].val_accuracy == 1.0
-    probs = predict_proba(result.model, tone_cache.features, tone_cache.rows("test"), 8, CPU)
+    probs = predict(result.model, tone_cache.features, tone_cache.rows("test"), 8, CPU)
     assert (probs.argmax(1) == tone_cache.targets()[tone_cache.rows("test")]).all()
 
 

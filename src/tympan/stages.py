@@ -34,7 +34,7 @@ from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
-from tympan.training import fit, predict_proba, resolve_device
+from tympan.training import fit, predict, resolve_device
 from tympan.training.loop import task_for
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def run_evaluate(
     else:
         rows = cache.rows("test")
         per_seed_probs = {
-            name: predict_proba(member, cache.features, rows, 256, device, side, head)
+            name: predict(member, cache.features, rows, 256, device, side, head)
             for name, member in members.items()
         }
         if "window" in cache.index.columns:  # segmented: score recordings, not windows
@@ -486,9 +486,7 @@ def _score_folds(
         names = [n for n, info in record["seeds"].items() if info["fold"] == fold]
         if not names:
             raise ValueError(f"no trained member for CV fold {fold}: re-run the train stage")
-        probs = {
-            n: predict_proba(members[n], cache.features, rows, 256, device, side) for n in names
-        }
+        probs = {n: predict(members[n], cache.features, rows, 256, device, side) for n in names}
         if "window" in cache.index.columns:
             first, probs = per_recording(cache.index.iloc[rows], probs, aggregate)
             rows = rows[first]

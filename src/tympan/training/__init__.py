@@ -5,8 +5,8 @@ from tympan.training.loop import (
     SeedResult,
     SeedTrainer,
     fit,
-    predict_proba,
+    predict,
     resolve_device,
 )
 
-__all__ = ["EpochLog", "SeedResult", "SeedTrainer", "fit", "predict_proba", "resolve_device"]
+__all__ = ["EpochLog", "SeedResult", "SeedTrainer", "fit", "predict", "resolve_device"]

@@ -180,19 +180,6 @@ def predict(
     return values[[position[r] for r in rows]]
 
 
-def predict_proba(
-    model: nn.Module,
-    features: Any,
-    rows: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-    side: np.ndarray | None = None,
-    head: str = "softmax",
-) -> np.ndarray:
-    """Class probabilities `(len(rows), n_classes)`: `predict` with a classification head."""
-    return predict(model, features, rows, batch_size, device, side, head)
-
-
 def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     """Balanced weights `n / (n_classes * count_c)`, as scikit-learn's `balanced`."""
     counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
