@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tympan import stages
 from tympan.config import FeatureConfig, ModelConfig, Params, TrainConfig, load_params
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.serving.bundle import save_bundle
@@ -65,6 +66,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_to_evaluate(params: Params, d: Path) -> None:
+    """ingest -> split -> featurize -> train -> evaluate in-process, with dvc.yaml's file names
+    under `d` (manifest.csv, splits.csv, features/, models/, metrics/, plots/, test_set.json)."""
+    stages.run_ingest(params, d / "manifest.csv", d / "rejects.csv", d / "ingest.json")
+    stages.run_split(params, d / "manifest.csv", d / "splits.csv", d / "split.json")
+    stages.run_featurize(params, d / "manifest.csv", d / "splits.csv", d / "features")
+    stages.run_train(params, d / "features", d / "manifest.csv", d / "models", None)
+    stages.run_evaluate(
+        params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
+    )
 
 
 def copy_project(dest: Path) -> Path:

@@ -16,6 +16,8 @@ from tympan.data.splits import LeakageError, SplitError, split_manifest, split_r
 from tympan.features import open_cache
 from tympan.features.cache import train_stats
 
+from conftest import run_to_evaluate
+
 
 def _manifest(groups: int = 12, per_group: int = 4, labels: int = 3) -> pd.DataFrame:
     rows = []
@@ -96,13 +98,7 @@ def test_cv_trains_and_evaluates_once_per_fold(tmp_path, mlflow_store, repo_para
     )
     d = tmp_path
     stages.run_demo(params, d / "demo")
-    stages.run_ingest(params, d / "manifest.csv", d / "rejects.csv", d / "ingest.json")
-    stages.run_split(params, d / "manifest.csv", d / "splits.csv", d / "split.json")
-    stages.run_featurize(params, d / "manifest.csv", d / "splits.csv", d / "features")
-    stages.run_train(params, d / "features", d / "manifest.csv", d / "models", None)
-    stages.run_evaluate(
-        params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
-    )
+    run_to_evaluate(params, d)
 
     cache = open_cache(d / "features")
     assert cache.folds == [0, 1, 2]

@@ -21,10 +21,9 @@ import pytest
 import soundfile as sf
 from mlflow.tracking import MlflowClient
 
-from tympan import stages
 from tympan.config import Params, load_params
 
-from conftest import REPO, fsdd_subset
+from conftest import REPO, fsdd_subset, run_to_evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -162,13 +161,7 @@ def test_preset_runs_end_to_end(name, tmp_path, mlflow_store, fsdd_root):
     root = _fixture(name, tmp_path / "data", fsdd_root)
     params = _shrunk(preset, root, tmp_path)
     d = tmp_path
-    stages.run_ingest(params, d / "manifest.csv", d / "rejects.csv", d / "ingest.json")
-    stages.run_split(params, d / "manifest.csv", d / "splits.csv", d / "split.json")
-    stages.run_featurize(params, d / "manifest.csv", d / "splits.csv", d / "features")
-    stages.run_train(params, d / "features", d / "manifest.csv", d / "models", None)
-    stages.run_evaluate(
-        params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
-    )
+    run_to_evaluate(params, d)
 
     assert json.loads((d / "ingest.json").read_text())["accepted"] > 0
     results = json.loads((d / "metrics" / "test.json").read_text())

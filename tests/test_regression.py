@@ -13,6 +13,7 @@ import pytest
 from tympan.config import DataConfig, ModelConfig, RegisterConfig, SplitConfig
 
 from audio_helpers import tone, write
+from conftest import run_to_evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +62,7 @@ def test_regression_pipeline(tmp_path, mlflow_store, repo_params):
         register=RegisterConfig(name="tympan-valence", metric="mae"),
     )
     d = tmp_path
-    stages.run_ingest(params, d / "manifest.csv", d / "rejects.csv", d / "ingest.json")
-    stages.run_split(params, d / "manifest.csv", d / "splits.csv", d / "split.json")
-    stages.run_featurize(params, d / "manifest.csv", d / "splits.csv", d / "features")
-    stages.run_train(params, d / "features", d / "manifest.csv", d / "models", None)
-    stages.run_evaluate(
-        params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
-    )
+    run_to_evaluate(params, d)
     results = json.loads((d / "metrics" / "test.json").read_text())
     assert set(results["ensemble"]) == {"mae", "rmse", "r2"}
     assert all(np.isfinite(v) for v in results["ensemble"].values())

@@ -27,7 +27,7 @@ from tympan.config import load_params
 from tympan.serving import Predictor
 
 from audio_helpers import encode
-from conftest import REPO, free_port, fsdd_subset
+from conftest import REPO, free_port, fsdd_subset, run_to_evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -56,19 +56,13 @@ def served(tmp_path_factory, fsdd_root):
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        stages.run_ingest(params, tmp / "manifest.csv", tmp / "rejects.csv", tmp / "ingest.json")
-        stages.run_split(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "split.json")
-        stages.run_featurize(params, tmp / "manifest.csv", tmp / "splits.csv", tmp / "features")
-        stages.run_train(params, tmp / "features", tmp / "manifest.csv", tmp / "models")
-        stages.run_evaluate(
-            params, tmp / "features", tmp / "models", tmp / "metrics", tmp / "plots", tmp / "t.json"
-        )
+        run_to_evaluate(params, tmp)
         stages.run_register(
             params,
             tmp / "models",
             tmp / "metrics",
             tmp / "split.json",
-            tmp / "t.json",
+            tmp / "test_set.json",
             tmp / "registered.json",
             tmp / "card.md",
         )
