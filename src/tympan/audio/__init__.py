@@ -1,9 +1,14 @@
 """Decoding, channel mixing, resampling and length fixing shared by training and serving."""
 
 from tympan.audio.io import (
+    MAX_PEAK_DBFS,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
     AudioError,
     AudioProbe,
     Source,
+    check_peak,
+    check_rate,
     decode,
     fix_length,
     load_waveform,
@@ -15,7 +20,12 @@ from tympan.audio.io import (
 __all__ = [
     "AudioError",
     "AudioProbe",
+    "MAX_PEAK_DBFS",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
     "Source",
+    "check_peak",
+    "check_rate",
     "decode",
     "fix_length",
     "load_waveform",

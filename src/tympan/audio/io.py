@@ -22,6 +22,16 @@ Source = str | Path | bytes
 # Blocks of this many frames are read when probing, so a one-hour file never sits in memory.
 _PROBE_BLOCK = 1 << 18
 
+# Sample rates a recording can have: below 1 kHz there is no speech or sound event left to
+# classify, above 384 kHz no converter records. A header outside is refused before decoding
+# (ingest rejects the file, serving answers 400): it is a broken or hostile file.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+# Integer formats cannot exceed full scale; a float file can (a mix bus a few dB over 0 dBFS),
+# but a peak 100 times full scale (+40 dBFS) is no recording: its features overflow float16
+# and its statistics become NaN. Such a clip is refused, as non-finite samples are.
+MAX_PEAK_DBFS = 40.0
+
 
 class AudioError(ValueError):
     """Audio that cannot be used, with the reason (for example 'silent: peak -96.3 dBFS')."""
@@ -46,6 +56,25 @@ def _open(source: Source) -> sf.SoundFile:
         raise AudioError(f"not decodable audio ({exc.error_string})") from None
     except (RuntimeError, TypeError) as exc:
         raise AudioError(f"not decodable audio ({exc})") from None
+
+
+def check_rate(sample_rate: int) -> None:
+    """Refuse a header rate outside `[MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]`."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"sample rate {sample_rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+        )
+
+
+def check_peak(peak: float) -> None:
+    """Refuse a clip whose peak (linear, full scale 1.0) is beyond `MAX_PEAK_DBFS`."""
+    if not math.isfinite(peak):
+        raise AudioError("contains NaN or infinite samples")
+    if peak > 10.0 ** (MAX_PEAK_DBFS / 20.0):
+        raise AudioError(
+            f"extreme amplitude: peak {20.0 * math.log10(peak):+.1f} dBFS is above "
+            f"{MAX_PEAK_DBFS:+g} dBFS (over {10.0 ** (MAX_PEAK_DBFS / 20.0):g} times full scale)"
+        )
 
 
 def _sha256(source: Source) -> str:
@@ -86,7 +115,8 @@ def _wav_shortfall(source: Source) -> str | None:
 
 
 def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioProbe:
-    """Check one file block by block: decodable, non-empty, finite, not silent, not too long."""
+    """Check one file block by block: decodable, a plausible rate, non-empty, finite, not
+    silent, not beyond `MAX_PEAK_DBFS`, not too long."""
     if not isinstance(source, bytes) and Path(source).stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
     with _open(source) as handle:
@@ -94,6 +124,7 @@ def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioPr
         if shortfall:
             raise AudioError(shortfall)
         sample_rate, channels, frames = handle.samplerate, handle.channels, handle.frames
+        check_rate(sample_rate)
         if frames <= 0:
             raise AudioError("no audio frames")
         duration = frames / sample_rate
@@ -112,6 +143,7 @@ def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioPr
             raise AudioError(f"truncated or corrupt after {seen} frames ({exc})") from None
     if seen < frames:
         raise AudioError(f"truncated: header says {frames} frames, only {seen} readable")
+    check_peak(peak)
     peak_dbfs = 20.0 * math.log10(peak) if peak > 0 else -math.inf
     if peak_dbfs < silence_dbfs:
         raise AudioError(f"silent: peak {peak_dbfs:.1f} dBFS < data.silence_dbfs={silence_dbfs:g}")
