@@ -35,3 +35,16 @@ def truncated(path: Path, rate: int = 16000) -> Path:
     data = encode(tone(440, 1.0, rate), rate)
     path.write_bytes(data[: len(data) // 3])
     return path
+
+
+def with_rate(data: bytes, rate: int) -> bytes:
+    """A PCM WAV's bytes with its header's sample rate (and byte rate) rewritten to `rate`:
+    the same samples, claiming another rate."""
+    assert data[:4] == b"RIFF" and data[12:16] == b"fmt ", "expects soundfile's plain WAV"
+    block_align = int.from_bytes(data[32:34], "little")
+    return (
+        data[:24]
+        + rate.to_bytes(4, "little")
+        + (rate * block_align).to_bytes(4, "little")
+        + data[32:]
+    )

@@ -10,6 +10,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ MAX_SAMPLE_RATE = 384_000
 # but a peak 100 times full scale (+40 dBFS) is no recording: its features overflow float16
 # and its statistics become NaN. Such a clip is refused, as non-finite samples are.
 MAX_PEAK_DBFS = 40.0
+# Bounds on the resampler's ratio terms (see `resample_ratio`).
+MAX_RATIO_PRODUCT = 1 << 20
+MAX_RATIO_TERM = 1024
 
 
 class AudioError(ValueError):
@@ -150,8 +154,36 @@ def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioPr
     return AudioProbe(sample_rate, channels, frames, duration, peak_dbfs, _sha256(source))
 
 
+@dataclass(frozen=True)
+class AudioHeader:
+    """What a file's header says, read without decoding any audio."""
+
+    sample_rate: int
+    channels: int
+    frames: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def inspect(source: Source) -> AudioHeader:
+    """Read and check the header only: decodable format, a rate in range, some frames, and for
+    WAV the data the header declares actually present. Costs the header, not the audio."""
+    with _open(source) as handle:
+        header = AudioHeader(handle.samplerate, handle.channels, handle.frames)
+    check_rate(header.sample_rate)
+    if header.frames <= 0:
+        raise AudioError("no audio frames")
+    shortfall = _wav_shortfall(source)
+    if shortfall:
+        raise AudioError(shortfall)
+    return header
+
+
 def decode(source: Source) -> tuple[np.ndarray, int]:
-    """Decode a file or in-memory bytes to float32 `(channels, frames)` and its sample rate."""
+    """Decode a file or in-memory bytes to float32 `(channels, frames)` and its sample rate;
+    refuses non-finite samples and a peak beyond `MAX_PEAK_DBFS`."""
     with _open(source) as handle:
         try:
             data = handle.read(dtype="float32", always_2d=True)
@@ -160,8 +192,7 @@ def decode(source: Source) -> tuple[np.ndarray, int]:
         sample_rate = handle.samplerate
     if data.size == 0:
         raise AudioError("no audio frames")
-    if not np.isfinite(data).all():
-        raise AudioError("contains NaN or infinite samples")
+    check_peak(float(np.abs(data).max()))
     return np.ascontiguousarray(data.T), sample_rate
 
 
@@ -172,14 +203,45 @@ def to_mono(wave: torch.Tensor) -> torch.Tensor:
     return wave.mean(dim=0)
 
 
+def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """The ratio `(orig, new)` the resampler runs at, both terms small enough for its kernel.
+
+    torchaudio's windowed-sinc kernel has one phase per term of `new` and about `orig` taps per
+    phase (after dividing both rates by their gcd), so its size is their product: 441 x 160
+    for 44.1 -> 16 kHz, but 16,001 x 16,000 (1 GB) for a coprime 16,001 Hz header and 64 GB
+    for 1,000,003 Hz. An exact ratio whose product is at most `MAX_RATIO_PRODUCT` is kept
+    (every pair of the usual rates up to 384 -> 22.05 kHz); any other becomes the nearest
+    fraction with both terms at most `MAX_RATIO_TERM` (16,001 Hz is read as 16,000 Hz: the
+    pitch moves by 0.001 semitone), so time and memory stay linear in the clip.
+    """
+    ratio = Fraction(orig_rate, new_rate)
+    if ratio.numerator * ratio.denominator <= MAX_RATIO_PRODUCT:
+        return ratio.numerator, ratio.denominator
+    if ratio >= 1:
+        inverse = (1 / ratio).limit_denominator(MAX_RATIO_TERM)
+        return inverse.denominator, max(1, inverse.numerator)
+    near = ratio.limit_denominator(MAX_RATIO_TERM)
+    return max(1, near.numerator), near.denominator
+
+
+def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
+    """Samples `resample` returns for `frames` input samples (torchaudio rounds up)."""
+    if orig_rate == new_rate:
+        return frames
+    orig, new = resample_ratio(orig_rate, new_rate)
+    return -(-new * frames // orig)
+
+
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """Band-limited resampling of `(..., frames)` (Kaiser-windowed sinc), never sample slicing."""
+    """Band-limited resampling of `(..., frames)` (Kaiser-windowed sinc), never sample slicing;
+    at `resample_ratio`, so a hostile rate costs no more than a usual one."""
     if orig_rate == new_rate:
         return wave
+    orig, new = resample_ratio(orig_rate, new_rate)
     return AF.resample(
         wave,
-        orig_rate,
-        new_rate,
+        orig,
+        new,
         lowpass_filter_width=16,
         rolloff=0.945,
         resampling_method="sinc_interp_kaiser",

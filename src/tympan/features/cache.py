@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -45,7 +44,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from tympan.audio import AudioError, decode, resample, to_mono
+from tympan.audio import AudioError, decode, resample, resampled_length, to_mono
 from tympan.config import FeatureConfig, SegmentConfig, StackConfig, params_from_dict, to_dict
 from tympan.features.logmel import n_samples, waveform_batch, window_starts, windows
 from tympan.features.stack import (
@@ -229,15 +228,6 @@ def _check(cfg: FeatureConfig) -> None:
         check_stack(cfg, cfg.stack)
     except ValueError as exc:
         raise FeatureError(f"features.{exc}") from None
-
-
-def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
-    """Samples after `tympan.audio.resample` (torchaudio rounds the length up)."""
-    if orig_rate == new_rate:
-        return frames
-    gcd = math.gcd(orig_rate, new_rate)
-    orig, new = orig_rate // gcd, new_rate // gcd
-    return -(-new * frames // orig)
 
 
 def window_counts(paths: list[str], cfg: FeatureConfig, segment: SegmentConfig) -> list[int]:
