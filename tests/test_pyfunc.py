@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from tympan.features import window_starts
 from tympan.serving import PayloadError, Predictor
 from tympan.serving.bundle import decode_items
-from tympan.serving.pyfunc import AudioModel, example_input, requirements, signature
+from tympan.serving.pyfunc import MODEL_CODE, example_input, requirements, signature
 
 from audio_helpers import encode, tone
 
@@ -52,7 +52,7 @@ def _save(bundle, path):
     side_vocab = Predictor.load(bundle).side_vocab
     mlflow.pyfunc.save_model(
         path,
-        python_model=AudioModel(),
+        python_model=str(MODEL_CODE),
         artifacts={"bundle": str(bundle)},
         signature=signature(tuple(side_vocab)),
         input_example=example_input(8000, side_vocab),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tympan.audio import AudioError, Source, decode, resample, to_mono
+from tympan.audio import AudioError, Source, decode, inspect, resample, to_mono
 from tympan.config import (
     FeatureConfig,
     ModelConfig,
@@ -34,16 +34,58 @@ from tympan.features.stack import FeatureStack
 from tympan.models import HEADS, build_model, to_output
 
 BUNDLE_VERSION = 3
-# A request item larger than this is refused before decoding (100 MiB is about 10 minutes of
-# 44.1 kHz 16-bit stereo WAV); the server's environment can lower or raise it (README).
+# Serving limits, from the server's environment (README, "Serving limits"). Bytes cap what
+# is decoded from base64; audio seconds cap what is decoded from the bytes, read from each
+# item's header before any sample is (a FLAC of a constant signal holds an hour in 0.17 MiB).
 MAX_ITEM_ENV = "TYMPAN_MAX_ITEM_MB"
 DEFAULT_MAX_ITEM_MB = 100.0
-# Windows through the network at once: bounds memory for an hour-long request.
+MAX_AUDIO_ENV = "TYMPAN_MAX_AUDIO_S"
+MAX_REQUEST_AUDIO_ENV = "TYMPAN_MAX_REQUEST_AUDIO_S"
+# Default item cap: this many windows of `features.seconds` every `segment.hop` (600.5 s for
+# the demo's 1 s windows every 0.5 s); a request holds at most four such items.
+DEFAULT_MAX_WINDOWS = 1200
+DEFAULT_REQUEST_ITEMS = 4
+# Windows through the network at once: bounds memory for a long request.
 WINDOW_BATCH = 256
 
 
 class PayloadError(ValueError):
     """A request item that is not usable audio; the message names the item and the problem."""
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={raw!r} must be a positive number")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: bytes per item (after base64), audio seconds per item and
+    per request (from the headers, before decoding)."""
+
+    item_bytes: int
+    item_audio_s: float
+    request_audio_s: float
+
+    @classmethod
+    def from_env(cls, features: FeatureConfig, segment: SegmentConfig) -> Limits:
+        """`TYMPAN_MAX_ITEM_MB` (100), `TYMPAN_MAX_AUDIO_S` (`DEFAULT_MAX_WINDOWS` windows),
+        `TYMPAN_MAX_REQUEST_AUDIO_S` (four items' worth)."""
+        audio = features.seconds + (DEFAULT_MAX_WINDOWS - 1) * segment.hop
+        item_audio = _env_number(MAX_AUDIO_ENV, audio)
+        return cls(
+            item_bytes=max_item_bytes(),
+            item_audio_s=item_audio,
+            request_audio_s=_env_number(MAX_REQUEST_AUDIO_ENV, DEFAULT_REQUEST_ITEMS * item_audio),
+        )
 
 
 def save_bundle(
@@ -108,6 +150,7 @@ class Predictor:
         self.head: str = bundle["head"]
         self.regression = self.head == "identity"
         self.side_vocab: dict[str, list[str]] = bundle["side_vocab"]
+        self.limits = Limits.from_env(self.features, self.segment)
         self.device = device or torch.device("cpu")
         self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
         shape = tuple(bundle["input_shape"])
@@ -157,6 +200,29 @@ class Predictor:
             return torch.zeros((items, 0), dtype=torch.int64)
         return torch.tensor(columns, dtype=torch.int64).T.contiguous()
 
+    def check_headers(self, sources: Sequence[Source]) -> None:
+        """Refuse, from the headers alone, an item that is not audio, has a rate outside the
+        declared range, is truncated or longer than the item limit, and a request whose audio
+        adds up past the request limit: a refused item costs its header, not its samples."""
+        total = 0.0
+        for i, source in enumerate(sources):
+            try:
+                header = inspect(source)
+            except AudioError as exc:
+                raise PayloadError(f"item {i}: {exc}") from None
+            if header.duration_s > self.limits.item_audio_s:
+                raise PayloadError(
+                    f"item {i}: {header.duration_s:.1f} s of audio is over the "
+                    f"{self.limits.item_audio_s:g} s limit per item ({MAX_AUDIO_ENV})"
+                )
+            total += header.duration_s
+            if total > self.limits.request_audio_s:
+                raise PayloadError(
+                    f"items 0-{i} hold {total:.1f} s of audio, over the "
+                    f"{self.limits.request_audio_s:g} s limit per request "
+                    f"({MAX_REQUEST_AUDIO_ENV}); send fewer items per request"
+                )
+
     def _windows(self, i: int, source: Source) -> torch.Tensor:
         try:
             data, rate = decode(source)
@@ -176,6 +242,7 @@ class Predictor:
         (mean or max, renormalised) of its windows' ensemble probabilities.
         """
         codes = self.side_codes(side, len(sources))
+        self.check_headers(sources)
         per_item = [self._windows(i, source) for i, source in enumerate(sources)]
         counts = [len(w) for w in per_item]
         if not per_item:
@@ -183,14 +250,18 @@ class Predictor:
             return Scored(np.zeros((0, width), dtype=np.float32), [])
         waves = torch.cat(per_item)  # (all windows, samples)
         window_codes = codes.repeat_interleave(torch.tensor(counts), dim=0)
+        item_of = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
         chunks = []
         for start in range(0, len(waves), WINDOW_BATCH):
             x = self.frontend(waves[start : start + WINDOW_BATCH].to(self.device))
+            _refuse_non_finite(x, item_of[start : start + WINDOW_BATCH], "features")
             s = window_codes[start : start + WINDOW_BATCH].to(self.device)
             outputs = [
                 to_output(m(x, s) if self.side_vocab else m(x), self.head) for m in self.members
             ]
-            chunks.append(torch.stack(outputs).mean(0).cpu())
+            out = torch.stack(outputs).mean(0).cpu()
+            _refuse_non_finite(out, item_of[start : start + WINDOW_BATCH], "model outputs")
+            chunks.append(out)
         probs = torch.cat(chunks)
         out = []
         for block in torch.split(probs, counts):
@@ -230,34 +301,56 @@ class Predictor:
         ]
 
 
+def _refuse_non_finite(x: torch.Tensor, item_of: torch.Tensor, what: str) -> None:
+    """PayloadError naming the items whose rows of `x` `(windows, ...)` hold NaN or inf."""
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1).cpu()
+    if not bool(finite.all()):
+        items = sorted({int(i) for i in item_of[~finite]})
+        raise PayloadError(
+            f"item {', '.join(map(str, items))}: non-finite {what}; the audio is not a usable "
+            "recording"
+        )
+
+
+# ASCII whitespace: GNU `base64` wraps its output every 76 characters.
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
+def _b64decode(value: str, i: int, limit: int, too_big: str) -> bytes:
+    """Standard or URL-safe base64, line breaks and missing padding allowed; anything else
+    is refused (never silently dropped, as `validate=False` would)."""
+    if len(value) > (limit * 4 // 3) * 1.05 + 64:  # before copying it: a line break per 20 chars
+        raise PayloadError(f"item {i}: {too_big}")
+    text = value.translate(_WHITESPACE)
+    if "-" in text or "_" in text:
+        text = text.translate(_URL_SAFE)
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PayloadError(
+            f"item {i}: 'audio' is not valid base64; send the WAV/FLAC/OGG file's bytes "
+            "base64-encoded (standard or URL-safe alphabet)"
+        ) from None
+
+
 def max_item_bytes() -> int:
     """The per-item size limit: `TYMPAN_MAX_ITEM_MB` (MiB) if set, else 100 MiB."""
-    raw = os.environ.get(MAX_ITEM_ENV, "")
-    try:
-        mib = float(raw) if raw else DEFAULT_MAX_ITEM_MB
-    except ValueError:
-        raise ValueError(f"{MAX_ITEM_ENV}={raw!r} is not a number of MiB") from None
-    return int(mib * 1024 * 1024)
+    return int(_env_number(MAX_ITEM_ENV, DEFAULT_MAX_ITEM_MB) * 2**20)
 
 
-def decode_items(values: Sequence[Any]) -> list[bytes]:
-    """Base64 strings (or raw bytes) -> audio bytes; errors name the item index."""
-    limit = max_item_bytes()
-    too_big = f"larger than the {limit / 2**20:.3g} MiB limit ({MAX_ITEM_ENV})"
+def decode_items(values: Sequence[Any], limit: int | None = None) -> list[bytes]:
+    """Base64 strings (or raw bytes) -> audio bytes, each at most `limit` bytes (default
+    `max_item_bytes()`); errors name the item index."""
+    limit = max_item_bytes() if limit is None else limit
+    too_big = f"larger than the {limit / 2**20:.3g} MiB limit per item ({MAX_ITEM_ENV})"
     out = []
     for i, value in enumerate(values):
         if isinstance(value, bytes | bytearray):
             data = bytes(value)
         elif isinstance(value, str):
-            if len(value) > limit * 4 // 3 + 4:
-                raise PayloadError(f"item {i}: {too_big}")
-            try:
-                data = base64.b64decode(value.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                raise PayloadError(
-                    f"item {i}: 'audio' is not valid base64; send the WAV/FLAC/OGG file's bytes "
-                    "base64-encoded"
-                ) from None
+            data = _b64decode(value, i, limit, too_big)
         else:
             raise PayloadError(
                 f"item {i}: 'audio' must be a base64 string, got {type(value).__name__}"

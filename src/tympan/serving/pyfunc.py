@@ -4,8 +4,11 @@ Request: a DataFrame (from `inputs` or `dataframe_split`) with an `audio` column
 FLAC or OGG bytes, any sample rate or channel count, plus one column per side attribute the
 model declares (e.g. `language`). Response: one row per item with `label`, `probabilities`
 (label -> probability) and `windows` (how many windows a long recording was cut into; 1 for a
-clip of training length). Bad items raise an MLflow INVALID_PARAMETER_VALUE error, which the
-scoring server returns as HTTP 400 with the message.
+clip of training length). Bad items raise `RequestRefused`, which the scoring server returns
+as HTTP 400 with a message naming the item and the problem, never the payload.
+
+The model is logged as code (`model_code.py`, MLflow's models-from-code), not pickled: loading
+it imports tympan's shipped code and reads the bundle with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -22,12 +25,36 @@ import soundfile as sf
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Map, Schema
 
 import tympan
 from tympan.serving.bundle import PayloadError, Predictor, decode_items
 
 INPUT_COLUMN = "audio"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+
+class RequestRefused(MlflowException):
+    """HTTP 400 whose reply is this message alone.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by `predict`
+    into `Failed to predict data '<the request>'. Error: ...`: a refused 150 MB request got a
+    153 MB reply. This exception keeps the message it was raised with, so the reply names the
+    item and the problem in a few hundred bytes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
 
 
 class AudioModel(mlflow.pyfunc.PythonModel):
@@ -38,12 +65,14 @@ class AudioModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
-            raise MlflowException.invalid_parameter_value(
+            raise RequestRefused(
                 f"expected a table with an '{INPUT_COLUMN}' column of base64 audio, e.g. "
                 f'{{"inputs": {{"{INPUT_COLUMN}": ["<base64 wav>"]}}}}'
             )
         try:
-            items = decode_items(model_input[INPUT_COLUMN].tolist())
+            items = decode_items(
+                model_input[INPUT_COLUMN].tolist(), self.predictor.limits.item_bytes
+            )
             side = {
                 name: model_input[name].tolist()
                 for name in self.predictor.side_vocab
@@ -52,7 +81,7 @@ class AudioModel(mlflow.pyfunc.PythonModel):
             columns = ["value", "windows"] if self.predictor.regression else CLASS_COLUMNS
             return pd.DataFrame(self.predictor.predict(items, side), columns=columns)
         except PayloadError as exc:
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+            raise RequestRefused(str(exc)) from None
 
 
 CLASS_COLUMNS = ["label", "probabilities", "windows"]
@@ -114,12 +143,13 @@ def requirements() -> list[str]:
 
 
 def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
-    """Log the pyfunc (bundle + tympan's own code) in the active run; -> ModelInfo."""
+    """Log the pyfunc (bundle + tympan's own code, the model as code) in the active run;
+    -> ModelInfo."""
     stored = torch.load(bundle, map_location="cpu", weights_only=True)
     side_vocab = stored["side_vocab"]
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=AudioModel(),
+        python_model=str(MODEL_CODE),
         artifacts={"bundle": str(bundle)},
         code_paths=[str(Path(tympan.__file__).parent)],
         signature=signature(tuple(side_vocab), regression=stored["head"] == "identity"),
