@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     preset = sub.add_parser("preset", help="make pipelines/NAME.yaml the active params.yaml")
     preset.add_argument("name", help="a preset in pipelines/ (e.g. demo, fsdd)")
     preset.add_argument("--dir", type=Path, default=Path("pipelines"))
+    serve = sub.add_parser(
+        "serve",
+        help="serve a registered model over HTTP: MLflow's scoring app behind request limits",
+    )
+    serve.add_argument("-m", "--model-uri", required=True, help="e.g. models:/tympan-demo@champion")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("-p", "--port", type=int, default=5000)
+    serve.add_argument("-w", "--workers", type=int, default=1, help="server processes")
     summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
     summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
     summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
@@ -118,10 +126,7 @@ def _summary(registered: Path, metrics: Path) -> None:
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
     print("  dvc exp show --drop '.*' --keep 'Experiment|Created|test_|train\\.(lr|epochs)$'")
-    print(
-        f"  MLFLOW_TRACKING_URI={uri} mlflow models serve "
-        f"-m models:/{reg['name']}@champion --env-manager local -h 127.0.0.1 -p 5000"
-    )
+    print(f"  MLFLOW_TRACKING_URI={uri} tympan serve -m models:/{reg['name']}@champion -p 5000")
     print(
         "  python -m tympan.serving.client data/demo/audio/tone_0000.wav "
         "--url http://127.0.0.1:5000/invocations"
@@ -166,6 +171,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "preset":
         _use_preset(args.dir, args.name, args.params)
+        return
+    if args.command == "serve":
+        from tympan.serving.server import serve
+
+        try:
+            serve(args.model_uri, args.host, args.port, args.workers)
+        except ValueError as exc:
+            sys.exit(f"tympan serve: {exc}")
         return
     try:
         params = load_params(args.params)
