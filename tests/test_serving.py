@@ -1,7 +1,10 @@
-"""The registered champion served by the real `mlflow models serve` on 127.0.0.1.
+"""The registered champion served by the real `mlflow models serve` and `tympan serve` on
+127.0.0.1.
 
 The model declares the side attribute `speaker` (as S1's models use `language`), so every
-request carries it, and the server runs with a 1 MiB item limit to test the limit over HTTP.
+request carries it, and the servers run with a 1 MiB item limit to test the limit over HTTP
+(`tympan serve` also with a 2 MiB request limit). Hostile cases: every refusal is a 4xx of a
+few hundred bytes naming the item and the limit, and the server answers a good request after.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import base64
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +30,7 @@ from tympan import stages
 from tympan.config import load_params
 from tympan.serving import Predictor
 
-from audio_helpers import encode
+from audio_helpers import encode, tone, with_rate
 from conftest import REPO, free_port, fsdd_subset, run_to_evaluate
 
 pytestmark = pytest.mark.integration
@@ -36,11 +40,12 @@ SILENCE_WAV = encode(np.zeros(8000, dtype=np.float32), 8000)
 MODEL = "tympan-fsdd-test"
 SPEAKERS = ["jackson", "nicolas", "george"]
 LIMIT_MB = "1"
+REQUEST_LIMIT_MB = "2"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, fsdd_root):
-    """Train a small FSDD model through the stages, register it, and serve @champion."""
+def registered(tmp_path_factory, fsdd_root):
+    """Train a small FSDD model through the stages and register it: -> (folder, tracking URI)."""
     tmp = tmp_path_factory.mktemp("serve")
     root = fsdd_subset(fsdd_root, tmp / "fsdd", SPEAKERS, range(0, 12))
     params = load_params(REPO / "pipelines" / "fsdd.yaml")
@@ -71,48 +76,81 @@ def served(tmp_path_factory, fsdd_root):
             os.environ.pop("MLFLOW_TRACKING_URI")
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
+    return tmp, uri
 
+
+def _start(command: list[str], env: dict[str, str], log_path: Path) -> tuple[str, object]:
+    """Start a server on a free 127.0.0.1 port and wait for /ping: -> (url, process)."""
     port = free_port()
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed after the server stops
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process by _stop
     server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL}@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "TYMPAN_MAX_ITEM_MB": LIMIT_MB},
+        [*command, "-p", str(port)],
+        env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    server.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:
         if server.poll() is not None:
-            tail = (tmp / "server.log").read_text()[-3000:]
-            pytest.fail(f"mlflow models serve exited {server.returncode}:\n{tail}")
+            pytest.fail(f"{command[0]} exited {server.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
+                return url, server
         except requests.ConnectionError:
             pass
         if time.monotonic() > deadline:
-            pytest.fail(
-                f"server not ready after 240 s:\n{(tmp / 'server.log').read_text()[-3000:]}"
-            )
+            pytest.fail(f"server not ready after 240 s:\n{log_path.read_text()[-3000:]}")
         time.sleep(1)
-    yield url, Predictor.load(tmp / "models" / "bundle.pt")
+
+
+def _stop(server) -> None:
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
-    log.close()
+    server.log.close()
+
+
+@pytest.fixture(scope="module")
+def served(registered):
+    """`mlflow models serve` of @champion, with a 1 MiB item limit."""
+    tmp, uri = registered
+    bin_dir = Path(sys.executable).parent
+    url, server = _start(
+        [
+            *(str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion"),
+            *("--env-manager", "local", "-h", "127.0.0.1"),
+        ],
+        {"MLFLOW_TRACKING_URI": uri, "TYMPAN_MAX_ITEM_MB": LIMIT_MB},
+        tmp / "mlflow-server.log",
+    )
+    yield url, Predictor.load(tmp / "models" / "bundle.pt")
+    _stop(server)
+
+
+@pytest.fixture(scope="module")
+def guarded(registered):
+    """`tympan serve` of @champion: the same app behind the request guard (2 MiB bodies)."""
+    tmp, uri = registered
+    bin_dir = Path(sys.executable).parent
+    url, server = _start(
+        [str(bin_dir / "tympan"), "serve", "-m", f"models:/{MODEL}@champion"],
+        {
+            "MLFLOW_TRACKING_URI": uri,
+            "TYMPAN_MAX_ITEM_MB": LIMIT_MB,
+            "TYMPAN_MAX_REQUEST_MB": REQUEST_LIMIT_MB,
+        },
+        tmp / "tympan-server.log",
+    )
+    yield url, Predictor.load(tmp / "models" / "bundle.pt")
+    _stop(server)
+
+
+@pytest.fixture(params=["mlflow models serve", "tympan serve"])
+def server(request):
+    """Each case that the model itself decides runs against both servers."""
+    return request.getfixturevalue("served" if request.param.startswith("mlflow") else "guarded")
 
 
 def _clips(fsdd_root: Path) -> tuple[list[bytes], list[str]]:
@@ -135,8 +173,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_served_predictions_match_in_process_predict(served, fsdd_root):
-    url, predictor = served
+def test_served_predictions_match_in_process_predict(server, fsdd_root):
+    url, predictor = server
     clips, speakers = _clips(fsdd_root)
     expected = predictor.predict(clips, {"speaker": speakers})
     for body in (
@@ -205,8 +243,8 @@ def _oversized() -> str:
         ({"instances": 42}, ""),
     ],
 )
-def test_bad_payloads_get_400_and_the_server_keeps_serving(served, fsdd_root, body, needle):
-    url, _ = served
+def test_bad_payloads_get_400_and_the_server_keeps_serving(server, fsdd_root, body, needle):
+    url, _ = server
     response = requests.post(f"{url}/invocations", json=body, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert needle in response.json()["message"]
@@ -215,8 +253,8 @@ def test_bad_payloads_get_400_and_the_server_keeps_serving(served, fsdd_root, bo
     assert requests.post(f"{url}/invocations", json=good, timeout=60).status_code == 200
 
 
-def test_bad_second_item_is_named(served, fsdd_root):
-    url, _ = served
+def test_bad_second_item_is_named(server, fsdd_root):
+    url, _ = server
     clips, speakers = _clips(fsdd_root)
     good = _b64(clips[0])
     response = requests.post(
@@ -228,8 +266,8 @@ def test_bad_second_item_is_named(served, fsdd_root):
     assert "item 1" in response.json()["message"]
 
 
-def test_not_json_is_rejected(served):
-    url, _ = served
+def test_not_json_is_rejected(server):
+    url, _ = server
     response = requests.post(
         f"{url}/invocations",
         data="this is not json",
@@ -256,3 +294,118 @@ def test_client_posts_files_and_reports_errors(served, fsdd_root, tmp_path, caps
         )
     with pytest.raises(SystemExit, match="cannot reach"):
         client.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}/invocations"])
+
+
+# --- hostile requests (issue: hostile input and faults) ----------------------------------------
+
+REPLY_LIMIT = 4096  # bytes: no refusal may be larger, whatever the request
+
+
+def _good(url: str, fsdd_root: Path) -> None:
+    clips, speakers = _clips(fsdd_root)
+    body = {"inputs": {"audio": [_b64(clips[0])], "speaker": speakers[:1]}}
+    assert requests.post(f"{url}/invocations", json=body, timeout=60).status_code == 200
+
+
+def _hostile_items() -> dict[str, tuple[bytes, str]]:
+    """Each probe finding as (audio bytes, what the 400 must say)."""
+    second = encode(tone(440, 1.0, 16000), 16000)
+    hour_flac = encode(np.full(3600 * 1000, 0.3, dtype=np.float32), 1000, fmt="FLAC")
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 3600 * 200).astype(np.float32)
+    return {
+        "1,000,003 Hz header": (with_rate(second[:244], 1_000_003), "sample rate 1000003 Hz"),
+        "8-bit 200 Hz hour": (encode(noise, 200, subtype="PCM_U8"), "sample rate 200 Hz"),
+        "FLAC hour in 11 kB": (hour_flac, "3600.0 s of audio is over the"),
+        "float at 1e30": (
+            encode(np.full(8000, 1e30, dtype=np.float32), 8000, subtype="FLOAT"),
+            "extreme amplitude",
+        ),
+        "header claims more data": (second[: len(second) // 3], "truncated: header declares"),
+        "over the item limit": (
+            encode(np.zeros(600_000, dtype=np.float32), 16000),
+            "larger than the 1 MiB limit per item (TYMPAN_MAX_ITEM_MB)",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_items()))
+def test_hostile_items_get_a_short_400_naming_item_and_limit(server, fsdd_root, case):
+    url, _ = server
+    data, needle = _hostile_items()[case]
+    clips, speakers = _clips(fsdd_root)
+    body = {"inputs": {"audio": [_b64(clips[0]), _b64(data)], "speaker": speakers[:2]}}
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 400, response.text[:500]
+    assert len(response.content) < REPLY_LIMIT
+    message = response.json()["message"]
+    assert message.startswith("item 1: ") and needle in message
+    _good(url, fsdd_root)
+
+
+def test_odd_rates_and_base64_variants_are_served(server, fsdd_root):
+    """A 16,001 Hz header costs a usual clip; GNU-wrapped and URL-safe base64 are accepted."""
+    url, predictor = server
+    clips, speakers = _clips(fsdd_root)
+    odd = with_rate(clips[0], 8001)
+    items = [
+        base64.encodebytes(clips[0]).decode(),
+        base64.urlsafe_b64encode(clips[1]).decode().rstrip("="),
+        _b64(odd),
+    ]
+    body = {"inputs": {"audio": items, "speaker": speakers[:2] + speakers[:1]}}
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text[:500]
+    got = [p["label"] for p in response.json()["predictions"]]
+    expected = predictor.predict([clips[0], clips[1], odd], {"speaker": body["inputs"]["speaker"]})
+    assert got == [e["label"] for e in expected]
+
+
+def test_a_refused_large_request_is_not_echoed(server, fsdd_root):
+    """The probe's refused 150 MB request got a 153 MB reply: the item limit's refusal now
+    answers in a few hundred bytes (here 1.4 MiB of base64 over a 1 MiB item limit)."""
+    url, _ = server
+    big = _b64(encode(np.zeros(700_000, dtype=np.float32), 16000))
+    body = {"inputs": {"audio": [big], "speaker": ["george"]}}
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code in (400, 413)
+    assert len(response.content) < REPLY_LIMIT
+    assert big[:100] not in response.text
+
+
+def test_guard_refuses_an_oversized_body_from_its_header(guarded, fsdd_root):
+    """Content-Length over TYMPAN_MAX_REQUEST_MB: 413 before a byte of the body is sent."""
+    url, _ = guarded
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 153000000\r\n\r\n"
+        )
+        reply = sock.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413"), reply[:300]
+    assert "over the 2 MiB limit (TYMPAN_MAX_REQUEST_MB)" in reply
+    _good(url, fsdd_root)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"x" * (3 * 2**20), 413, "over the 2 MiB limit"),
+        (b"{\xc3\x28" * 100_000, 400, "not UTF-8"),
+        (b"{" + b"junk " * 200_000, 400, "not valid JSON"),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deep"),
+    ],
+    ids=["3 MiB over a 2 MiB limit", "binary junk", "1 MiB of junk", "nested 100,000 deep"],
+)
+def test_guard_refuses_what_mlflow_would_parse_and_echo(guarded, fsdd_root, body, status, needle):
+    url, _ = guarded
+    response = requests.post(
+        f"{url}/invocations",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == status, response.text[:300]
+    assert len(response.content) < REPLY_LIMIT
+    assert needle in response.json()["message"]
+    _good(url, fsdd_root)
