@@ -13,6 +13,13 @@ in-process p50, and the server's memory (RSS summed over the server and all its 
 after warm-up, at its peak during the load and after the last level. Goals from the issue:
 p50 at concurrency 1 within 3x of in-process predict, zero errors, memory growth under 10%.
 
+Then the cost of refusing each hostile request the probe found (a header claiming 1,000,003 Hz,
+an hour at 200 Hz in 8 bits, an hour of FLAC in 11 kB, a float clip at 1e30, a WAV whose header
+claims more data than it holds, a 146 MiB body, 50 MiB of junk, JSON nested 100,000 deep):
+status, reply size, median time and the server's peak memory while refusing it, beside a good
+one-clip request's p50. `--server tympan` measures `tympan serve` (the same app behind its
+request guard) instead of `mlflow models serve`.
+
 The clients run on the same machine as the server and share its CPUs, so on a small machine
 the high concurrency levels measure the machine as much as the server. A figure, not a test:
 nothing here asserts a time.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import io
 import json
 import os
 import signal
@@ -165,8 +173,10 @@ def start_server(
     workers: int,
     log: Path,
     threads: int | None = None,
+    kind: str = "mlflow",
 ) -> subprocess.Popen:
-    """`mlflow models serve` on 127.0.0.1 in its own session, with the venv's bin on PATH.
+    """`mlflow models serve` (or `tympan serve`) on 127.0.0.1 in its own session, with the
+    venv's bin on PATH.
 
     `threads`: torch/OpenMP threads per worker (OMP_NUM_THREADS); default: torch's own choice.
     """
@@ -178,21 +188,12 @@ def start_server(
     }
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [
-        str(bin_dir / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
+    if kind == "tympan":
+        command = [str(bin_dir / "tympan"), "serve", "-m", model_uri]
+    else:
+        command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri]
+        command += ["--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "-p", str(port), "--workers", str(workers)]
     with log.open("w") as out:
         return subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -289,6 +290,76 @@ def load(url: str, bodies: list[bytes], total: int, concurrency: int, timeout_s:
     )
 
 
+def _wav(wave: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def hostile_bodies() -> dict[str, tuple[bytes, int]]:
+    """Each probe finding as a request body and how many times to send it."""
+    second = _wav(np.sin(np.arange(16000) / 3).astype(np.float32) * 0.5, 16000)
+    claims = second[:24] + (1_000_003).to_bytes(4, "little") + (2_000_006).to_bytes(4, "little")
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 3600 * 200).astype(np.float32)
+    items = {
+        "1,000,003 Hz header (244 B)": claims + second[32:244],
+        "8-bit 200 Hz hour (0.69 MiB)": _wav(noise, 200, "PCM_U8"),
+        "FLAC hour (11 kB)": _wav(np.full(3_600_000, 0.3, np.float32), 1000, fmt="FLAC"),
+        "float clip at 1e30": _wav(np.full(16000, 1e30, np.float32), 16000, "FLOAT"),
+        "WAV header claims 3x its data": second[: len(second) // 3],
+        "16,001 Hz header (served)": second[:24]
+        + (16001).to_bytes(4, "little")
+        + (32002).to_bytes(4, "little")
+        + second[32:],
+    }
+    bodies = {
+        name: (json.dumps({"inputs": {"audio": [base64.b64encode(data).decode()]}}).encode(), 5)
+        for name, data in items.items()
+    }
+    big = base64.b64encode(b"\0" * (110 * 2**20)).decode()  # a 146 MiB body
+    bodies["146 MiB body"] = (json.dumps({"inputs": {"audio": [big]}}).encode(), 1)
+    bodies["50 MiB of junk"] = (b"{" + b"junk " * (10 * 2**20), 1)
+    bodies["JSON nested 100,000 deep"] = (
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        3,
+    )
+    return bodies
+
+
+@dataclass
+class Refusal:
+    """One hostile case: the status and reply size seen, median seconds, server peak RSS."""
+
+    case: str
+    status: int
+    reply_bytes: int
+    median_s: float
+    peak_rss: int
+
+
+def refusals(url: str, pid: int, bodies: dict[str, tuple[bytes, int]], timeout_s: float) -> list:
+    """Send every hostile body `repeat` times, sampling the server's memory meanwhile."""
+    out = []
+    for case, (body, repeat) in bodies.items():
+        times, status, size = [], 0, 0
+        with PeakRss(pid, interval_s=0.1) as peak:
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                try:
+                    response = requests.post(
+                        url,
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=timeout_s,
+                    )
+                    status, size = response.status_code, len(response.content)
+                except requests.RequestException as exc:
+                    status, size = -1, len(str(exc))
+                times.append(time.perf_counter() - t0)
+        out.append(Refusal(case, status, size, float(np.median(times)), peak.peak))
+    return out
+
+
 def in_process(
     model_uri: str, clips: list[bytes], encoded: list[str], calls: int, warmup: int
 ) -> dict[str, tuple[float, float, float, float]]:
@@ -329,7 +400,14 @@ def main() -> None:
     parser.add_argument("--n-clips", type=int, default=200, help="distinct clips, cycled")
     parser.add_argument("--requests", type=int, default=2000, help="per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--workers", type=int, default=1, help="mlflow models serve --workers")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
+    parser.add_argument(
+        "--server",
+        choices=["mlflow", "tympan"],
+        default="mlflow",
+        help="mlflow models serve, or tympan serve (the same app behind the request guard)",
+    )
+    parser.add_argument("--no-hostile", action="store_true", help="skip the refusal costs")
     parser.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS for each server worker")
     parser.add_argument("--port", type=int, help="default: a free port")
     parser.add_argument("--baseline-calls", type=int, default=1000, help="in-process, timed")
@@ -370,7 +448,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tympan-serve-bench-") as tmp:
         log = Path(tmp) / "server.log"
         server = start_server(
-            args.model_uri, args.tracking_uri, port, args.workers, log, args.server_threads
+            args.model_uri,
+            args.tracking_uri,
+            port,
+            args.workers,
+            log,
+            args.server_threads,
+            args.server,
         )
         try:
             ready_s = wait_ready(server, url, log, args.startup_timeout)
@@ -394,6 +478,17 @@ def main() -> None:
                         )
                     )
             rss_after = server_rss(server.pid)
+            hostile = (
+                []
+                if args.no_hostile
+                else refusals(
+                    f"{url}/invocations",
+                    server.pid,
+                    hostile_bodies(),
+                    max(args.request_timeout, 120),
+                )
+            )
+            good_after = load(f"{url}/invocations", bodies, 20, 1, args.request_timeout)
         finally:
             stop_server(server)
 
@@ -445,8 +540,26 @@ def main() -> None:
             f"{first.p50 / p50_ref:.2f}x (goal <= 3x)"
         )
 
+    if hostile:
+        print(
+            f"\n{'hostile request (' + args.server + ' serve)':<34}{'status':>7}{'reply B':>10}"
+            f"{'median ms':>11}{'x good p50':>11}{'peak RSS':>10}"
+        )
+        good_p50 = first.p50 if first is not None else levels[0].p50
+        for r in hostile:
+            print(
+                f"{r.case:<34}{r.status:>7}{r.reply_bytes:>10}{r.median_s * 1000:>11.1f}"
+                f"{r.median_s * 1000 / good_p50:>10.1f}x{mib(r.peak_rss):>10}"
+            )
+        print(
+            f"good requests after the hostile ones: {good_after.requests - good_after.errors} "
+            f"of {good_after.requests} answered 200 (p50 {good_after.p50:.2f} ms)"
+        )
+
     if args.json:
         result = {
+            "server": args.server,
+            "hostile": [asdict(r) for r in hostile],
             "model_uri": args.model_uri,
             "tracking_uri": args.tracking_uri,
             "clips": len(clips),
