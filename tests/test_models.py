@@ -144,3 +144,52 @@ def test_classical_regression_predicts_one_value():
     out = model(x)
     assert out.shape == (40, 1)
     assert np.abs(out[:, 0].numpy() - target).mean() < 0.5
+
+
+class _Planted:
+    """Unpickling this writes a marker file: a pickle passed off as a fitted estimator."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).write_text, (self.marker, "code ran on load"))
+
+
+def test_a_classical_member_never_unpickles_its_blob(tmp_path):
+    """The estimator is stored in skops' format and loaded with an allowlist of types: a
+    pickle (or a skops file naming another type) in its place is refused, and runs nothing."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 10)
+    x = torch.from_numpy(rng.normal(size=(20, 1, 4, 6)) + y[:, None, None, None]).float()
+    cfg = replace(ModelConfig(name="random_forest"), n_estimators=5)
+    model = build_model(cfg, (1, 4, 6), 2)
+    model.net.fit(model.normalize(x), y, regression=False, seed=0)
+    marker = tmp_path / "pwned"
+    state = model.state_dict()
+    state["net.blob"] = torch.frombuffer(
+        bytearray(pickle.dumps(_Planted(marker))), dtype=torch.uint8
+    )
+    fresh = build_model(cfg, (1, 4, 6), 2)
+    fresh.load_state_dict(state)
+    with pytest.raises(Exception):  # noqa: B017 - skops refuses a non-skops file its own way
+        fresh(x)
+    assert not marker.exists()
+
+
+def test_a_classical_member_refuses_a_skops_file_with_untrusted_types():
+    import os
+
+    import skops.io
+    from sklearn.preprocessing import FunctionTransformer
+
+    cfg = replace(ModelConfig(name="logreg"))
+    model = build_model(cfg, (1, 4, 6), 2)
+    state = model.state_dict()
+    hostile = skops.io.dumps(FunctionTransformer(func=os.system))
+    state["net.blob"] = torch.frombuffer(bytearray(hostile), dtype=torch.uint8)
+    model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="types tympan does not trust"):
+        model(torch.zeros(2, 1, 4, 6))

@@ -5,17 +5,18 @@ Each baseline is wrapped as a torch module, `Classical`, so that an ensemble bun
 evaluate stage and the served model treat it like any other member: its input is the same
 normalised spectrogram, flattened or reduced to per-bin summary statistics (mean, std, min
 and max over frames), and its output is log-probabilities (classification) or the
-prediction (regression). The fitted estimator travels in the state dict as a pickled byte
-buffer, so the bundle format does not change.
+prediction (regression). The fitted estimator travels in the state dict as a byte buffer in
+skops' format, which loads only the types it is told to trust (scikit-learn's own and the
+few internals listed in `TRUSTED`): a bundle cannot carry code that runs when it is loaded, as
+a pickle could.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 from typing import Any
 
 import numpy as np
+import skops.io
 import torch
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
@@ -27,6 +28,15 @@ from sklearn.svm import LinearSVC, LinearSVR
 from torch import nn
 
 from tympan.config import ModelConfig
+
+# Internals of the fitted baselines beyond skops' default trust (estimators, numpy, scipy).
+TRUSTED = [
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.tree._tree.Tree",
+]
 
 
 def estimator(cfg: ModelConfig, regression: bool, seed: int) -> Any:
@@ -87,9 +97,7 @@ class Classical(nn.Module):
     def fit(self, x: torch.Tensor, y: np.ndarray, regression: bool, seed: int) -> None:
         model = estimator(self.cfg, regression, seed)
         model.fit(self.inputs(x), y)
-        buffer = io.BytesIO()
-        pickle.dump(model, buffer)
-        self.blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        self.blob = torch.frombuffer(bytearray(skops.io.dumps(model)), dtype=torch.uint8)
         self._fitted = model
 
     @property
@@ -97,7 +105,14 @@ class Classical(nn.Module):
         if self._fitted is None:
             if self.blob.numel() == 0:
                 raise RuntimeError(f"{self.cfg.name}: not fitted")
-            self._fitted = pickle.loads(self.blob.cpu().numpy().tobytes())
+            data = self.blob.cpu().numpy().tobytes()
+            untrusted = set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED)
+            if untrusted:
+                raise RuntimeError(
+                    f"{self.cfg.name}: the bundle's estimator holds types tympan does not trust "
+                    f"({', '.join(sorted(untrusted))}); it was not written by tympan's train"
+                )
+            self._fitted = skops.io.loads(data, trusted=TRUSTED)
         return self._fitted
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
