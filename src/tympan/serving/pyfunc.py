@@ -17,6 +17,7 @@ import base64
 import io
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -125,35 +126,48 @@ def example_input(sample_rate: int, side_vocab: dict[str, list[str]] | None = No
     return pd.DataFrame({INPUT_COLUMN: encoded, **side})
 
 
+# The distributions the served code imports (tympan.serving and what it imports: features,
+# models, audio, config), each pinned to the version that trained the model. Their own
+# dependencies come with them; `tests/test_deploy.py` loads and serves the model in a process
+# that can import nothing else.
+SERVED_IMPORTS = (
+    "mlflow",
+    "torch",
+    "torchaudio",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "soundfile",
+    "librosa",
+    "scikit-learn",
+    "skops",
+    "pyyaml",
+    "tqdm",
+)
+
+
 def requirements() -> list[str]:
     """Pinned to what trained the model, so a served model runs the same numerics."""
-    names = [
-        "torch",
-        "torchaudio",
-        "torchvision",
-        "numpy",
-        "pandas",
-        "soundfile",
-        "pyyaml",
-        "scikit-learn",
-        "tqdm",
-        "mlflow",
-    ]
-    return [f"{name}=={version(name)}" for name in names]
+    return [f"{name}=={version(name)}" for name in SERVED_IMPORTS]
+
+
+def model_spec(bundle: Path, sample_rate: int) -> dict[str, Any]:
+    """What the model package is made of, for `mlflow.pyfunc.log_model` or `save_model`: the
+    model as code, the bundle, tympan's own code, signature, input example, requirements."""
+    stored = torch.load(bundle, map_location="cpu", weights_only=True)
+    side_vocab = stored["side_vocab"]
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {"bundle": str(bundle)},
+        "code_paths": [str(Path(tympan.__file__).parent)],
+        "signature": signature(tuple(side_vocab), regression=stored["head"] == "identity"),
+        "input_example": example_input(sample_rate, side_vocab),
+        "pip_requirements": requirements(),
+    }
 
 
 def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
-    """Log the pyfunc (bundle + tympan's own code, the model as code) in the active run;
-    -> ModelInfo."""
-    stored = torch.load(bundle, map_location="cpu", weights_only=True)
-    side_vocab = stored["side_vocab"]
+    """Log the pyfunc in the active run (and register it); -> ModelInfo."""
     return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(MODEL_CODE),
-        artifacts={"bundle": str(bundle)},
-        code_paths=[str(Path(tympan.__file__).parent)],
-        signature=signature(tuple(side_vocab), regression=stored["head"] == "identity"),
-        input_example=example_input(sample_rate, side_vocab),
-        pip_requirements=requirements(),
-        registered_model_name=registered_name,
+        name="model", registered_model_name=registered_name, **model_spec(bundle, sample_rate)
     )
