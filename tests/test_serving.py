@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -277,23 +278,111 @@ def test_not_json_is_rejected(server):
     assert 400 <= response.status_code < 500
 
 
-def test_client_posts_files_and_reports_errors(served, fsdd_root, tmp_path, capsys):
+def _folder(fsdd_root: Path, folder: Path) -> tuple[list[Path], Path]:
+    """Three unseen FSDD clips in `folder/clips/`, plus a file that is not audio."""
+    meta = pd.read_csv(fsdd_root / "metadata.csv")
+    names = meta[meta["take"] == 45]["filename"].head(3)
+    (folder / "clips").mkdir(parents=True)
+    files = []
+    for name in names:
+        files.append(folder / "clips" / Path(name).name)
+        files[-1].write_bytes((fsdd_root / name).read_bytes())
+    bad = folder / "clips" / "zz_bad.wav"
+    bad.write_text("not audio")
+    return sorted(files), bad
+
+
+def test_client_posts_files_and_folders_and_reports_errors(served, fsdd_root, tmp_path, capsys):
     from tympan.serving import client
 
     url, predictor = served
-    meta = pd.read_csv(fsdd_root / "metadata.csv")
-    files = [fsdd_root / f for f in meta[meta["take"] == 45]["filename"].head(3)]
-    client.main([*map(str, files), "--url", f"{url}/invocations", "--side", "speaker=george"])
+    files, bad = _folder(fsdd_root, tmp_path)
+    bad.unlink()
+    client.main(
+        [str(tmp_path / "clips"), "--url", f"{url}/invocations", "--side", "speaker=george"]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     expected = predictor.predict([f.read_bytes() for f in files], {"speaker": ["george"] * 3})
+    assert [line.split(": ")[0] for line in lines] == [str(f) for f in files]
     assert [line.split(": ")[1].split(" ")[0] for line in lines] == [e["label"] for e in expected]
-    (tmp_path / "bad.wav").write_text("not audio")
-    with pytest.raises(SystemExit, match=r"400.*item 0: not decodable audio"):
+    bad.write_text("not audio")
+    long_reason = r"^400: item 3: not decodable audio \(.*\)$"  # the whole message, not cut
+    with pytest.raises(SystemExit, match=long_reason):
         client.main(
-            [str(tmp_path / "bad.wav"), "--url", f"{url}/invocations", "--side", "speaker=george"]
+            [str(tmp_path / "clips"), "--url", f"{url}/invocations", "--side", "speaker=george"]
         )
     with pytest.raises(SystemExit, match="cannot reach"):
         client.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}/invocations"])
+
+
+def test_the_client_starts_without_torch():
+    code = "import sys, tympan.serving.client; print(sorted(set(sys.modules) & {'torch', 'numpy'}))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_tympan_predict_scores_a_folder_and_lists_bad_files(
+    registered, served, fsdd_root, tmp_path
+):
+    _, uri = registered
+    _, predictor = served
+    files, bad = _folder(fsdd_root, tmp_path)
+    tympan_cli = str(Path(sys.executable).parent / "tympan")
+    out = tmp_path / "predictions.csv"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    model = f"models:/{MODEL}@champion"
+    result = subprocess.run(
+        [
+            *(tympan_cli, "predict", str(tmp_path / "clips"), "--model", model),
+            *("--out", str(out), "--side", "speaker=george"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 of 4 files scored, 1 refused" in result.stdout
+    table = pd.read_csv(out, dtype={"label": str})
+    table["error"] = table["error"].fillna("")
+    assert table["path"].tolist() == [*map(str, files), str(bad)]
+    expected = predictor.predict([f.read_bytes() for f in files], {"speaker": ["george"] * 3})
+    assert table["label"].tolist()[:3] == [e["label"] for e in expected]
+    for (_, row), want in zip(table.head(3).iterrows(), expected, strict=True):
+        assert row["confidence"] == pytest.approx(max(want["probabilities"].values()), rel=1e-5)
+        assert row["error"] == ""
+    assert table["error"].iloc[3].startswith("not decodable audio")
+    # the model needs `speaker`: said before any file is read
+    missing = subprocess.run(
+        [tympan_cli, "predict", str(files[0]), "--model", model, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert missing.returncode != 0
+    assert "needs the side attribute(s) speaker" in missing.stderr
+
+    # `mlflow models predict` on the client's request body gives the same labels
+    from tympan.serving import client
+
+    body = tmp_path / "body.json"
+    client.main([*map(str, files), "--side", "speaker=george", "--write-request", str(body)])
+    answer = tmp_path / "answer.json"
+    subprocess.run(
+        [
+            *(str(Path(sys.executable).parent / "mlflow"), "models", "predict", "-m", model),
+            *("-i", str(body), "-t", "json", "-o", str(answer), "--env-manager", "local"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    predictions = json.loads(answer.read_text())["predictions"]
+    assert [p["label"] for p in predictions] == table["label"].tolist()[:3]
 
 
 # --- hostile requests (issue: hostile input and faults) ----------------------------------------

@@ -96,10 +96,32 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("-p", "--port", type=int, default=5000)
     serve.add_argument("-w", "--workers", type=int, default=1, help="server processes")
+    predict = sub.add_parser(
+        "predict",
+        help="score audio files or folders with a registered model, in this process",
+        description="Score audio files (and every .wav/.flac/.ogg under each folder) with a "
+        "registered model; bad files are rows with their reason, not fatal.",
+    )
+    predict.add_argument("inputs", type=Path, nargs="+", help="audio files or folders")
+    predict.add_argument("--model", required=True, help="e.g. models:/tympan-demo@champion")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    predict.add_argument(
+        "--side", type=_side, action="append", default=[], help="side attribute NAME=VALUE"
+    )
+    predict.add_argument(
+        "--side-table", type=Path, help="CSV with a 'path' column and one column per attribute"
+    )
     summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
     summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
     summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
     return parser
+
+
+def _side(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def _summary(registered: Path, metrics: Path) -> None:
@@ -171,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "preset":
         _use_preset(args.dir, args.name, args.params)
+        return
+    if args.command == "predict":
+        from tympan.serving.batch import main as predict_main
+
+        predict_main(args)
         return
     if args.command == "serve":
         from tympan.serving.server import serve
