@@ -93,12 +93,35 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
         ({"train.batch_size": SearchParam("float", 8, 64)}, "train.batch_size must be an integer"),
         ({"train.epochs": SearchParam("int", 5.5, 10)}, "must be integers"),
         ({}, "tune.space is empty"),
+        (
+            {"train.lr": SearchParam("float", -1.0, 0.1)},
+            r"tune.space.train.lr.low: train.lr=-1.0 is out of range: must be a finite number > 0",
+        ),
+        (
+            {"model.dropout": SearchParam("float", 0.1, 1.0)},
+            r"tune.space.model.dropout.high: model.dropout=1.0 is out of range: "
+            r"must be a number in \[0, 1\)",
+        ),
+        (
+            {"train.batch_size": SearchParam("categorical", choices=(0, 32))},
+            r"tune.space.train.batch_size.choices\[0\]: train.batch_size=0 is out of range",
+        ),
+        (
+            {"train.epochs": SearchParam("int", 0, 60, step=10)},
+            r"tune.space.train.epochs.low: train.epochs=0 is out of range: must be an integer >= 1",
+        ),
+        (
+            {"augment.noise_p": SearchParam("float", 0.1, 1.5)},
+            r"augment.noise_p=1.5 is out of range: must be a number in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, message):
     params = tune_params(tmp_path, space=space)
     with pytest.raises(ConfigError, match=message):
         validate_space(params)
+    with pytest.raises(ConfigError, match=message):  # the stage's first step: no cache opened
+        stages.run_tune(params, tmp_path / "no-features", tmp_path / "b.yaml", tmp_path / "t.csv")
 
 
 def test_grid_reproduces_the_s5_table():
