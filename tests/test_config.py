@@ -263,3 +263,31 @@ def test_sample_rate_bounds_agree_with_the_audio_reader():
     from tympan import audio
 
     assert (MIN_SAMPLE_RATE, MAX_SAMPLE_RATE) == (audio.MIN_SAMPLE_RATE, audio.MAX_SAMPLE_RATE)
+
+
+@pytest.mark.parametrize(
+    ("storage", "secret", "shown"),
+    [
+        ("postgresql+psycopg2://u:hunter2@db:5432/optuna", "hunter2", "u:***@db:5432/optuna"),
+        ("postgresql://u:hun%40ter2@db/optuna", "hun%40ter2", "u:***@db/optuna"),
+        # an unescaped @: SQLAlchemy takes `ter2@db` for the host, masked hides it too
+        ("postgresql://u:hun@ter2@db/optuna", "ter2", "u:***@db/optuna"),
+        ("mysql://u:p/w1@db/optuna", "p/w1", "u:***@db/optuna"),
+    ],
+)
+def test_a_password_in_tune_storage_is_refused_unshown(tmp_path, storage, secret, shown):
+    path = _write(tmp_path, lambda raw: raw["tune"].update(storage=storage))
+    message = _fails_at_load(path, tmp_path)
+    assert f"{path}: tune.storage=" in message and "holds a password" in message
+    assert shown in message and secret not in message
+    for fix in ("TYMPAN_TUNE_STORAGE", "PGPASSWORD", "~/.pgpass"):
+        assert fix in message
+
+
+def test_storage_without_a_password_loads_and_garbage_is_not_echoed(tmp_path):
+    for storage in ("sqlite:///optuna.db", "postgresql+psycopg2://user@db:5432/optuna"):
+        assert load_params(_write(tmp_path, lambda r, s=storage: r["tune"].update(storage=s)))
+    path = _write(tmp_path, lambda raw: raw["tune"].update(storage="u:hunter2@db"))
+    with pytest.raises(ConfigError, match=r"tune\.storage is not a database URL") as err:
+        load_params(path)
+    assert "hunter2" not in str(err.value)

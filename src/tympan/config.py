@@ -2,14 +2,16 @@
 
 Each section of params.yaml maps onto a frozen dataclass. Every number declares its valid
 range with the field (`_range`) and every closed set of strings its choices (`_choices`).
-Unknown keys, missing sections, wrong types and values outside a field's range or choices
-are errors that name the key and the file, raised before any work starts.
+Unknown keys, missing sections, wrong types, values outside a field's range or choices, and
+passwords in `tune.storage` are errors that name the key and the file, raised before any work
+starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ class ConfigError(ValueError):
 # (importing them from there would pull torch into every params load; a test keeps them equal).
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
+# `tune.storage` may not hold a password; this variable may (the whole storage URL).
+TUNE_STORAGE_ENV = "TYMPAN_TUNE_STORAGE"
 
 
 def _choices(*values: str | int) -> dict[str, tuple[str | int, ...]]:
@@ -86,6 +90,34 @@ _SAMPLE_RATE = _range(MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
 _SEED = _range(0, 2**32 - 1)
 _POSITIVE = _range(0, low_open=True)
 _FRACTION = _range(0, 1)
+
+
+def url_password(url: str) -> str | None:
+    """The password in a database URL, as SQLAlchemy (and so Optuna) reads it; None if none.
+
+    Raises ValueError for a string with user info (`@`) that is no database URL.
+    """
+    if "@" not in url:  # a password sits in the user info, which ends with `@`
+        return None
+    from sqlalchemy.engine import make_url  # here: most params loads never need SQLAlchemy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        raise ValueError("not a database URL") from None
+
+
+def masked(url: str) -> str:
+    """`url` with its password, if any, shown as `***`: the only form tympan prints, logs or
+    records. Everything between `user:` and the last `@` is hidden, so a password holding an
+    unescaped `@` does not leak either."""
+    try:
+        if not url_password(url):
+            return url
+    except ValueError:
+        pass  # not parseable: hide whatever could be a password all the same
+    return re.sub(r"^([^:/]*://[^:/]*:).*@", r"\1***@", url, count=1, flags=re.S)
 
 
 @dataclass(frozen=True)
@@ -526,10 +558,28 @@ class TuneConfig:
     sampler: str = field(default="tpe", metadata=_choices("tpe", "grid", "random"))
     sampler_seed: int = field(default=0, metadata=_SEED)
     pruner: str = field(default="median", metadata=_choices("median", "hyperband", "none"))
+    # Any SQLAlchemy URL without a password (params.yaml lands in dvc.lock and MLflow);
+    # $TYMPAN_TUNE_STORAGE, when set, is used instead and may hold one.
     storage: str = "sqlite:///optuna.db"
     study_name: str = "tympan-demo"
     heartbeat_s: int = field(default=30, metadata=_range(1))
     space: dict[str, SearchParam] = field(default_factory=_default_space)
+
+    def __post_init__(self) -> None:
+        try:
+            password = url_password(self.storage)
+        except ValueError:
+            raise ValueError(
+                "tune.storage is not a database URL such as sqlite:///optuna.db or "
+                "postgresql+psycopg2://user@host:5432/optuna (not shown: it may hold a password)"
+            ) from None
+        if password:
+            raise ValueError(
+                f"tune.storage={masked(self.storage)} holds a password, and params files are "
+                f"recorded in dvc.lock and MLflow; keep it in the environment: the whole URL in "
+                f"{TUNE_STORAGE_ENV}, or this URL without the password plus PGPASSWORD or a "
+                "~/.pgpass line (PostgreSQL's client library reads both)"
+            )
 
 
 @dataclass(frozen=True)
