@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL server for the distributed-tuning tests:
-#   scripts/postgres.sh DATA_DIR PORT     -> prints the database URL on the last line
+#   scripts/postgres.sh DATA_DIR PORT [ROLE]  -> prints the database URL on the last line
 # Installs Debian's postgresql package when no server binaries are found (needs root and the
 # Debian registry). The cluster trusts local connections, listens on 127.0.0.1 only, and is
 # stopped with: pg_ctl -D DATA_DIR stop
+# With ROLE, it also creates that login role with the password in $TYMPAN_PG_PASSWORD (read
+# from the environment, never from the command line) and a database of the same name that it
+# owns; TCP logins as ROLE must give that password (scram-sha-256), everyone else is trusted.
 set -euo pipefail
-data=$1 port=$2
+data=$1 port=$2 role=${3:-}
+if [ -n "$role" ] && [ -z "${TYMPAN_PG_PASSWORD:-}" ]; then
+  echo "postgres.sh: ROLE $role needs its password in TYMPAN_PG_PASSWORD" >&2
+  exit 2
+fi
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -19,7 +26,17 @@ if [ "$(id -u)" = 0 ]; then  # the server refuses to run as root
   as_user=(runuser -u postgres --)
 fi
 "${as_user[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust >/dev/null
+if [ -n "$role" ]; then  # the first matching line wins: this one before initdb's trust lines
+  "${as_user[@]}" sed -i "1i host all $role 127.0.0.1/32 scram-sha-256" "$data/pg_hba.conf"
+fi
 "${as_user[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
   -o "-c listen_addresses=127.0.0.1 -p $port -k $data" start >&2
 "${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres optuna
+if [ -n "$role" ]; then
+  # through stdin, quotes doubled: the password never appears in a process's arguments
+  printf "CREATE ROLE \"%s\" LOGIN PASSWORD '%s';\n" "$role" "${TYMPAN_PG_PASSWORD//\'/\'\'}" |
+    "${as_user[@]}" "$bindir/psql" -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres \
+      -d postgres >&2
+  "${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres -O "$role" "$role"
+fi
 echo "postgresql+psycopg2://postgres@127.0.0.1:$port/optuna"

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tympan.config import params_from_dict
 from tympan.training.augment import AugmentConfig, Augmenter, _sample_beta, soft_cross_entropy
 
 ALL_ON = AugmentConfig(
@@ -243,7 +244,7 @@ def test_soft_cross_entropy_is_linear_in_mixed_targets():
 )
 def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
-        replace(AugmentConfig(), **changes)
+        params_from_dict({"augment": changes})
 
 
 @pytest.mark.parametrize(
@@ -304,7 +305,7 @@ def test_wave_pitch_shift_moves_the_frequency_by_whole_semitones_and_keeps_lengt
 def test_wave_params_are_checked():
     with pytest.raises(ValueError, match=r"augment\.wave_snr_db must be \[low, high\]"):
         AugmentConfig(wave_snr_db=(20.0, 5.0))
-    with pytest.raises(ValueError, match=r"augment\.wave_p is a probability"):
-        AugmentConfig(wave_p=2.0)
+    with pytest.raises(ValueError, match=r"augment\.wave_p=2\.0 is out of range"):
+        params_from_dict({"augment": {"wave_p": 2.0}})
     assert AugmentConfig(wave_snr_db=(-5.0, 5.0)).waveform
     assert not AugmentConfig(wave_snr_db=(-5.0, 5.0), wave_p=0.0).waveform

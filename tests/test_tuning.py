@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,15 +20,19 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from tympan import stages
 from tympan.config import (
+    TUNE_STORAGE_ENV,
     ConfigError,
     ModelConfig,
     Params,
     SearchParam,
     TrainConfig,
     TuneConfig,
+    load_params,
+    masked,
     to_dict,
 )
 from tympan.features import open_cache
@@ -35,13 +40,18 @@ from tympan.training import SeedTrainer, fit
 from tympan.tuning.space import grid_values, validate_space
 from tympan.tuning.study import TuneError, open_storage, study_name
 
-from conftest import REPO, free_port
+from conftest import REPO, copy_project, free_port
 
 BIN = Path(sys.executable).parent
 SMALL_SPACE = {
     "model.dropout": SearchParam("categorical", choices=(0.1, 0.3)),
     "train.lr": SearchParam("categorical", choices=(0.001, 0.003)),
 }
+# The test server's role that must log in with a password (scripts/postgres.sh ROLE); the
+# password is new each run and must never be written anywhere by tympan.
+PG_ROLE = "tympan_secret"
+PG_PASSWORD = f"pw-{secrets.token_hex(12)}"
+PASSWORD_VARIABLES = (TUNE_STORAGE_ENV, "PGPASSWORD", "PGPASSFILE")
 
 
 def tune_params(tmp: Path, **tune) -> Params:
@@ -93,12 +103,35 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
         ({"train.batch_size": SearchParam("float", 8, 64)}, "train.batch_size must be an integer"),
         ({"train.epochs": SearchParam("int", 5.5, 10)}, "must be integers"),
         ({}, "tune.space is empty"),
+        (
+            {"train.lr": SearchParam("float", -1.0, 0.1)},
+            r"tune.space.train.lr.low: train.lr=-1.0 is out of range: must be a finite number > 0",
+        ),
+        (
+            {"model.dropout": SearchParam("float", 0.1, 1.0)},
+            r"tune.space.model.dropout.high: model.dropout=1.0 is out of range: "
+            r"must be a number in \[0, 1\)",
+        ),
+        (
+            {"train.batch_size": SearchParam("categorical", choices=(0, 32))},
+            r"tune.space.train.batch_size.choices\[0\]: train.batch_size=0 is out of range",
+        ),
+        (
+            {"train.epochs": SearchParam("int", 0, 60, step=10)},
+            r"tune.space.train.epochs.low: train.epochs=0 is out of range: must be an integer >= 1",
+        ),
+        (
+            {"augment.noise_p": SearchParam("float", 0.1, 1.5)},
+            r"augment.noise_p=1.5 is out of range: must be a number in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, message):
     params = tune_params(tmp_path, space=space)
     with pytest.raises(ConfigError, match=message):
         validate_space(params)
+    with pytest.raises(ConfigError, match=message):  # the stage's first step: no cache opened
+        stages.run_tune(params, tmp_path / "no-features", tmp_path / "b.yaml", tmp_path / "t.csv")
 
 
 def test_grid_reproduces_the_s5_table():
@@ -125,12 +158,27 @@ def test_grid_reproduces_the_s5_table():
         )
 
 
-def test_unreachable_storage_is_a_clear_error(tmp_path):
+def test_unreachable_storage_is_a_clear_error_without_the_password(
+    tmp_path, monkeypatch, caplog, capsys
+):
     port = free_port()  # nothing listens there
-    params = tune_params(tmp_path, storage=f"postgresql+psycopg2://u:secret@127.0.0.1:{port}/x")
+    monkeypatch.setenv(
+        TUNE_STORAGE_ENV, f"postgresql+psycopg2://u:{PG_PASSWORD}@127.0.0.1:{port}/x"
+    )
     with pytest.raises(TuneError, match="cannot open the Optuna storage") as err:
-        open_storage(params)
-    assert "secret" not in str(err.value)
+        open_storage(tune_params(tmp_path))  # the variable wins over tune.storage
+    assert f"postgresql+psycopg2://u:***@127.0.0.1:{port}/x" in str(err.value)
+    assert TUNE_STORAGE_ENV in str(err.value)
+    printed = capsys.readouterr()
+    for text in (str(err.value), caplog.text, printed.out, printed.err):
+        assert PG_PASSWORD not in text
+
+
+def test_a_malformed_storage_variable_is_refused_without_being_shown(tmp_path, monkeypatch):
+    monkeypatch.setenv(TUNE_STORAGE_ENV, f"postgres ql:/u:{PG_PASSWORD}@host")
+    with pytest.raises(TuneError, match=f"{TUNE_STORAGE_ENV} is not a database URL") as err:
+        open_storage(tune_params(tmp_path))
+    assert PG_PASSWORD not in str(err.value)
 
 
 def test_sqlite_is_refused_for_workers(tmp_path):
@@ -278,15 +326,18 @@ def test_killed_study_resumes_with_the_lost_trial_retried(tmp_path, tone_cache_d
 
 @pytest.fixture(scope="module")
 def postgres():
+    """A PostgreSQL server; -> the URL of its trusted `optuna` database. The role PG_ROLE must
+    log in with PG_PASSWORD (see `_role_url`)."""
     base = Path(tempfile.mkdtemp(prefix="tympan-pg-"))
     base.chmod(0o755)  # the server runs as the postgres user, which must reach its data folder
     data = base / "data"
     port = free_port()
     started = subprocess.run(
-        [str(REPO / "scripts" / "postgres.sh"), str(data), str(port)],
+        [str(REPO / "scripts" / "postgres.sh"), str(data), str(port), PG_ROLE],
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "TYMPAN_PG_PASSWORD": PG_PASSWORD},
     )
     if started.returncode != 0:
         pytest.fail(f"could not start PostgreSQL:\n{started.stderr[-3000:]}")
@@ -407,3 +458,125 @@ def test_workers_starting_together_on_an_empty_database(tmp_path, postgres):
     for thread in threads:
         thread.join(timeout=120)
     assert errors == []
+
+
+def _role_url(postgres: str, password: str | None = None) -> str:
+    """The password role's own database on the test server, with or without the password."""
+    url = make_url(postgres).set(username=PG_ROLE, password=password, database=PG_ROLE)
+    return url.render_as_string(hide_password=False)
+
+
+def _files_holding(folder: Path, secret: str) -> list[str]:
+    return [
+        str(path)
+        for path in folder.rglob("*")
+        if path.is_file() and secret.encode() in path.read_bytes()
+    ]
+
+
+@pytest.mark.integration
+def test_the_password_role_really_needs_its_password(tmp_path, postgres, monkeypatch):
+    for name in PASSWORD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    params = tune_params(tmp_path, storage=_role_url(postgres))
+    with pytest.raises(TuneError, match="no password supplied"):
+        open_storage(params)
+    wrong = f"wrong-{secrets.token_hex(6)}"
+    monkeypatch.setenv("PGPASSWORD", wrong)
+    with pytest.raises(TuneError, match="password authentication failed") as err:
+        open_storage(params)
+    assert wrong not in str(err.value)
+    # libpq's password file works as well as PGPASSWORD (psycopg2 asks libpq for what is missing)
+    monkeypatch.delenv("PGPASSWORD")
+    pgpass = tmp_path / "pgpass"
+    port = make_url(postgres).port
+    pgpass.write_text(f"127.0.0.1:{port}:{PG_ROLE}:{PG_ROLE}:{PG_PASSWORD}\n")
+    pgpass.chmod(0o600)  # libpq ignores a password file others can read
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    open_storage(params).remove_session()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("supplied_by", [TUNE_STORAGE_ENV, "PGPASSWORD"])
+def test_a_password_from_the_environment_is_never_recorded(
+    tmp_path, tone_cache_dir, postgres, supplied_by
+):
+    """The real stage (`tympan -v tune`) against the password role: the password is used, and
+    no file it writes (MLflow store and artifacts, best params, trials) nor its output holds it."""
+    params = tune_params(tmp_path, n_trials=2, seeds=(0,), study_name=f"secret-{supplied_by}")
+    params = replace(params, train=replace(params.train, epochs=2))
+    env = {k: v for k, v in os.environ.items() if k not in PASSWORD_VARIABLES}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    if supplied_by == TUNE_STORAGE_ENV:  # the whole URL; tune.storage (SQLite here) is ignored
+        env[TUNE_STORAGE_ENV] = _role_url(postgres, PG_PASSWORD)
+        recorded = masked(env[TUNE_STORAGE_ENV])
+        port = make_url(postgres).port
+        assert recorded == f"postgresql+psycopg2://{PG_ROLE}:***@127.0.0.1:{port}/{PG_ROLE}"
+    else:  # tune.storage names the role, libpq takes the password from the environment
+        params = replace(params, tune=replace(params.tune, storage=_role_url(postgres)))
+        env["PGPASSWORD"] = PG_PASSWORD
+        recorded = _role_url(postgres)
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    stage = _stage_args(tmp_path, tone_cache_dir)
+    done = subprocess.run(
+        [str(BIN / "tympan"), "-v", "--params", str(params_file), "tune", *stage],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"from {'tune.storage' if supplied_by == 'PGPASSWORD' else supplied_by}" in done.stdout
+
+    assert PG_PASSWORD not in done.stdout and PG_PASSWORD not in done.stderr
+    assert (tmp_path / "mlruns.db").exists() and (tmp_path / "mlartifacts").is_dir()
+    assert _files_holding(tmp_path, PG_PASSWORD) == []  # the store's bytes, artifacts, outputs
+    assert not (tmp_path / "optuna.db").exists()  # the SQLite tune.storage was not used
+
+    name = study_name(params, open_cache(tone_cache_dir).meta["key"])
+    study = optuna.load_study(study_name=name, storage=_role_url(postgres, PG_PASSWORD))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["storage"] == recorded
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.params["tune.storage"] == recorded
+    assert parent.data.tags["optuna.storage"] == recorded
+
+
+@pytest.mark.integration
+def test_dvc_lock_records_params_yaml_which_cannot_hold_a_password(tmp_path):
+    """dvc.lock copies the tune section of params.yaml: with the password in the environment
+    it holds the URL without it, and a params.yaml holding one fails before DVC records it."""
+    project = copy_project(tmp_path / "project")
+    (project / "data" / "features").mkdir(parents=True)
+    (project / "data" / "features" / "meta.json").write_text("{}")  # tune is off: not read
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env[TUNE_STORAGE_ENV] = f"postgresql+psycopg2://u:{PG_PASSWORD}@127.0.0.1:1/optuna"
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    done = dvc("repro", "--single-item", "tune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["tune"]["params"]["params.yaml"]["tune"]["storage"] == (
+        load_params(project / "params.yaml").tune.storage
+    )
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["tune"]["storage"] = env.pop(TUNE_STORAGE_ENV)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="holds a password"):
+        load_params(project / "params.yaml")
+    failed = dvc("repro", "--single-item", "tune")
+    assert failed.returncode != 0
+    assert "tune.storage=postgresql+psycopg2://u:***@127.0.0.1:1/optuna holds a password" in (
+        failed.stdout + failed.stderr
+    )
+    assert PG_PASSWORD not in failed.stdout + failed.stderr
+    leaks = _files_holding(project, PG_PASSWORD)
+    assert leaks == [str(project / "params.yaml")]  # only where the user wrote it

@@ -1,17 +1,20 @@
 """One typed loader for params.yaml, used by every stage.
 
-Each section of params.yaml maps onto a frozen dataclass. Unknown keys, missing sections,
-wrong types and values outside a field's allowed choices are errors that name the key and
-the file, raised before any work starts.
+Each section of params.yaml maps onto a frozen dataclass. Every number declares its valid
+range with the field (`_range`) and every closed set of strings its choices (`_choices`).
+Unknown keys, missing sections, wrong types, values outside a field's range or choices, and
+passwords in `tune.storage` are errors that name the key and the file, raised before any work
+starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,99 @@ class ConfigError(ValueError):
     """A params file that does not match the schema below."""
 
 
-def _choices(*values: str) -> dict[str, tuple[str, ...]]:
+# The sample rates tympan reads and resamples to; tympan.audio declares the same bounds
+# (importing them from there would pull torch into every params load; a test keeps them equal).
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+# `tune.storage` may not hold a password; this variable may (the whole storage URL).
+TUNE_STORAGE_ENV = "TYMPAN_TUNE_STORAGE"
+
+
+def _choices(*values: str | int) -> dict[str, tuple[str | int, ...]]:
     return {"choices": values}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (of each element, for a list): an interval whose
+    ends are `None` (unbounded), closed, or open. Floats must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open and value == self.high)
+
+    def describe(self, integer: bool) -> str:
+        """`an integer >= 1`, `a number in [0, 1)`, `a finite number > 0`, ..."""
+        if self.low is not None and self.high is not None:
+            kind = "an integer" if integer else "a number"
+            return (
+                f"{kind} in {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}"
+            )
+        kind = "an integer" if integer else "a finite number"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {_number(self.high)}"
+        return kind
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> dict[str, Range]:
+    """Field metadata: the field's valid range; `_range()` alone is any finite number."""
+    return {"range": Range(low, high, low_open, high_open)}
+
+
+_SAMPLE_RATE = _range(MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
+# numpy's legacy seeding (np.random.seed, scikit-learn, Optuna's samplers) takes 0 .. 2**32 - 1
+_SEED = _range(0, 2**32 - 1)
+_POSITIVE = _range(0, low_open=True)
+_FRACTION = _range(0, 1)
+
+
+def url_password(url: str) -> str | None:
+    """The password in a database URL, as SQLAlchemy (and so Optuna) reads it; None if none.
+
+    Raises ValueError for a string with user info (`@`) that is no database URL.
+    """
+    if "@" not in url:  # a password sits in the user info, which ends with `@`
+        return None
+    from sqlalchemy.engine import make_url  # here: most params loads never need SQLAlchemy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        raise ValueError("not a database URL") from None
+
+
+def masked(url: str) -> str:
+    """`url` with its password, if any, shown as `***`: the only form tympan prints, logs or
+    records. Everything between `user:` and the last `@` is hidden, so a password holding an
+    unescaped `@` does not leak either."""
+    try:
+        if not url_password(url):
+            return url
+    except ValueError:
+        pass  # not parseable: hide whatever could be a password all the same
+    return re.sub(r"^([^:/]*://[^:/]*:).*@", r"\1***@", url, count=1, flags=re.S)
 
 
 @dataclass(frozen=True)
@@ -44,9 +138,9 @@ class DataConfig:
     )
     root: str = "data/demo"
     group_by: str | None = None
-    max_reject_fraction: float = 0.05
-    silence_dbfs: float = -60.0
-    max_duration_s: float = 600.0
+    max_reject_fraction: float = field(default=0.05, metadata=_FRACTION)
+    silence_dbfs: float = field(default=-60.0, metadata=_range())
+    max_duration_s: float = field(default=600.0, metadata=_POSITIVE)
     # esc50: keep only the ESC-10 subset (rows with esc10 True)
     esc10: bool = False
     # filename_pattern: a regex matched against each audio file's name; named groups `label`
@@ -66,12 +160,12 @@ class DataConfig:
 class DemoConfig:
     """The built-in synthetic dataset (see tympan.data.demo)."""
 
-    clips_per_class: int = 400
-    sample_rate: int = 16000
-    seconds: float = 1.0
-    groups: int = 30
-    snr_db: tuple[float, ...] = (-6.0, 0.0, 6.0, 12.0, 20.0)
-    seed: int = 0
+    clips_per_class: int = field(default=400, metadata=_range(1))
+    sample_rate: int = field(default=16000, metadata=_SAMPLE_RATE)
+    seconds: float = field(default=1.0, metadata=_POSITIVE)
+    groups: int = field(default=30, metadata=_range(1))
+    snr_db: tuple[float, ...] = field(default=(-6.0, 0.0, 6.0, 12.0, 20.0), metadata=_range())
+    seed: int = field(default=0, metadata=_SEED)
 
 
 @dataclass(frozen=True)
@@ -79,9 +173,9 @@ class SplitConfig:
     """How recordings are divided; `group` keeps every group inside one split."""
 
     strategy: str = field(default="group", metadata=_choices("stratified", "group", "predefined"))
-    val: float = 0.15
-    test: float = 0.2
-    seed: int = 0
+    val: float = field(default=0.15, metadata=_range(0, 1, low_open=True, high_open=True))
+    test: float = field(default=0.2, metadata=_range(0, 1, low_open=True, high_open=True))
+    seed: int = field(default=0, metadata=_SEED)
     # predefined: the manifest column holding the official fold (ESC-50: fold) and the values
     # that make the test and val splits; without val_values, val is dealt by group (`val`) from
     # the rest. A group the folds put in two splits moves wholly to the more held-out split
@@ -90,6 +184,13 @@ class SplitConfig:
     test_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     val_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     move_straddling: bool = True
+
+    def __post_init__(self) -> None:
+        if self.val + self.test >= 1:
+            raise ValueError(
+                f"split.val + split.test must be below 1 (the rest is train), got "
+                f"{self.val} + {self.test}"
+            )
 
 
 NEURAL = (
@@ -123,11 +224,11 @@ class CVConfig:
     recording its own group). Figures are mean +- std over folds x seeds.
     """
 
-    folds: int = 0
+    folds: int = field(default=0, metadata=_range(0))
     column: str | None = None
 
     def __post_init__(self) -> None:
-        if self.folds == 1 or self.folds < 0:
+        if self.folds == 1:
             raise ValueError(f"cv.folds must be 0 (off) or at least 2, got {self.folds}")
 
     @property
@@ -148,14 +249,14 @@ class StackConfig:
     """
 
     kinds: tuple[str, ...] = ("logmel",)
-    n_mfcc: int = 40
-    lpc_order: int = 12
+    n_mfcc: int = field(default=40, metadata=_range(1))
+    lpc_order: int = field(default=12, metadata=_range(1))
     f0_method: str = "yin"
-    f0_fmin: float = 60.0
-    f0_fmax: float = 500.0
-    preemphasis: float | None = None
-    image: tuple[int, int] | None = None
-    image_channels: int = 1
+    f0_fmin: float = field(default=60.0, metadata=_POSITIVE)
+    f0_fmax: float = field(default=500.0, metadata=_POSITIVE)
+    preemphasis: float | None = field(default=None, metadata=_FRACTION)
+    image: tuple[int, int] | None = field(default=None, metadata=_range(1))
+    image_channels: int = field(default=1, metadata=_choices(1, 3))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -168,53 +269,55 @@ class StackConfig:
                 raise ValueError(f"stack.kinds: unknown kind {kind!r} (known: {', '.join(KINDS)})")
         if len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"stack.kinds must not repeat a kind, got {self.kinds!r}")
-        if self.n_mfcc < 1:
-            raise ValueError(f"stack.n_mfcc must be at least 1, got {self.n_mfcc!r}")
-        if self.lpc_order < 1:
-            raise ValueError(f"stack.lpc_order must be at least 1, got {self.lpc_order!r}")
         if self.f0_method not in F0_METHODS:
             raise ValueError(
                 f"stack.f0_method must be one of {', '.join(F0_METHODS)}, got {self.f0_method!r}"
             )
-        if self.f0_fmin <= 0:
-            raise ValueError(f"stack.f0_fmin must be positive, got {self.f0_fmin!r}")
         if self.f0_fmin >= self.f0_fmax:
             raise ValueError(
                 f"stack.f0_fmin must be below stack.f0_fmax, got f0_fmin={self.f0_fmin!r} "
                 f"and f0_fmax={self.f0_fmax!r}"
             )
-        if self.preemphasis is not None and not 0.0 <= self.preemphasis <= 1.0:
-            raise ValueError(f"stack.preemphasis must be in [0, 1], got {self.preemphasis!r}")
-        if self.image is not None and (len(self.image) != 2 or min(self.image) < 1):
-            raise ValueError(
-                f"stack.image must be two sizes (H, W) of at least 1, got {self.image!r}"
-            )
-        if self.image_channels not in (1, 3):
-            raise ValueError(f"stack.image_channels must be 1 or 3, got {self.image_channels!r}")
+        if self.image is not None and len(self.image) != 2:
+            raise ValueError(f"stack.image must be two sizes (H, W), got {list(self.image)}")
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     """Log-mel front end: resample, mono, fixed length, mel power in dB."""
 
-    sample_rate: int = 16000
-    seconds: float = 1.0
+    sample_rate: int = field(default=16000, metadata=_SAMPLE_RATE)
+    seconds: float = field(default=1.0, metadata=_POSITIVE)
     crop: str = field(default="center", metadata=_choices("start", "center"))
-    n_fft: int = 512
-    hop_length: int = 256
-    n_mels: int = 40
-    f_min: float = 0.0
-    f_max: float | None = None
-    top_db: float = 80.0
+    n_fft: int = field(default=512, metadata=_range(1))
+    hop_length: int = field(default=256, metadata=_range(1))
+    n_mels: int = field(default=40, metadata=_range(1))
+    f_min: float = field(default=0.0, metadata=_range(0))
+    f_max: float | None = field(default=None, metadata=_POSITIVE)
+    top_db: float = field(default=80.0, metadata=_POSITIVE)
     dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=_range(1))
     # featurize processes (decode + features, one torch thread each): 0 = one per CPU when
     # there are at least 256 recordings to compute, else in this process; 1 = in this process
-    workers: int = 0
+    workers: int = field(default=0, metadata=_range(0))
     # where the torch kinds (logmel, mfcc, stft) run: auto is the GPU when there is one
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # which features are stacked into the model input (tympan.features.stack)
     stack: StackConfig = StackConfig()
+
+    def __post_init__(self) -> None:
+        nyquist = self.sample_rate / 2
+        f_max = nyquist if self.f_max is None else self.f_max
+        if f_max > nyquist:
+            raise ValueError(
+                f"features.f_max={self.f_max} is above the Nyquist frequency of "
+                f"features.sample_rate={self.sample_rate} ({nyquist:g} Hz)"
+            )
+        if self.f_min >= f_max:
+            raise ValueError(
+                f"features.f_min={self.f_min} must be below features.f_max ({f_max:g} Hz"
+                f"{'' if self.f_max is not None else ', the Nyquist frequency'})"
+            )
 
 
 @dataclass(frozen=True)
@@ -229,8 +332,8 @@ class SegmentConfig:
     # true: featurize cuts every recording into these windows too (S3's chunks, S1's long
     # stories); evaluate scores each window and aggregates them per recording
     enabled: bool = False
-    hop: float = 0.5
-    min_last: float = 0.5
+    hop: float = field(default=0.5, metadata=_POSITIVE)
+    min_last: float = field(default=0.5, metadata=_FRACTION)
     aggregate: str = field(default="mean", metadata=_choices("mean", "max"))
 
 
@@ -247,42 +350,42 @@ class ModelConfig:
 
     name: str = field(default="s3_cnn", metadata=_choices(*MODEL_NAMES))
     # s3_cnn and crnn convolutions
-    channels: int = 32
-    kernel: int = 5
-    pool: int = 8
-    hidden: int = 128  # s3_cnn's dense layer
-    dropout_conv: float = 0.1
-    dropout: float = 0.2
+    channels: int = field(default=32, metadata=_range(1))
+    kernel: int = field(default=5, metadata=_range(1))
+    pool: int = field(default=8, metadata=_range(1))
+    hidden: int = field(default=128, metadata=_range(1))  # s3_cnn's dense layer
+    dropout_conv: float = field(default=0.1, metadata=_range(0, 1, high_open=True))
+    dropout: float = field(default=0.2, metadata=_range(0, 1, high_open=True))
     # dense layers between every other family's body and its output (S1: [64, 32]; S4: [128];
     # S5: [400, 200] with batch_norm), each Linear, optional BatchNorm, ReLU, dropout
-    head: tuple[int, ...] = field(default=(), metadata={"allow_empty": True})
+    head: tuple[int, ...] = field(default=(), metadata={**_range(1), "allow_empty": True})
     batch_norm: bool = False
     # recurrent layer sizes (lstm/gru: one per layer; crnn: two BiLSTMs; attention: the GRU)
-    units: tuple[int, ...] = (64,)
+    units: tuple[int, ...] = field(default=(64,), metadata=_range(1))
     # parallel_cnn: filters per branch and one (height, width) kernel per branch
-    filters: int = 200
-    kernels: tuple[tuple[int, ...], ...] = ((12, 16), (18, 24), (24, 32), (30, 40))
+    filters: int = field(default=200, metadata=_range(1))
+    kernels: tuple[tuple[int, ...], ...] = field(
+        default=((12, 16), (18, 24), (24, 32), (30, 40)), metadata=_range(1)
+    )
     init: str = field(default="default", metadata=_choices("default", "xavier"))
     # torchvision backbones: a local state-dict file (never downloaded), and frozen training
     weights: str | None = None
     freeze: bool = False
     # classical baselines
     classical_input: str = field(default="flat", metadata=_choices("flat", "summary"))
-    c: float = 1.0
-    n_estimators: int = 200
-    n_neighbors: int = 5
+    c: float = field(default=1.0, metadata=_POSITIVE)
+    n_estimators: int = field(default=200, metadata=_range(1))
+    n_neighbors: int = field(default=5, metadata=_range(1))
     # Manifest columns (e.g. language) embedded and joined to the audio features before the
     # dense layers; served models then require them in every request.
     side_attributes: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
-    side_dim: int = 4
+    side_dim: int = field(default=4, metadata=_range(1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernels", tuple(tuple(k) for k in self.kernels))
         for kernel in self.kernels:
-            if len(kernel) != 2 or min(kernel) < 1:
+            if len(kernel) != 2:
                 raise ValueError(f"model.kernels entries must be [height, width], got {kernel}")
-        if not self.units or min(self.units) < 1:
-            raise ValueError(f"model.units must be positive sizes, got {list(self.units)}")
 
     @property
     def classical(self) -> bool:
@@ -294,15 +397,16 @@ class TrainConfig:
     """Optimisation: one model per seed, early stopping on the validation loss with the best
     weights restored, LR on plateau, a checkpoint per epoch."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 60
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 8
-    lr_factor: float = 0.5
-    lr_patience: int = 3
-    min_lr: float = 1e-6
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_SEED)
+    epochs: int = field(default=60, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    # epochs without a lower val loss before stopping (1: stop at the first)
+    patience: int = field(default=8, metadata=_range(1))
+    lr_factor: float = field(default=0.5, metadata=_range(0, 1, low_open=True, high_open=True))
+    lr_patience: int = field(default=3, metadata=_range(0))
+    min_lr: float = field(default=1e-6, metadata=_range(0))
     # classification: balanced class weights in the loss, or random under-sampling of the
     # larger classes (a new draw every epoch)
     class_weights: bool = True
@@ -313,8 +417,9 @@ class TrainConfig:
     # ce: softmax over the classes; bce: one sigmoid output (two classes); mse, l1: regression
     loss: str = field(default="auto", metadata=_choices("auto", "ce", "bce", "mse", "l1"))
     optimizer: str = field(default="adam", metadata=_choices("adam", "sgd", "adagrad"))
-    momentum: float = 0.9  # sgd
-    grad_clip: float = 0.0  # max global gradient norm; 0 is off
+    momentum: float = field(default=0.9, metadata=_range(0, 1, high_open=True))  # sgd
+    # max global gradient norm; 0 is off
+    grad_clip: float = field(default=0.0, metadata=_range(0))
     # CUDA only (ignored on CPU): float16 autocast with loss scaling, channels-last memory
     amp: bool = True
     channels_last: bool = True
@@ -326,8 +431,6 @@ class TrainConfig:
                 f"train.loss={self.loss} does not fit train.task={self.task} "
                 f"(choose from {', '.join(pairs[self.task])})"
             )
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0 (0 is off), got {self.grad_clip}")
 
     @property
     def criterion(self) -> str:
@@ -342,59 +445,32 @@ class AugmentConfig:
     """What to augment and how much; the defaults switch everything off."""
 
     # Gaussian noise added in dB (standard deviation), to each clip with probability noise_p
-    noise_std: float = 0.0
-    noise_p: float = 0.5
+    noise_std: float = field(default=0.0, metadata=_range(0))
+    noise_p: float = field(default=0.5, metadata=_FRACTION)
     # circular roll along frames by up to this fraction of the frames, either sign
-    time_shift: float = 0.0
+    time_shift: float = field(default=0.0, metadata=_FRACTION)
     # shift along the bin axis by up to this many bins, either sign
-    pitch_shift: int = 0
+    pitch_shift: int = field(default=0, metadata=_range(0))
     # SpecAugment: number of masks per clip and maximum width (frames / bins)
-    time_masks: int = 0
-    time_mask_width: int = 0
-    freq_masks: int = 0
-    freq_mask_width: int = 0
+    time_masks: int = field(default=0, metadata=_range(0))
+    time_mask_width: int = field(default=0, metadata=_range(0))
+    freq_masks: int = field(default=0, metadata=_range(0))
+    freq_mask_width: int = field(default=0, metadata=_range(0))
     # mixup: lambda ~ Beta(alpha, alpha) per batch; 0 switches it off
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = field(default=0.0, metadata=_range(0))
     # Waveform domain, each applied to a clip with probability wave_p: white noise at an SNR
     # drawn uniformly from [low, high] dB, and a true pitch shift (phase vocoder + resampling)
     # by a whole number of semitones up to wave_pitch, either sign. Featurize then also keeps
     # the fixed-length waveforms, and training recomputes the features of each augmented batch.
-    wave_snr_db: tuple[float, ...] = field(default=(), metadata={"allow_empty": True})
-    wave_pitch: int = 0
-    wave_p: float = 0.5
+    wave_snr_db: tuple[float, ...] = field(default=(), metadata={**_range(), "allow_empty": True})
+    wave_pitch: int = field(default=0, metadata=_range(0))
+    wave_p: float = field(default=0.5, metadata=_FRACTION)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "wave_snr_db", tuple(self.wave_snr_db))
         snr = self.wave_snr_db
-        if snr and (
-            len(snr) != 2
-            or not all(isinstance(v, int | float) and math.isfinite(v) for v in snr)
-            or snr[0] > snr[1]
-        ):
+        if snr and (len(snr) != 2 or snr[0] > snr[1]):
             raise ValueError(f"augment.wave_snr_db must be [low, high] in dB, got {list(snr)}")
-        for f in fields(self):
-            if f.name == "wave_snr_db":  # an SNR range may be negative
-                continue
-            value = getattr(self, f.name)
-            if f.type in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"augment.{f.name} must be an integer, got {value!r}")
-            else:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"augment.{f.name} must be a number, got {value!r}")
-                if not math.isfinite(value):
-                    raise ValueError(f"augment.{f.name} must be finite, got {value!r}")
-            if value < 0:
-                raise ValueError(f"augment.{f.name} must be >= 0, got {value!r}")
-        for name in ("noise_p", "wave_p"):
-            if getattr(self, name) > 1:
-                raise ValueError(
-                    f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}"
-                )
-        if self.time_shift > 1:
-            raise ValueError(
-                f"augment.time_shift is a fraction of the frames in [0, 1], got {self.time_shift}"
-            )
         for axis, unit in (("time", "frames"), ("freq", "bins")):
             count, width = getattr(self, f"{axis}_masks"), getattr(self, f"{axis}_mask_width")
             if count > 0 and width == 0:
@@ -436,10 +512,11 @@ class SearchParam:
     """One dimension of the Optuna search space, keyed by `section.field` in `tune.space`."""
 
     type: str = field(default="float", metadata=_choices("float", "int", "categorical"))
-    low: float | None = None
-    high: float | None = None
+    # the target field's own range is checked on the values sampled at low and high
+    low: float | None = field(default=None, metadata=_range())
+    high: float | None = field(default=None, metadata=_range())
     log: bool = False
-    step: float | None = None
+    step: float | None = field(default=None, metadata=_POSITIVE)
     choices: tuple[object, ...] | None = None
 
 
@@ -471,20 +548,38 @@ class TuneConfig:
     """Optuna search over `space`; a trial's value is the mean over `seeds`."""
 
     enabled: bool = False
-    n_trials: int = 12
-    timeout_s: float | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)
+    n_trials: int = field(default=12, metadata=_range(1))
+    timeout_s: float | None = field(default=None, metadata=_POSITIVE)
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_SEED)
     metric: str = field(
         default="val_accuracy",
         metadata=_choices(*VAL_METRICS),
     )
     sampler: str = field(default="tpe", metadata=_choices("tpe", "grid", "random"))
-    sampler_seed: int = 0
+    sampler_seed: int = field(default=0, metadata=_SEED)
     pruner: str = field(default="median", metadata=_choices("median", "hyperband", "none"))
+    # Any SQLAlchemy URL without a password (params.yaml lands in dvc.lock and MLflow);
+    # $TYMPAN_TUNE_STORAGE, when set, is used instead and may hold one.
     storage: str = "sqlite:///optuna.db"
     study_name: str = "tympan-demo"
-    heartbeat_s: int = 30
+    heartbeat_s: int = field(default=30, metadata=_range(1))
     space: dict[str, SearchParam] = field(default_factory=_default_space)
+
+    def __post_init__(self) -> None:
+        try:
+            password = url_password(self.storage)
+        except ValueError:
+            raise ValueError(
+                "tune.storage is not a database URL such as sqlite:///optuna.db or "
+                "postgresql+psycopg2://user@host:5432/optuna (not shown: it may hold a password)"
+            ) from None
+        if password:
+            raise ValueError(
+                f"tune.storage={masked(self.storage)} holds a password, and params files are "
+                f"recorded in dvc.lock and MLflow; keep it in the environment: the whole URL in "
+                f"{TUNE_STORAGE_ENV}, or this URL without the password plus PGPASSWORD or a "
+                "~/.pgpass line (PostgreSQL's client library reads both)"
+            )
 
 
 @dataclass(frozen=True)
@@ -492,7 +587,7 @@ class EvaluateConfig:
     """Test-set report: `breakdown` lists manifest columns to score per value."""
 
     breakdown: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
-    worst_k: int = 10
+    worst_k: int = field(default=10, metadata=_range(0))
 
 
 HEADLINE_METRICS = (
@@ -515,7 +610,7 @@ class RegisterConfig:
 
     name: str = "tympan-demo"
     metric: str = field(default="accuracy", metadata=_choices(*HEADLINE_METRICS))
-    min_delta: float = 0.0
+    min_delta: float = field(default=0.0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -623,6 +718,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
     if hint is object:
         if not isinstance(value, bool | int | float | str):
             raise ConfigError(f"{source}: {key} must be a number, string or boolean, got {value!r}")
+        if isinstance(value, float):
+            _check_declared(value, key, source, _range(), integer=False)
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -644,16 +741,30 @@ def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        _check_declared(value, key, source, meta, integer=True)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        _check_declared(value, key, source, meta, integer=False)
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-        choices = meta.get("choices") if meta else None
-        if choices and value not in choices:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        _check_declared(value, key, source, meta, integer=False)
         return value
     raise ConfigError(f"{source}: {key} has an unsupported type {hint!r}")  # pragma: no cover
+
+
+def _check_declared(value: Any, key: str, source: str, meta: Any, integer: bool) -> None:
+    """The field's declared choices (`_choices`) or range (`_range`), if it has either."""
+    choices = meta.get("choices") if meta else None
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+        )
+    declared = meta.get("range") if meta else None
+    if declared is not None and value not in declared:
+        raise ConfigError(
+            f"{source}: {key}={value!r} is out of range: must be {declared.describe(integer)}"
+        )

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tympan import tracking
-from tympan.config import ConfigError, Params, flatten, to_dict
+from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import ingest
 from tympan.data.manifest import read_manifest, read_table
@@ -305,6 +305,8 @@ def run_tune(
         open_storage,
         open_study,
         parent_run,
+        storage_source,
+        storage_url,
         study_name,
         top_up,
         wait_for_queue,
@@ -335,7 +337,8 @@ def run_tune(
     else:
         added = top_up(study, params)
         print(
-            f"tune: study {study.study_name}, {added} trial(s) queued, "
+            f"tune: study {study.study_name} in {masked(storage_url(params.tune))} (from "
+            f"{storage_source(params.tune)}), {added} trial(s) queued, "
             f"{params.tune.n_trials} in all"
         )
     objective = make_objective(params, cache, device, parent_run(study, params))

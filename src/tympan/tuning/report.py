@@ -14,8 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tympan.config import Params
-from tympan.tuning.study import TuneError, count_trials, direction, masked
+from tympan.config import Params, masked
+from tympan.tuning.study import TuneError, count_trials, direction, storage_url
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def write_outputs(
     summary = {
         "tuned": True,
         "study": study.study_name,
-        "storage": masked(params.tune.storage),
+        "storage": masked(storage_url(params.tune)),
         "metric": params.tune.metric,
         "direction": direction(params.tune.metric),
         "best_trial": best.number,

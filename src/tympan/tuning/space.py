@@ -78,23 +78,28 @@ def _check_one(name: str, spec: SearchParam, where: str) -> None:
         raise ConfigError(f"{where}: tune.space.{name} is int, so low/high/step must be integers")
 
 
-def _corners(spec: SearchParam) -> list[Any]:
+def _corners(spec: SearchParam) -> dict[str, Any]:
+    """The extreme values a trial can sample, by the space key that sets them."""
     if spec.type == "categorical":
-        return list(spec.choices or ())
+        return {f"choices[{i}]": choice for i, choice in enumerate(spec.choices or ())}
     if spec.type == "int":
-        return [int(spec.low), int(spec.high)]
-    return [float(spec.low), float(spec.high)]  # suggest_float returns floats
+        return {"low": int(spec.low), "high": int(spec.high)}
+    return {"low": float(spec.low), "high": float(spec.high)}  # suggest_float returns floats
 
 
 def validate_space(params: Params, where: str = "params.yaml") -> None:
-    """Every problem is a ConfigError naming the key, before any trial runs."""
+    """Every problem is a ConfigError naming the key, before any trial runs.
+
+    The extremes of each dimension are loaded into the target field, so they must fit its type
+    and declared range (e.g. `train.lr: {low: -1}` fails as train.lr=-1.0 would).
+    """
     space = params.tune.space
     if not space:
         raise ConfigError(f"{where}: tune.space is empty; list at least one param to search")
     for name, spec in space.items():
         _check_one(name, spec, where)
-        for value in _corners(spec):  # the sampled values must fit the target field's type
-            apply_overrides(params, {name: value}, source=f"{where}: tune.space.{name}")
+        for corner, value in _corners(spec).items():
+            apply_overrides(params, {name: value}, source=f"{where}: tune.space.{name}.{corner}")
     if params.tune.sampler == "grid":
         grid_values(params)
 

@@ -14,12 +14,14 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import mlflow
 import optuna
@@ -30,7 +32,15 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tympan import tracking
-from tympan.config import LOWER_IS_BETTER, Params, to_dict
+from tympan.config import (
+    LOWER_IS_BETTER,
+    TUNE_STORAGE_ENV,
+    Params,
+    TuneConfig,
+    masked,
+    to_dict,
+    url_password,
+)
 from tympan.features import FeatureCache
 from tympan.training import SeedTrainer
 from tympan.tuning.space import apply_overrides, grid_values, sample
@@ -57,30 +67,58 @@ def direction(metric: str) -> str:
     return "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
 
-def masked(url: str) -> str:
+def storage_url(cfg: TuneConfig) -> str:
+    """The study's storage: $TYMPAN_TUNE_STORAGE when set, else `tune.storage`.
+
+    The variable is the one place a password may be written; show or record the result only
+    through `config.masked`.
+    """
+    url = os.environ.get(TUNE_STORAGE_ENV) or cfg.storage
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+        url_password(url)
+    except ValueError:
+        raise TuneError(
+            f"{TUNE_STORAGE_ENV} is not a database URL such as "
+            "postgresql+psycopg2://user:password@host:5432/optuna (not shown: it may hold a "
+            "password)"
+        ) from None
+    return url
+
+
+def storage_source(cfg: TuneConfig) -> str:
+    """Where the storage URL came from, for messages: the variable or the params key."""
+    return TUNE_STORAGE_ENV if os.environ.get(TUNE_STORAGE_ENV) else "tune.storage"
+
+
+def _without_password(text: str, url: str) -> str:
+    """`text` (a driver's error) with the URL's password, as written or URL-escaped, hidden."""
+    password = url_password(url)
+    if not password:
+        return text
+    for form in {password, quote(password, safe=""), quote_plus(password)}:
+        text = text.replace(form, "***")
+    return text
 
 
 def open_storage(params: Params, worker: bool = False) -> RDBStorage:
     """RDB storage with heartbeats and retry of trials whose process died."""
     cfg = params.tune
-    if worker and cfg.storage.startswith("sqlite"):
+    url = storage_url(cfg)
+    if worker and url.startswith("sqlite"):
         raise TuneError(
-            f"tune.storage={cfg.storage}: SQLite locks the whole database on every write, so "
-            "several workers stall or fail; share one study through PostgreSQL instead, e.g. "
-            "postgresql+psycopg2://user:password@127.0.0.1:5432/optuna"
+            f"{storage_source(cfg)}={masked(url)}: SQLite locks the whole database on every "
+            "write, so several workers stall or fail; share one study through PostgreSQL "
+            f"instead, e.g. tune.storage: postgresql+psycopg2://user@127.0.0.1:5432/optuna with "
+            f"the password in PGPASSWORD or ~/.pgpass (or the whole URL in {TUNE_STORAGE_ENV})"
         )
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
             return RDBStorage(
-                cfg.storage,
+                url,
                 heartbeat_interval=cfg.heartbeat_s,
                 grace_period=2 * cfg.heartbeat_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={} if cfg.storage.startswith("sqlite") else {"pool_pre_ping": True},
+                engine_kwargs={} if url.startswith("sqlite") else {"pool_pre_ping": True},
             )
         except sqlalchemy.exc.IntegrityError:
             # Workers started together on an empty database all create Optuna's tables; the
@@ -89,11 +127,12 @@ def open_storage(params: Params, worker: bool = False) -> RDBStorage:
                 raise
             time.sleep(0.5 * (attempt + 1))
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0][:300]
+            reason = _without_password(str(exc).strip().splitlines()[0][:300], url)
             raise TuneError(
-                f"cannot open the Optuna storage {masked(cfg.storage)} ({reason}); check "
-                "tune.storage, that the server is up on that host and port, and that the "
-                "database exists"
+                f"cannot open the Optuna storage {masked(url)} ({reason}); check "
+                f"{storage_source(cfg)}, the password (PGPASSWORD, ~/.pgpass or "
+                f"{TUNE_STORAGE_ENV}), that the server is up on that host and port, and that "
+                "the database exists"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -154,7 +193,7 @@ def open_study(params: Params, storage: RDBStorage, name: str) -> optuna.Study:
     )
     if study.direction.name.lower() != direction(cfg.metric):
         raise TuneError(
-            f"study {name!r} in {masked(cfg.storage)} was created to "
+            f"study {name!r} in {masked(storage_url(cfg))} was created to "
             f"{study.direction.name.lower()}, but tune.metric={cfg.metric} needs "
             f"{direction(cfg.metric)}; choose another tune.study_name"
         )
@@ -249,13 +288,13 @@ def parent_run(study: optuna.Study, params: Params) -> str:
             log.warning(
                 "study's MLflow run %s is not in this tracking store; starting another", run_id
             )
+    storage = masked(storage_url(params.tune))  # the one in use, never its password
     tags = tracking.run_tags("tune", params.preset)
-    tags.update(
-        {"optuna.study": params.tune.study_name, "optuna.storage": masked(params.tune.storage)}
-    )
+    tags.update({"optuna.study": params.tune.study_name, "optuna.storage": storage})
+    tune = {**to_dict(params.tune), "storage": storage}
     with mlflow.start_run(run_name=f"tune-{params.tune.study_name}", tags=tags) as run:
-        mlflow.log_params({f"tune.{k}": v for k, v in to_dict(params.tune).items() if k != "space"})
-        mlflow.log_dict(to_dict(params.tune)["space"], "search_space.json")
+        mlflow.log_params({f"tune.{k}": v for k, v in tune.items() if k != "space"})
+        mlflow.log_dict(tune["space"], "search_space.json")
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
 
