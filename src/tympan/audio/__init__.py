@@ -18,11 +18,11 @@ from tympan.audio.io import (
 )
 
 __all__ = [
-    "AudioError",
-    "AudioProbe",
     "MAX_PEAK_DBFS",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
+    "AudioError",
+    "AudioProbe",
     "Source",
     "check_peak",
     "check_rate",
