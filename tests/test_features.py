@@ -173,6 +173,51 @@ def test_a_failed_featurize_leaves_the_previous_cache(tmp_path):
     assert open_cache(out).meta == before
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_featurize_refuses_non_finite_features_naming_the_file(tmp_path, segmented):
+    """A file replaced after ingest by one at 1e20 (+400 dBFS) overflows the spectra; the cache
+    would get NaN statistics and training would die. Featurize names the file (and its rows)
+    and the previous cache stays as it was."""
+    from tympan.config import SegmentConfig
+    from tympan.features.cache import FeatureError
+
+    segment = SegmentConfig(enabled=True, hop=0.25) if segmented else None
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out, segment)
+    before = _snapshot(out)
+    extreme = tone(500, 1.0, 8000, amp=1e20)  # c5.wav's rate and length: the same windows
+    write(Path(table.loc[5, "path"]), extreme, 8000, subtype="FLOAT")
+    with pytest.raises(  # a new n_mfcc: the mfcc set is computed again
+        FeatureError, match=r"mfcc: NaN or infinite .* 1 recording\(s\): \S*/c5\.wav \(row"
+    ):
+        build_cache(table, _stacked(n_mfcc=20), out, segment)
+    assert _snapshot(out) == before
+    assert not (tmp_path / ".cache.partial").exists()
+
+
+def test_a_damaged_reused_set_is_refused(tmp_path):
+    """A set copied by key is checked like a computed one: non-finite rows name their files."""
+    from tympan.features.cache import FeatureError
+
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out)
+    damaged = np.load(out / "sets" / "mfcc.npy", mmap_mode="r+")
+    damaged[3, 0, 0] = np.inf
+    damaged.flush()
+    del damaged
+    resplit = table.assign(split=["train", "val", "test", "train"] * 3)  # the same sets, reused
+    with pytest.raises(FeatureError, match=r"mfcc: .*c3\.wav \(row 3\).*reused from the previous"):
+        build_cache(resplit, _stacked(), out)
+
+
 def test_image_mode_is_read_from_the_native_sets(tmp_path):
     table = _table(tmp_path / "audio")
     cache = build_cache(table, _stacked(image=(32, 24), image_channels=3), tmp_path / "c")

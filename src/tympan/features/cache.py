@@ -403,12 +403,19 @@ def _fill(
     shapes = {kind: (rows, bins, frames) for kind, bins in bins_per_kind(cfg, cfg.stack).items()}
     if WAVE in keys:
         shapes[WAVE] = (rows, n_samples(cfg))
+    files = _RowFiles(paths, counts)
     todo: list[str] = []
     for kind, shape in shapes.items():
         target = partial / SETS / f"{kind}.npy"
         hit = found.get(keys[kind])
         if hit is not None and _fits(hit.path, shape, _dtype(kind, cfg)):
             shutil.copyfile(hit.path, target)
+            files.check(
+                kind,
+                np.load(target, mmap_mode="r"),
+                0,
+                f"The set reused {hit.origin} is damaged: delete that copy to compute it again",
+            )
             log.info("feature set %s: reused from %s", kind, hit.origin)
             print(f"featurize: {kind} reused {hit.origin}")
         else:
@@ -434,6 +441,7 @@ def _fill(
             for (chunk, _), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
                 end = written + len(next(iter(parts.values())))
                 for kind, part in parts.items():
+                    files.check(kind, part, written, CHANGED_SINCE_INGEST)
                     arrays[kind][written:end] = part
                 written = end
                 bar.update(len(chunk))
@@ -442,6 +450,45 @@ def _fill(
         del arrays
         if written != rows:
             raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
+
+
+CHANGED_SINCE_INGEST = (
+    "These files passed ingest, so they changed since (or hold audio beyond its checks): "
+    "re-run `dvc repro` to ingest them again"
+)
+
+
+class _RowFiles:
+    """Which recording each cache row comes from, to name the files behind bad rows."""
+
+    def __init__(self, paths: list[str], counts: list[int] | None) -> None:
+        self.paths = paths
+        self.row_owner = (
+            np.arange(len(paths)) if counts is None else np.repeat(np.arange(len(paths)), counts)
+        )
+
+    def check(self, kind: str, rows: np.ndarray, first: int, advice: str) -> None:
+        """Refuse NaN or infinity in `rows` (cache rows `first...` of set `kind`): they would
+        make every train statistic NaN. The error names each recording responsible."""
+        bad = []
+        for start in range(0, len(rows), STATS_CHUNK):
+            block = np.asarray(rows[start : start + STATS_CHUNK])
+            finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+            bad.extend(first + start + np.flatnonzero(~finite))
+        if not bad:
+            return
+        culprits: dict[str, list[int]] = {}
+        for row in bad:
+            culprits.setdefault(self.paths[self.row_owner[row]], []).append(int(row))
+        named = "; ".join(
+            f"{path} (row {', '.join(map(str, rows_[:4]))}{', ...' if len(rows_) > 4 else ''})"
+            for path, rows_ in list(culprits.items())[:10]
+        )
+        raise FeatureError(
+            f"feature set {kind}: NaN or infinite values in {len(bad)} row(s) from "
+            f"{len(culprits)} recording(s): {named}; featurize writes only finite features "
+            f"(train statistics would be NaN). {advice}"
+        )
 
 
 def _dtype(kind: str, cfg: FeatureConfig) -> str:
