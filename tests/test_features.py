@@ -1,3 +1,9 @@
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -371,3 +377,82 @@ def test_gpu_featurize_matches_cpu(tmp_path):
     cpu = build_cache(table, replace(_stacked(), device="cpu"), tmp_path / "cpu")
     gpu = build_cache(table, replace(_stacked(), device="cuda"), tmp_path / "gpu")
     np.testing.assert_allclose(gpu.features[:], cpu.features[:], atol=1e-2)
+
+
+KILLED_FEATURIZE = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from tympan.config import FeatureConfig
+from tympan.features import cache
+
+table, out, mode = sys.argv[1:]
+if mode == "thread":  # the portable fallback instead of the Linux parent-death signal
+    cache._arm_parent_death_signal = lambda: False
+compute = cache._Job.__call__
+cache._Job.__call__ = lambda job, *a: (time.sleep(120), compute(job, *a))[1]  # stay busy
+cfg = FeatureConfig(
+    sample_rate=8000, seconds=0.5, n_fft=256, hop_length=128, f_max=4000.0, workers=2
+)
+cache.build_cache(pd.read_csv(table, dtype=str), cfg, Path(out))
+"""
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+@pytest.mark.parametrize("mode", ["prctl", "thread"])
+def test_killed_featurize_takes_its_workers_and_leaves_the_previous_cache(tmp_path, mode):
+    """SIGKILL of featurize (as `kill -9` or the OOM killer do) ends its worker processes too,
+    with the Linux parent-death signal and with the portable watcher thread. The previous
+    cache is untouched; the next run removes the killed one's partial folder."""
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out)
+    before = _snapshot(out)
+    table.to_csv(tmp_path / "table.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this tympan
+    args = [sys.executable, "-c", KILLED_FEATURIZE, str(tmp_path / "table.csv"), str(out), mode]
+    featurize = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        assert _wait(lambda: len(_children(featurize.pid)) == 2, 120), "no workers started"
+        workers = _children(featurize.pid)
+        assert (tmp_path / ".cache.partial").is_dir()
+        featurize.kill()
+        featurize.wait()
+        assert _wait(lambda: not any(_alive(w) for w in workers), 5), [
+            w for w in workers if _alive(w)
+        ]
+    finally:
+        for pid in [featurize.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert _snapshot(out) == before
+    build_cache(table, _stacked(n_mfcc=20), out)
+    assert not (tmp_path / ".cache.partial").exists()
+    assert open_cache(out).meta["params"]["stack"]["n_mfcc"] == 20

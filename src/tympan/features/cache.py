@@ -25,6 +25,7 @@ machine produced them.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -33,6 +34,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -357,7 +362,8 @@ def build_cache(
     channels). With `segment.enabled`, each recording becomes its windows (the index repeats
     the recording's row with a `window` number), cut exactly as serving cuts a request. The
     cache is written beside `out_dir` and moved in place only when complete, so a failure
-    leaves the previous cache as it was.
+    leaves the previous cache as it was; worker processes end with this one, even when it is
+    killed (`_die_with`), and a killed run's partial folder is removed by the next.
     """
     _check(cfg)
     segmented = segment is not None and segment.enabled
@@ -416,7 +422,7 @@ def _fill(
                 0,
                 f"The set reused {hit.origin} is damaged: delete that copy to compute it again",
             )
-            log.info("feature set %s: reused from %s", kind, hit.origin)
+            log.info("feature set %s: reused %s", kind, hit.origin)
             print(f"featurize: {kind} reused {hit.origin}")
         else:
             todo.append(kind)
@@ -601,11 +607,46 @@ def _chunk_waves(
 
 
 _WORKER: dict = {}
+# prctl(2) option: the signal this process gets when the thread that forked it ends.
+PR_SET_PDEATHSIG = 1
 
 
-def _worker_init(job: _Job) -> None:
+def _worker_init(job: _Job, parent: int) -> None:
+    _die_with(parent)
     torch.set_num_threads(1)  # one process per core does the parallel work
     _WORKER["job"], _WORKER["frontend"] = job, job.frontend()
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when featurize's process `parent` ends, however it ends.
+
+    Killed with SIGKILL, featurize cleans nothing up, and its idle workers would wait on their
+    task queue for ever (each holding a torch front end). On Linux the kernel sends them
+    SIGKILL (PR_SET_PDEATHSIG; the pool forks from the thread that runs featurize, which
+    lives as long as the pool); the parent is checked once more after arming it, in case it
+    died first. Elsewhere a daemon thread exits the worker when its parent pid changes.
+    """
+    if _arm_parent_death_signal():
+        if os.getppid() != parent:
+            os._exit(1)
+        return
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _arm_parent_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def _worker_run(chunk: tuple[list[str], list[int] | None]) -> dict[str, np.ndarray]:
@@ -626,7 +667,7 @@ def _run_jobs(
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(job,)
+        workers, mp_context=context, initializer=_worker_init, initargs=(job, os.getpid())
     ) as pool:
         yield from pool.map(_worker_run, jobs)
 
