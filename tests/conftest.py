@@ -44,12 +44,13 @@ def fsdd_root() -> Path:
 
 
 def fsdd_subset(root: Path, out: Path, speakers: list[str], takes: range) -> Path:
-    """A dataset folder in FSDD's layout holding links to a subset of the real recordings."""
+    """A dataset folder in FSDD's layout holding copies of a subset of the real recordings
+    (10-30 KB each; links would point outside the dataset root, which ingest refuses)."""
     meta = pd.read_csv(root / "metadata.csv")
     meta = meta[meta["speaker"].isin(speakers) & meta["take"].isin(takes)]
     (out / "recordings").mkdir(parents=True, exist_ok=True)
     for name in meta["filename"]:
-        (out / name).symlink_to((root / name).resolve())
+        shutil.copyfile(root / name, out / name)
     meta.to_csv(out / "metadata.csv", index=False)
     return out
 

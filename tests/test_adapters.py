@@ -198,17 +198,18 @@ def test_csv_adapter_labels_targets_groups_and_side_columns(tmp_path):
 
 
 def test_csv_adapter_errors_name_column_file_and_escape(tmp_path):
-    root = _csv_root(tmp_path)
+    root = _csv_root(tmp_path / "data")
     cfg = DataConfig(adapter="csv", metadata="meta.csv", path_column="file", label_column="mood")
     with pytest.raises(
         ManifestError, match=r"meta.csv: missing column\(s\) mood; expected file, mood"
     ):
         list_recordings("csv", root, None, cfg)
-    with pytest.raises(ManifestError, match="outside the dataset root"):
+    with pytest.raises(ManifestError, match=r"data.metadata: path '../meta.csv' points outside"):
         list_recordings("csv", root, None, replace(cfg, metadata="../meta.csv"))
-    pd.DataFrame({"file": ["/etc/passwd"], "emotion": ["x"]}).to_csv(root / "bad.csv", index=False)
-    with pytest.raises(ManifestError, match="'/etc/passwd' points outside the dataset root"):
-        list_recordings("csv", root, None, replace(cfg, metadata="bad.csv", label_column="emotion"))
+    (root.parent / "elsewhere.csv").write_text("file,mood\n")
+    (root / "linked.csv").symlink_to(root.parent / "elsewhere.csv")
+    with pytest.raises(ManifestError, match=r"data.metadata: symlink to .*elsewhere.csv outside"):
+        list_recordings("csv", root, None, replace(cfg, metadata="linked.csv"))
     with pytest.raises(AdapterError, match="exactly one of"):
         list_recordings("csv", root, None, replace(cfg, target_column="valence"))
 

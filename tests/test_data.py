@@ -1,6 +1,8 @@
 import hashlib
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,6 +11,7 @@ import soundfile as sf
 
 from tympan.config import DataConfig, DemoConfig, SplitConfig
 from tympan.data import demo
+from tympan.data import ingest as ingest_module
 from tympan.data.adapters import AdapterError, list_recordings
 from tympan.data.ingest import IngestError, ingest
 from tympan.data.manifest import ManifestError
@@ -65,11 +68,6 @@ def test_adapter_errors_name_the_problem(tmp_path):
         list_recordings("demo", tmp_path / "absent", None)
     (tmp_path / "metadata.csv").write_text("filename,label\naudio/a.wav,tone\n")
     with pytest.raises(ManifestError, match=r"missing column.*session"):
-        list_recordings("demo", tmp_path, None)
-    (tmp_path / "metadata.csv").write_text(
-        "filename,label,session,snr_db\n../../etc/passwd,tone,s,0\n"
-    )
-    with pytest.raises(ManifestError, match="outside the dataset root"):
         list_recordings("demo", tmp_path, None)
     (tmp_path / "metadata.csv").write_text("filename,label,session,snr_db\naudio/a.wav,tone,s,0\n")
     with pytest.raises(AdapterError, match="group_by='speaker'"):
@@ -218,3 +216,235 @@ def test_leak_check_catches_groups_and_identical_files():
 def test_too_few_groups_is_a_clear_error():
     with pytest.raises(ValueError, match="is empty"):
         split_manifest(_manifest(n_groups=2), SplitConfig(strategy="group"))
+
+
+def _ingest(cfg, out):
+    return ingest(cfg, out / "manifest.csv", out / "rejects.csv", out / "summary.json")
+
+
+@pytest.fixture
+def probed(monkeypatch):
+    """The paths ingest opens (every read of a file goes through `probe`)."""
+    opened = []
+    real = ingest_module.probe
+
+    def spy(path, *args):
+        opened.append(Path(path).resolve())
+        return real(path, *args)
+
+    monkeypatch.setattr(ingest_module, "probe", spy)
+    return opened
+
+
+def test_extreme_float_amplitude_is_a_reject_and_a_loud_float_file_is_not(tmp_path):
+    """A float WAV at 1e20 (+400 dBFS) gives inf features and NaN statistics downstream; a
+    float file a little over full scale (+6 dBFS) is a real recording."""
+    names = ["quiet", "loud", "extreme"]
+    for name, amp in zip(names, [0.5, 2.0, 1e20], strict=True):
+        write(tmp_path / "audio" / f"{name}.wav", tone(440, 0.5, 16000, amp), 16000, "FLOAT")
+    rows = [f"audio/{n}.wav" for n in names]
+    pd.DataFrame({"filename": rows, "label": "tone", "session": "s", "snr_db": 0}).to_csv(
+        tmp_path / "metadata.csv", index=False
+    )
+    cfg = DataConfig(adapter="demo", root=str(tmp_path), max_reject_fraction=0.5)
+    manifest, rejects = _ingest(cfg, tmp_path / "out")
+    assert [Path(p).stem for p in manifest["path"]] == ["quiet", "loud"]
+    assert rejects.to_dict("records") == [
+        {
+            "path": (tmp_path / "audio" / "extreme.wav").as_posix(),
+            "reason": "extreme amplitude: peak +400.0 dBFS is above +40 dBFS "
+            "(over 100 times full scale)",
+        }
+    ]
+
+
+# Where each adapter keeps its audio, and for those with a metadata table: the table, the
+# folder its paths are relative to, and one row of it for a file name.
+AUDIO_DIRS = {
+    "demo": "audio",
+    "csv": "audio",
+    "esc50": "audio",
+    "mlend_deception": "CBU0521DD_stories",
+    "fsdd": "recordings",
+    "fsdd_names": "recordings",
+    "filename_pattern": "audio",
+    "folder_per_class": "dog",
+}
+TABLES = {
+    "demo": (
+        "metadata.csv",
+        "audio/",
+        lambda name: {"filename": name, "label": "1", "session": "s", "snr_db": "0"},
+    ),
+    "csv": ("meta.csv", "audio/", lambda name: {"path": name, "label": "1"}),
+    "esc50": (
+        "meta/esc50.csv",
+        "",
+        lambda name: {
+            "filename": name,
+            "fold": "1",
+            "target": "1",
+            "category": "1",
+            "esc10": "False",
+            "src_file": name,
+            "take": "A",
+        },
+    ),
+    "mlend_deception": (
+        "CBU0521DD_stories_attributes.csv",
+        "",
+        lambda name: {"filename": name, "Language": "English", "Story_type": "True Story"},
+    ),
+    "fsdd": (
+        "metadata.csv",
+        "recordings/",
+        lambda name: {"filename": name, "digit": "1", "speaker": "ann", "take": "0"},
+    ),
+}
+
+
+def _dataset(adapter: str, root: Path, rows: list[str], good: int = 8) -> DataConfig:
+    """`good` clips named `1_ann_<i>.wav` in `adapter`'s audio folder under `root`; adapters
+    with a metadata table list them, then `rows` as they are."""
+    for i in range(good):
+        clip = tone(300 + 40 * i, 0.3, 8000)
+        write(root / AUDIO_DIRS[adapter] / f"1_ann_{i}.wav", clip, 8000)
+    if adapter in TABLES:
+        table, prefix, row = TABLES[adapter]
+        names = [f"{prefix}1_ann_{i}.wav" for i in range(good)] + rows
+        (root / table).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([row(name) for name in names]).to_csv(root / table, index=False)
+    return DataConfig(
+        adapter="fsdd" if adapter == "fsdd_names" else adapter,
+        root=str(root),
+        metadata="meta.csv" if adapter == "csv" else None,
+        pattern=r"(?P<label>\d)_.*\.wav",
+        max_reject_fraction=0.5,
+    )
+
+
+@pytest.mark.parametrize("adapter", list(TABLES))
+def test_metadata_rows_outside_the_root_are_rejects_never_opened(adapter, tmp_path, probed):
+    """An absolute or `..` path in a metadata table is one reject with its reason, like any bad
+    row: the rest is ingested, the file is never opened, the reject fraction still counts."""
+    root = tmp_path / "data"
+    write(tmp_path / "outside.wav", tone(500, 0.3, 8000), 8000)
+    escapes = ["../../../etc/passwd", "/etc/passwd", "../../outside.wav"]
+    cfg = _dataset(adapter, root, escapes)
+    manifest, rejects = _ingest(cfg, tmp_path / "out")
+    assert len(manifest) == 8
+    assert rejects["reason"].tolist() == [
+        f"path {e!r} points outside data.root {root.resolve()}: "
+        "paths in the metadata must be relative and stay inside it"
+        for e in escapes
+    ]
+    assert len(probed) == 8 and all(p.is_relative_to(root.resolve()) for p in probed)
+    assert (
+        pd.read_csv(tmp_path / "out" / "rejects.csv")["reason"].tolist()
+        == rejects["reason"].tolist()
+    )
+    with pytest.raises(IngestError, match=r"rejected 3 of 11"):
+        _ingest(replace(cfg, max_reject_fraction=0.2), tmp_path / "strict")
+    assert len(pd.read_csv(tmp_path / "strict" / "rejects.csv")) == 3
+
+
+@pytest.mark.parametrize("adapter", list(AUDIO_DIRS))
+def test_symlinks_leading_outside_the_root_are_rejects_never_opened(adapter, tmp_path, probed):
+    """A symlinked file or folder whose real path is outside data.root is a reject naming where
+    it leads, whether a metadata row names it or a folder walk meets it; it is never opened."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    write(outside / "1_bob_0.wav", tone(3500, 0.3, 8000), 8000)
+    write(outside / "secret" / "1_bob_1.wav", tone(3700, 0.3, 8000), 8000)
+    folder = root / AUDIO_DIRS[adapter]
+    links = {
+        folder / "1_ann_90.wav": outside / "1_bob_0.wav",
+        folder / "1_ann_91.wav": Path("/etc/passwd"),
+        folder / "deep": outside / "secret",
+    }
+    prefix = TABLES[adapter][1] if adapter in TABLES else ""
+    cfg = _dataset(
+        adapter,
+        root,
+        [f"{prefix}1_ann_90.wav", f"{prefix}1_ann_91.wav", f"{prefix}deep/1_bob_1.wav"],
+    )
+    for link, target in links.items():
+        link.symlink_to(target)
+    expected = {link: target for link, target in links.items() if link.name != "deep"}
+    if adapter in TABLES:
+        expected[folder / "deep" / "1_bob_1.wav"] = outside / "secret" / "1_bob_1.wav"
+    elif adapter != "fsdd_names":  # the fsdd names layout is one folder: subfolders are not read
+        expected[folder / "deep"] = outside / "secret"
+    if adapter == "folder_per_class":
+        (root / "cat").symlink_to(outside / "secret")
+        expected[root / "cat"] = outside / "secret"
+    manifest, rejects = _ingest(cfg, tmp_path / "out")
+    assert len(manifest) == 8
+    real = root.resolve()
+    assert sorted(zip(rejects["path"], rejects["reason"], strict=True)) == sorted(
+        (link.as_posix(), f"symlink to {target.resolve()} outside data.root {real}")
+        for link, target in expected.items()
+    )
+    assert len(probed) == 8 and all(p.is_relative_to(real) for p in probed)
+
+
+def test_a_data_root_that_is_a_symlink_and_links_inside_it_are_followed(tmp_path):
+    """The root is resolved first, so data.root may be a link to the dataset; links that stay
+    inside are read like the files they lead to, a loop is not followed. Paths keep the root
+    as given."""
+    dataset = tmp_path / "datasets" / "study"
+    for i in range(4):
+        write(dataset / "dog" / f"1_ann_{i}.wav", tone(300 + 40 * i, 0.3, 8000), 8000)
+    write(dataset / "store" / "1_ann_9.wav", tone(900, 0.3, 8000), 8000)
+    (dataset / "dog" / "1_ann_8.wav").symlink_to(Path("..") / "store" / "1_ann_9.wav")
+    (dataset / "dog" / "more").symlink_to(dataset / "store")
+    (dataset / "dog" / "loop").symlink_to(dataset)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "study").symlink_to(dataset)
+    root = tmp_path / "project" / "study"
+    cfg = DataConfig(
+        adapter="filename_pattern",
+        root=str(root),
+        pattern=r"(?P<label>\d)_.*\.wav",
+        max_reject_fraction=0.5,
+    )
+    manifest, rejects = _ingest(cfg, tmp_path / "out")
+    first = (root / "dog" / "1_ann_8.wav").as_posix()
+    assert manifest["path"].tolist() == [
+        *((root / "dog" / f"1_ann_{i}.wav").as_posix() for i in range(4)),
+        first,
+    ]
+    assert rejects.to_dict("records") == [
+        {"path": p.as_posix(), "reason": f"duplicate: identical bytes to {first}"}
+        for p in (root / "dog" / "more" / "1_ann_9.wav", root / "store" / "1_ann_9.wav")
+    ]
+
+
+@pytest.mark.parametrize("adapter", ["demo", "filename_pattern", "folder_per_class"])
+def test_duplicates_keep_the_first_listed_and_reject_every_later_copy(adapter, tmp_path):
+    """Identical files: the first in the listing is kept, each later one rejected naming it.
+    A metadata table lists the original first, with copies named to sort before and after it;
+    an adapter that walks folders lists by path, so the first by path is the one kept, also
+    when a copy sits in a subfolder named like the file (`rec/…` sorts after `rec.wav` and
+    `rec 1.wav`, `/` being after ` ` and `.`)."""
+    root = tmp_path / "data"
+    folder = root / AUDIO_DIRS[adapter]
+    copies = ["1_rec 1.wav", "1_rec/1_copy.wav", "1_zz.wav"]  # before, after, after
+    rows = [f"audio/{name}" for name in ["1_rec.wav", *copies]]
+    cfg = _dataset(adapter, root, rows)
+    write(folder / "1_rec.wav", tone(2000, 0.3, 8000), 8000)
+    for name in copies:
+        (folder / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(folder / "1_rec.wav", folder / name)
+    manifest, rejects = _ingest(cfg, tmp_path / "out")
+    if adapter == "demo":
+        first, later = "1_rec.wav", copies
+    else:
+        first, later = "1_rec 1.wav", ["1_rec.wav", "1_rec/1_copy.wav", "1_zz.wav"]
+        assert manifest["path"].tolist() == sorted(manifest["path"])
+    kept = (folder / first).as_posix()
+    assert kept in manifest["path"].tolist()
+    assert not set(manifest["path"]) & {(folder / n).as_posix() for n in later}
+    assert rejects.to_dict("records") == [
+        {"path": (folder / n).as_posix(), "reason": f"duplicate: identical bytes to {kept}"}
+        for n in later
+    ]

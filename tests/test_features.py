@@ -1,3 +1,9 @@
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,6 +179,51 @@ def test_a_failed_featurize_leaves_the_previous_cache(tmp_path):
     assert open_cache(out).meta == before
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_featurize_refuses_non_finite_features_naming_the_file(tmp_path, segmented):
+    """A file replaced after ingest by one at 1e20 (+400 dBFS) overflows the spectra; the cache
+    would get NaN statistics and training would die. Featurize names the file (and its rows)
+    and the previous cache stays as it was."""
+    from tympan.config import SegmentConfig
+    from tympan.features.cache import FeatureError
+
+    segment = SegmentConfig(enabled=True, hop=0.25) if segmented else None
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out, segment)
+    before = _snapshot(out)
+    extreme = tone(500, 1.0, 8000, amp=1e20)  # c5.wav's rate and length: the same windows
+    write(Path(table.loc[5, "path"]), extreme, 8000, subtype="FLOAT")
+    with pytest.raises(  # a new n_mfcc: the mfcc set is computed again
+        FeatureError, match=r"mfcc: NaN or infinite .* 1 recording\(s\): \S*/c5\.wav \(row"
+    ):
+        build_cache(table, _stacked(n_mfcc=20), out, segment)
+    assert _snapshot(out) == before
+    assert not (tmp_path / ".cache.partial").exists()
+
+
+def test_a_damaged_reused_set_is_refused(tmp_path):
+    """A set copied by key is checked like a computed one: non-finite rows name their files."""
+    from tympan.features.cache import FeatureError
+
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out)
+    damaged = np.load(out / "sets" / "mfcc.npy", mmap_mode="r+")
+    damaged[3, 0, 0] = np.inf
+    damaged.flush()
+    del damaged
+    resplit = table.assign(split=["train", "val", "test", "train"] * 3)  # the same sets, reused
+    with pytest.raises(FeatureError, match=r"mfcc: .*c3\.wav \(row 3\).*reused from the previous"):
+        build_cache(resplit, _stacked(), out)
+
+
 def test_image_mode_is_read_from_the_native_sets(tmp_path):
     table = _table(tmp_path / "audio")
     cache = build_cache(table, _stacked(image=(32, 24), image_channels=3), tmp_path / "c")
@@ -326,3 +377,82 @@ def test_gpu_featurize_matches_cpu(tmp_path):
     cpu = build_cache(table, replace(_stacked(), device="cpu"), tmp_path / "cpu")
     gpu = build_cache(table, replace(_stacked(), device="cuda"), tmp_path / "gpu")
     np.testing.assert_allclose(gpu.features[:], cpu.features[:], atol=1e-2)
+
+
+KILLED_FEATURIZE = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from tympan.config import FeatureConfig
+from tympan.features import cache
+
+table, out, mode = sys.argv[1:]
+if mode == "thread":  # the portable fallback instead of the Linux parent-death signal
+    cache._arm_parent_death_signal = lambda: False
+compute = cache._Job.__call__
+cache._Job.__call__ = lambda job, *a: (time.sleep(120), compute(job, *a))[1]  # stay busy
+cfg = FeatureConfig(
+    sample_rate=8000, seconds=0.5, n_fft=256, hop_length=128, f_max=4000.0, workers=2
+)
+cache.build_cache(pd.read_csv(table, dtype=str), cfg, Path(out))
+"""
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+@pytest.mark.parametrize("mode", ["prctl", "thread"])
+def test_killed_featurize_takes_its_workers_and_leaves_the_previous_cache(tmp_path, mode):
+    """SIGKILL of featurize (as `kill -9` or the OOM killer do) ends its worker processes too,
+    with the Linux parent-death signal and with the portable watcher thread. The previous
+    cache is untouched; the next run removes the killed one's partial folder."""
+    table = _table(tmp_path / "audio")
+    out = tmp_path / "cache"
+    build_cache(table, _stacked(), out)
+    before = _snapshot(out)
+    table.to_csv(tmp_path / "table.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this tympan
+    args = [sys.executable, "-c", KILLED_FEATURIZE, str(tmp_path / "table.csv"), str(out), mode]
+    featurize = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        assert _wait(lambda: len(_children(featurize.pid)) == 2, 120), "no workers started"
+        workers = _children(featurize.pid)
+        assert (tmp_path / ".cache.partial").is_dir()
+        featurize.kill()
+        featurize.wait()
+        assert _wait(lambda: not any(_alive(w) for w in workers), 5), [
+            w for w in workers if _alive(w)
+        ]
+    finally:
+        for pid in [featurize.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert _snapshot(out) == before
+    build_cache(table, _stacked(n_mfcc=20), out)
+    assert not (tmp_path / ".cache.partial").exists()
+    assert open_cache(out).meta["params"]["stack"]["n_mfcc"] == 20

@@ -4,13 +4,22 @@ An adapter returns a table with `path`, `label`, `group` and any side attributes
 entries it could not even list (a file name that does not parse, a path outside the root).
 Ingest then probes every candidate's audio. `data.group_by` replaces the adapter's default
 group with another column it provides (FSDD: `speaker` for speaker-independent splits).
+
+Nothing outside `data.root` is ever opened: a metadata row with an absolute or `..` path, and
+a file or folder whose real path (symlinks resolved, the root's own included) lies outside the
+real root, is a reject with the reason. The root itself may be a link to the dataset.
+
+Candidates come in the listing's order: metadata row order, or sorted by path for the adapters
+that walk folders. Ingest keeps the first of identical files in that order.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -25,16 +34,87 @@ class AdapterError(ValueError):
 
 Listing = tuple[pd.DataFrame, list[dict[str, str]]]
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
-def _inside(root: Path, relative: str, where: str) -> str:
-    """`root/relative` as a path string, refusing escapes from the dataset root."""
-    candidate = Path(relative)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        raise ManifestError(
-            f"{where}: path {relative!r} points outside the dataset root {root}; "
-            "paths must be relative and stay inside it"
-        )
-    return (root / candidate).as_posix()
+
+@dataclass(frozen=True)
+class _Root:
+    """A dataset root as configured (listed paths are written under it, as the project sees
+    them) and as resolved (every listed path must resolve inside it)."""
+
+    given: Path
+    real: Path
+
+    @classmethod
+    def of(cls, root: Path) -> _Root:
+        return cls(root, root.resolve())
+
+    def escape(self, path: Path) -> str | None:
+        """Why `path` may not be read: its real path lies outside the root; None when it stays
+        inside. Resolving reads the links along the way and never opens the file."""
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            return f"unresolvable path ({exc})"
+        if target.is_relative_to(self.real):
+            return None
+        return f"symlink to {target} outside data.root {self.real}"
+
+    def row(self, relative: str, folder: str = "") -> tuple[str, str | None]:
+        """A metadata row's path, `root/folder/relative`, and why it may not be read."""
+        candidate = Path(relative)
+        path = self.given / folder / candidate
+        if candidate.is_absolute() or ".." in candidate.parts:
+            return path.as_posix(), (
+                f"path {relative!r} points outside data.root {self.real}: "
+                "paths in the metadata must be relative and stay inside it"
+            )
+        return path.as_posix(), self.escape(path)
+
+    def audio_files(
+        self, folder: Path, rejects: list[dict[str, str]], recursive: bool = True
+    ) -> list[Path]:
+        """Audio files under `folder` (and its subfolders when `recursive`), sorted by path.
+        Symlinked files and folders are followed while they resolve inside the root; one that
+        leads outside is a reject, never read. A folder reached through two paths is listed
+        under both (ingest rejects the second copy of each file); a link back to a folder
+        being walked is not followed again."""
+        files: list[Path] = []
+        pending: list[tuple[Path, frozenset[Path]]] = [(folder, frozenset())]
+        while pending:
+            current, above = pending.pop()
+            reason = self.escape(current)
+            if reason is not None:
+                rejects.append({"path": current.as_posix(), "reason": reason})
+                continue
+            real = current.resolve()
+            if real in above:  # a link back to a folder above it: a loop
+                continue
+            below = []
+            for entry in sorted(os.scandir(current), key=lambda e: e.name):
+                path = current / entry.name
+                audio = path.suffix.lower() in AUDIO_SUFFIXES
+                if entry.is_symlink():
+                    reason = self.escape(path)
+                    if reason is not None:
+                        if audio or (recursive and entry.is_dir()):
+                            rejects.append({"path": path.as_posix(), "reason": reason})
+                        continue
+                if entry.is_dir():
+                    below.append((path, above | {real}))
+                elif audio and entry.is_file():
+                    files.append(path)
+            if recursive:
+                pending.extend(reversed(below))
+        return sorted(files, key=Path.as_posix)
+
+
+def _metadata(root: _Root, relative: str) -> Path:
+    """A metadata table named in params (`data.metadata`), which must lie inside the root."""
+    path, reason = root.row(relative)
+    if reason is not None:
+        raise ManifestError(f"data.metadata: {reason}")
+    return Path(path)
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -45,23 +125,26 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return table
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
-
-
 def demo(root: Path, cfg: DataConfig | None = None) -> Listing:
     """The generated demo set: `metadata.csv` (filename,label,session,snr_db) + `audio/`."""
     meta = _read_csv(root / "metadata.csv", ("filename", "label", "session", "snr_db"))
-    where = str(root / "metadata.csv")
-    table = pd.DataFrame(
-        {
-            "path": [_inside(root, f, where) for f in meta["filename"]],
-            "label": meta["label"],
-            "group": meta["session"],
-            "session": meta["session"],
-            "snr_db": meta["snr_db"].astype(float),
-        }
-    )
-    return table, []
+    tree = _Root.of(root)
+    rows, rejects = [], []
+    for record in meta.to_dict("records"):
+        path, reason = tree.row(record["filename"])
+        if reason is not None:
+            rejects.append({"path": path, "reason": reason})
+            continue
+        rows.append(
+            {
+                "path": path,
+                "label": record["label"],
+                "group": record["session"],
+                "session": record["session"],
+                "snr_db": float(record["snr_db"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=["path", "label", "group", "session", "snr_db"]), rejects
 
 
 FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$")
@@ -73,25 +156,23 @@ def fsdd(root: Path, cfg: DataConfig | None = None) -> Listing:
     Default group: the recording itself; `data.group_by: speaker` gives speaker-independent splits.
     """
     rejects: list[dict[str, str]] = []
+    tree = _Root.of(root)
     if (root / "metadata.csv").exists():
         meta = _read_csv(root / "metadata.csv", ("filename", "digit", "speaker", "take"))
-        where = str(root / "metadata.csv")
         rows = []
         for record in meta.to_dict("records"):
-            if not re.fullmatch(r"\d", record["digit"]):
-                rejects.append(
-                    {
-                        "path": record["filename"],
-                        "reason": f"unknown label {record['digit']!r}: digits are 0-9",
-                    }
-                )
+            path, reason = tree.row(record["filename"])
+            if reason is None and not re.fullmatch(r"\d", record["digit"]):
+                reason = f"unknown label {record['digit']!r}: digits are 0-9"
+            if reason is not None:
+                rejects.append({"path": path, "reason": reason})
                 continue
-            rows.append({**record, "path": _inside(root, record["filename"], where)})
-        table = pd.DataFrame(rows)
+            rows.append({**record, "path": path})
+        table = pd.DataFrame(rows, columns=[*meta.columns, "path"])
     else:
         folder = root / "recordings" if (root / "recordings").is_dir() else root
         rows = []
-        for path in sorted(folder.glob("*.wav")):
+        for path in tree.audio_files(folder, rejects, recursive=False):
             match = FSDD_NAME.match(path.name)
             if match is None:
                 rejects.append(
@@ -140,17 +221,23 @@ def esc50(root: Path, cfg: DataConfig | None = None) -> Listing:
         if unknown:
             raise AdapterError(f"{meta_path}: esc10 must be True or False, got {unknown[0]!r}")
         meta = meta[flags == "true"]
-    where = str(meta_path)
-    table = pd.DataFrame(
-        {
-            "path": [_inside(root / "audio", f, where) for f in meta["filename"]],
-            "label": meta["category"].to_numpy(),
-            "group": meta["src_file"].to_numpy(),
-            "fold": meta["fold"].to_numpy(),
-            "take": meta["take"].to_numpy(),
-        }
-    )
-    return table, []
+    tree = _Root.of(root)
+    rows, rejects = [], []
+    for record in meta.to_dict("records"):
+        path, reason = tree.row(record["filename"], "audio")
+        if reason is not None:
+            rejects.append({"path": path, "reason": reason})
+            continue
+        rows.append(
+            {
+                "path": path,
+                "label": record["category"],
+                "group": record["src_file"],
+                "fold": record["fold"],
+                "take": record["take"],
+            }
+        )
+    return pd.DataFrame(rows, columns=["path", "label", "group", "fold", "take"]), rejects
 
 
 MLEND_LABELS = {"true story": "true", "deceptive story": "deceptive"}
@@ -166,10 +253,13 @@ def mlend_deception(root: Path, cfg: DataConfig | None = None) -> Listing:
     """
     meta_path = root / "CBU0521DD_stories_attributes.csv"
     meta = _read_csv(meta_path, ("filename", "Language", "Story_type"))
-    where = str(meta_path)
+    tree = _Root.of(root)
     rows, rejects = [], []
     for record in meta.to_dict("records"):
-        path = _inside(root / "CBU0521DD_stories", record["filename"], where)
+        path, reason = tree.row(record["filename"], "CBU0521DD_stories")
+        if reason is not None:
+            rejects.append({"path": path, "reason": reason})
+            continue
         story = " ".join(record["Story_type"].split()).lower()
         if story not in MLEND_LABELS:
             rejects.append(
@@ -191,10 +281,6 @@ def mlend_deception(root: Path, cfg: DataConfig | None = None) -> Listing:
     return pd.DataFrame(rows, columns=["path", "label", "group", "language"]), rejects
 
 
-def _audio_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-
-
 def filename_pattern(root: Path, cfg: DataConfig | None = None) -> Listing:
     """Label and group parsed from each audio file's name by `data.pattern`.
 
@@ -210,7 +296,7 @@ def filename_pattern(root: Path, cfg: DataConfig | None = None) -> Listing:
     if "label" not in regex.groupindex:
         raise AdapterError(f"data.pattern {cfg.pattern!r} has no named group (?P<label>...)")
     rows, rejects = [], []
-    for path in _audio_files(root):
+    for path in _Root.of(root).audio_files(root, rejects):
         match = regex.fullmatch(path.name)
         if match is None:
             rejects.append(
@@ -227,21 +313,23 @@ def filename_pattern(root: Path, cfg: DataConfig | None = None) -> Listing:
 
 
 def folder_per_class(root: Path, cfg: DataConfig | None = None) -> Listing:
-    """`root/<class>/**/*.wav|flac|ogg`: the label is the top folder's name, the group the file."""
-    rows = []
+    """`root/<class>/**/*.wav|flac|ogg`: the label is the top folder's name, the group the file.
+
+    Rows are sorted by path across classes, as the other folder-walking adapters list them.
+    """
+    tree = _Root.of(root)
+    rows: list[dict[str, str]] = []
+    rejects: list[dict[str, str]] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in _audio_files(folder):
+        for path in tree.audio_files(folder, rejects):
             rows.append({"path": path.as_posix(), "label": folder.name, "group": path.stem})
+    for path in tree.audio_files(root, rejects, recursive=False):
+        rejects.append({"path": path.as_posix(), "reason": "audio file outside a class folder"})
     if not rows:
         raise AdapterError(
             f"{root}: no class folders with audio files (expected root/<class>/*.wav)"
         )
-    rejects = [
-        {"path": p.as_posix(), "reason": "audio file outside a class folder"}
-        for p in sorted(root.iterdir())
-        if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-    ]
-    return pd.DataFrame(rows), rejects
+    return pd.DataFrame(rows).sort_values("path", kind="stable", ignore_index=True), rejects
 
 
 def csv_table(root: Path, cfg: DataConfig | None = None) -> Listing:
@@ -251,16 +339,19 @@ def csv_table(root: Path, cfg: DataConfig | None = None) -> Listing:
         raise AdapterError("the csv adapter needs data.metadata (a CSV file inside data.root)")
     if (cfg.label_column is None) == (cfg.target_column is None):
         raise AdapterError("the csv adapter needs exactly one of data.label_column, target_column")
-    meta_path = Path(_inside(root, cfg.metadata, "data.metadata"))
+    tree = _Root.of(root)
+    meta_path = _metadata(tree, cfg.metadata)
     value_column = cfg.target_column or cfg.label_column
     required = tuple(
         c for c in (cfg.path_column, value_column, cfg.group_column, *cfg.side_columns) if c
     )
     meta = _read_csv(meta_path, required)
-    where = str(meta_path)
     rows, rejects = [], []
     for record in meta.to_dict("records"):
-        path = _inside(root, record[cfg.path_column], where)
+        path, reason = tree.row(record[cfg.path_column])
+        if reason is not None:
+            rejects.append({"path": path, "reason": reason})
+            continue
         value = record[value_column].strip()
         if not value:
             rejects.append({"path": path, "reason": f"empty {value_column!r}"})

@@ -28,7 +28,9 @@ def ingest(
     """Write the manifest, the rejects table and a summary to the given paths.
 
     Rejects are always written before the reject-fraction check, so a failing run still
-    leaves the list of files and reasons to fix.
+    leaves the list of files and reasons to fix. Candidates are probed in the adapter's
+    listing order, so of identical files the first listed is kept and every later one is a
+    reject naming it.
     """
     for path in (manifest_path, rejects_path, summary_path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ machine produced them.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -32,6 +33,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -347,7 +352,8 @@ def build_cache(
     channels). With `segment.enabled`, each recording becomes its windows (the index repeats
     the recording's row with a `window` number), cut exactly as serving cuts a request. The
     cache is written beside `out_dir` and moved in place only when complete, so a failure
-    leaves the previous cache as it was.
+    leaves the previous cache as it was; worker processes end with this one, even when it is
+    killed (`_die_with`), and a killed run's partial folder is removed by the next.
     """
     _check(cfg)
     segmented = segment is not None and segment.enabled
@@ -393,13 +399,20 @@ def _fill(
     shapes = {kind: (rows, bins, frames) for kind, bins in bins_per_kind(cfg, cfg.stack).items()}
     if WAVE in keys:
         shapes[WAVE] = (rows, n_samples(cfg))
+    files = _RowFiles(paths, counts)
     todo: list[str] = []
     for kind, shape in shapes.items():
         target = partial / SETS / f"{kind}.npy"
         hit = found.get(keys[kind])
         if hit is not None and _fits(hit.path, shape, _dtype(kind, cfg)):
             shutil.copyfile(hit.path, target)
-            log.info("feature set %s: reused from %s", kind, hit.origin)
+            files.check(
+                kind,
+                np.load(target, mmap_mode="r"),
+                0,
+                f"The set reused {hit.origin} is damaged: delete that copy to compute it again",
+            )
+            log.info("feature set %s: reused %s", kind, hit.origin)
             print(f"featurize: {kind} reused {hit.origin}")
         else:
             todo.append(kind)
@@ -424,6 +437,7 @@ def _fill(
             for (chunk, _), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
                 end = written + len(next(iter(parts.values())))
                 for kind, part in parts.items():
+                    files.check(kind, part, written, CHANGED_SINCE_INGEST)
                     arrays[kind][written:end] = part
                 written = end
                 bar.update(len(chunk))
@@ -432,6 +446,45 @@ def _fill(
         del arrays
         if written != rows:
             raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
+
+
+CHANGED_SINCE_INGEST = (
+    "These files passed ingest, so they changed since (or hold audio beyond its checks): "
+    "re-run `dvc repro` to ingest them again"
+)
+
+
+class _RowFiles:
+    """Which recording each cache row comes from, to name the files behind bad rows."""
+
+    def __init__(self, paths: list[str], counts: list[int] | None) -> None:
+        self.paths = paths
+        self.row_owner = (
+            np.arange(len(paths)) if counts is None else np.repeat(np.arange(len(paths)), counts)
+        )
+
+    def check(self, kind: str, rows: np.ndarray, first: int, advice: str) -> None:
+        """Refuse NaN or infinity in `rows` (cache rows `first...` of set `kind`): they would
+        make every train statistic NaN. The error names each recording responsible."""
+        bad = []
+        for start in range(0, len(rows), STATS_CHUNK):
+            block = np.asarray(rows[start : start + STATS_CHUNK])
+            finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+            bad.extend(first + start + np.flatnonzero(~finite))
+        if not bad:
+            return
+        culprits: dict[str, list[int]] = {}
+        for row in bad:
+            culprits.setdefault(self.paths[self.row_owner[row]], []).append(int(row))
+        named = "; ".join(
+            f"{path} (row {', '.join(map(str, rows_[:4]))}{', ...' if len(rows_) > 4 else ''})"
+            for path, rows_ in list(culprits.items())[:10]
+        )
+        raise FeatureError(
+            f"feature set {kind}: NaN or infinite values in {len(bad)} row(s) from "
+            f"{len(culprits)} recording(s): {named}; featurize writes only finite features "
+            f"(train statistics would be NaN). {advice}"
+        )
 
 
 def _dtype(kind: str, cfg: FeatureConfig) -> str:
@@ -544,11 +597,46 @@ def _chunk_waves(
 
 
 _WORKER: dict = {}
+# prctl(2) option: the signal this process gets when the thread that forked it ends.
+PR_SET_PDEATHSIG = 1
 
 
-def _worker_init(job: _Job) -> None:
+def _worker_init(job: _Job, parent: int) -> None:
+    _die_with(parent)
     torch.set_num_threads(1)  # one process per core does the parallel work
     _WORKER["job"], _WORKER["frontend"] = job, job.frontend()
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when featurize's process `parent` ends, however it ends.
+
+    Killed with SIGKILL, featurize cleans nothing up, and its idle workers would wait on their
+    task queue for ever (each holding a torch front end). On Linux the kernel sends them
+    SIGKILL (PR_SET_PDEATHSIG; the pool forks from the thread that runs featurize, which
+    lives as long as the pool); the parent is checked once more after arming it, in case it
+    died first. Elsewhere a daemon thread exits the worker when its parent pid changes.
+    """
+    if _arm_parent_death_signal():
+        if os.getppid() != parent:
+            os._exit(1)
+        return
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _arm_parent_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def _worker_run(chunk: tuple[list[str], list[int] | None]) -> dict[str, np.ndarray]:
@@ -569,7 +657,7 @@ def _run_jobs(
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(job,)
+        workers, mp_context=context, initializer=_worker_init, initargs=(job, os.getpid())
     ) as pool:
         yield from pool.map(_worker_run, jobs)
 
