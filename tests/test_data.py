@@ -448,3 +448,19 @@ def test_duplicates_keep_the_first_listed_and_reject_every_later_copy(adapter, t
         {"path": (folder / n).as_posix(), "reason": f"duplicate: identical bytes to {kept}"}
         for n in later
     ]
+
+
+@pytest.mark.parametrize("adapter", sorted(TABLES))
+def test_a_metadata_table_linked_from_outside_the_root_is_refused(adapter, tmp_path):
+    """The adapter's own table (metadata.csv, meta/esc50.csv, ...) is a file of the dataset: a
+    symlink to a table elsewhere is refused, naming where it leads, before it is read."""
+    root = tmp_path / "data"
+    cfg = _dataset(adapter, root, [])
+    table = root / TABLES[adapter][0]
+    moved = tmp_path / "elsewhere.csv"
+    table.rename(moved)
+    table.symlink_to(moved)
+    with pytest.raises(
+        (AdapterError, ManifestError), match=f"symlink to {moved} outside data.root"
+    ):
+        list_recordings(cfg.adapter, root, None, cfg)

@@ -117,9 +117,14 @@ def _metadata(root: _Root, relative: str) -> Path:
     return Path(path)
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, required: tuple[str, ...], root: Path) -> pd.DataFrame:
+    """A metadata table of the dataset at `root`, which must resolve inside it (a symlinked
+    table leading elsewhere is refused before it is opened)."""
     if not path.exists():
         raise AdapterError(f"{path}: not found")
+    reason = _Root.of(root).escape(path)
+    if reason is not None:
+        raise AdapterError(f"{path}: {reason}; the metadata must be a file inside the dataset")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     check_columns(table, required, path)
     return table
@@ -127,7 +132,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 def demo(root: Path, cfg: DataConfig | None = None) -> Listing:
     """The generated demo set: `metadata.csv` (filename,label,session,snr_db) + `audio/`."""
-    meta = _read_csv(root / "metadata.csv", ("filename", "label", "session", "snr_db"))
+    meta = _read_csv(root / "metadata.csv", ("filename", "label", "session", "snr_db"), root)
     tree = _Root.of(root)
     rows, rejects = [], []
     for record in meta.to_dict("records"):
@@ -158,7 +163,7 @@ def fsdd(root: Path, cfg: DataConfig | None = None) -> Listing:
     rejects: list[dict[str, str]] = []
     tree = _Root.of(root)
     if (root / "metadata.csv").exists():
-        meta = _read_csv(root / "metadata.csv", ("filename", "digit", "speaker", "take"))
+        meta = _read_csv(root / "metadata.csv", ("filename", "digit", "speaker", "take"), root)
         rows = []
         for record in meta.to_dict("records"):
             path, reason = tree.row(record["filename"])
@@ -214,7 +219,7 @@ def esc50(root: Path, cfg: DataConfig | None = None) -> Listing:
     """
     columns = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
     meta_path = root / "meta" / "esc50.csv"
-    meta = _read_csv(meta_path, columns)
+    meta = _read_csv(meta_path, columns, root)
     if cfg is not None and cfg.esc10:
         flags = meta["esc10"].str.strip().str.lower()
         unknown = sorted(set(flags) - {"true", "false"})
@@ -252,7 +257,7 @@ def mlend_deception(root: Path, cfg: DataConfig | None = None) -> Listing:
     `language` is kept as a side attribute.
     """
     meta_path = root / "CBU0521DD_stories_attributes.csv"
-    meta = _read_csv(meta_path, ("filename", "Language", "Story_type"))
+    meta = _read_csv(meta_path, ("filename", "Language", "Story_type"), root)
     tree = _Root.of(root)
     rows, rejects = [], []
     for record in meta.to_dict("records"):
@@ -345,7 +350,7 @@ def csv_table(root: Path, cfg: DataConfig | None = None) -> Listing:
     required = tuple(
         c for c in (cfg.path_column, value_column, cfg.group_column, *cfg.side_columns) if c
     )
-    meta = _read_csv(meta_path, required)
+    meta = _read_csv(meta_path, required, root)
     rows, rejects = [], []
     for record in meta.to_dict("records"):
         path, reason = tree.row(record[cfg.path_column])
