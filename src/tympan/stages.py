@@ -36,6 +36,7 @@ from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict, resolve_device
 from tympan.training.loop import task_for
+from tympan.training.used import used_params
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +139,20 @@ def run_train(
     if checkpoints.exists():  # an interrupted run of the same params: it is resumed below
         for run_id in tracking.end_stale_runs(experiment_id, tags["tympan.checkpoints"]):
             print(f"train: MLflow run {run_id} of the interrupted run marked KILLED")
-    # GPU utilisation and memory as MLflow system metrics, on CUDA runs
-    system = device.type == "cuda"
+    system = tracking.system_metrics(device.type == "cuda")
+    inputs = tracking.datasets(
+        manifest,
+        read_manifest(manifest),
+        features,
+        tuple(cache.features.shape),
+        str(cache.features.dtype),
+    )
     with mlflow.start_run(
-        run_name=f"train-{params.preset}", tags=tags, log_system_metrics=system
+        run_name=tracking.run_name(f"train-{params.preset}"), tags=tags, log_system_metrics=system
     ) as parent:
-        mlflow.log_params(
-            flatten(
-                {
-                    "features": to_dict(params.features),
-                    "model": to_dict(params.model),
-                    "train": to_dict(params.train),
-                    "augment": to_dict(params.augment),
-                }
-            )
-        )
+        tracking.log_datasets(inputs)
+        used = used_params(params, device.type == "cuda")
+        mlflow.log_params(flatten(used))
         mlflow.log_params(
             {
                 "n_train": len(cache.rows("train")),
@@ -179,6 +179,7 @@ def run_train(
                     tags=member_tags,
                     log_system_metrics=system,
                 ) as child:
+                    tracking.log_datasets(inputs)
                     mlflow.log_params(
                         {
                             "seed": seed,
@@ -255,7 +256,9 @@ def run_train(
         learning_curves(pd.DataFrame(history), out / CURVES)
         mlflow.log_artifact(str(out / CURVES), "plots")
         mlflow.log_artifact(str(out / HISTORY), "plots")
-    record.update(task=task.kind, criterion=task.criterion, head=task.head, primary=primary)
+    record.update(
+        task=task.kind, criterion=task.criterion, head=task.head, primary=primary, params=used
+    )
     _write_json(out / TRAIN_RECORD, record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
     print(
@@ -588,12 +591,7 @@ def run_register(
             results=results,
             classes=_read_optional(metric_files["classes"]),
             breakdown=_read_optional(metric_files["breakdown"]),
-            params={
-                "features": to_dict(params.features),
-                "segment": to_dict(params.segment),
-                "model": to_dict(params.model),
-                "train": to_dict(params.train),
-            },
+            params=record["params"],  # what trained the model, tuned values included
         )
     )
     card.parent.mkdir(parents=True, exist_ok=True)
