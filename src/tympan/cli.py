@@ -146,6 +146,10 @@ def _summary(registered: Path, metrics: Path) -> None:
     print("\nLook further (the commands need the project's environment on PATH):")
     print(f"  . {activate}")
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
+    if "experiment_id" in reg:  # MLflow 3.17 opens on its GenAI overview without workflowType
+        from tympan.tracking import ui_url
+
+        print(f"    then open {ui_url('http://127.0.0.1:5001', reg['experiment_id'])}")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
     print("  dvc exp show --drop '.*' --keep 'Experiment|Created|test_|train\\.(lr|epochs)$'")
     print(f"  MLFLOW_TRACKING_URI={uri} tympan serve -m models:/{reg['name']}@champion -p 5000")

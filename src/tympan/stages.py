@@ -610,6 +610,7 @@ def run_register(
         "test_set": held_out["hash"],
         "model_uri": f"models:/{cfg.name}/{version}",
         "run_id": record["parent_run_id"],
+        "experiment_id": record["experiment_id"],
         "tracking_uri": tracking.tracking_uri(),
     }
     _write_json(out, result)

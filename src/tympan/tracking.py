@@ -34,9 +34,11 @@ from mlflow.types import Schema, TensorSpec
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-# `mlflow ui` picks an experiment's page by this tag: without it, MLflow 3 guesses, and opens
-# an experiment with no traces on the GenAI overview (traces, tokens, an empty latency chart).
-# `custom_model_development` is the UI's "machine learning" kind: it opens on the training runs.
+# MLflow's experiment kind: `custom_model_development` is "machine learning" (model training)
+# as opposed to GenAI development. MLflow 3.17's own UI lays out the experiment page by its
+# GenAI / Model training switch instead (GenAI unless the browser remembers otherwise, or the
+# URL says `workflowType=machine_learning`: `ui_url`); the tag states the kind for every other
+# reader (the API, the experiment's kind selector, servers that lay pages out by it).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 # What `dvc exp run` puts in the environment of every stage it runs
@@ -115,6 +117,12 @@ def ensure_experiment(experiment: str) -> str:
             found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
         )
     return found.experiment_id
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The `mlflow ui` page of an experiment's training runs: MLflow 3.17 opens an experiment
+    on its GenAI overview (traces, tokens, latency) unless the URL asks for model training."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def run_name(base: str) -> str:
