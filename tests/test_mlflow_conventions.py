@@ -122,3 +122,20 @@ def test_an_existing_experiment_is_marked_unless_its_kind_was_chosen(mlflow_stor
         "custom_model_development"
     )
     assert client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_train_under_a_record_run_logs_into_it_and_its_experiment(featurized, monkeypatch):
+    """What `tympan repro` gives DVC's stage commands: MLFLOW_RUN_ID and MLFLOW_EXPERIMENT_ID
+    of the record (`mlflow run` sets the latter to Default's 0 when not told otherwise)."""
+    params, _ = featurized
+    tracking.connect()
+    experiment_id = tracking.ensure_experiment(params.tracking.experiment)
+    record = MlflowClient().create_run(experiment_id, run_name="repro").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", record)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    stages.run_train(params, Path("features"), Path("manifest.csv"), Path("models"))
+    trained = json.loads(Path("models/train.json").read_text())
+    assert trained["parent_run_id"] == record
+    child = MlflowClient().get_run(trained["seeds"]["0"]["run_id"])
+    assert child.info.experiment_id == experiment_id
+    assert child.data.tags["mlflow.parentRunId"] == record

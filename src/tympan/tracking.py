@@ -297,17 +297,14 @@ def datasets(
     (metadata only: `(clips, C, bins, frames)` of `dtype`) as MLflow datasets, each digest
     the md5 DVC recorded, each source where DVC keeps it."""
     manifest_source, features_source = dvc_source(manifest), dvc_source(features)
-    with warnings.catch_warnings():  # MLflow's hint on integer columns concerns model inputs
-        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
-        table_set = mlflow.data.from_pandas(
+    return [
+        mlflow.data.from_pandas(
             table,
             source=manifest_source,
             name="manifest",
             digest=manifest_source.md5,
             targets="label",
-        )
-    return [
-        table_set,
+        ),
         MetaDataset(
             features_source,
             name="features",
@@ -319,5 +316,7 @@ def datasets(
 
 def log_datasets(found: list[Dataset], context: str = "training") -> None:
     """`mlflow.log_input` of each dataset into the active run."""
-    for dataset in found:
-        mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():  # MLflow's hint on integer columns is about model inputs
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+        for dataset in found:
+            mlflow.log_input(dataset, context=context)
