@@ -447,8 +447,9 @@ class AugmentConfig:
     # Gaussian noise added in dB (standard deviation), to each clip with probability noise_p
     noise_std: float = field(default=0.0, metadata=_range(0))
     noise_p: float = field(default=0.5, metadata=_FRACTION)
-    # circular roll along frames by up to this fraction of the frames, either sign
-    time_shift: float = field(default=0.0, metadata=_FRACTION)
+    # circular roll along frames by up to this many seconds, either sign (at most
+    # features.seconds, the window the frames cover)
+    time_shift: float = field(default=0.0, metadata=_range(0))
     # shift along the bin axis by up to this many bins, either sign
     pitch_shift: int = field(default=0, metadata=_range(0))
     # SpecAugment: number of masks per clip and maximum width (frames / bins)
@@ -638,6 +639,13 @@ class Params:
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    def __post_init__(self) -> None:
+        if self.augment.time_shift > self.features.seconds:
+            raise ValueError(
+                f"augment.time_shift={self.augment.time_shift} s is longer than the "
+                f"features.seconds={self.features.seconds} s window it rolls"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
