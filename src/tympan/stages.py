@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient
 from tympan import tracking
 from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
-from tympan.data.ingest import ingest
+from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import split_manifest, split_report
+from tympan.data.splits import breakdown_values, split_manifest, split_report
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
@@ -57,15 +57,19 @@ def run_demo(params: Params, out: Path) -> None:
 
 def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> None:
     table, rejected = ingest(params.data, manifest, rejects, summary)
-    print(f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects})")
+    print(
+        f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects}); "
+        f"{describe(audio_profile(table))}"
+    )
 
 
 def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     table = read_manifest(manifest)
     splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
-    # raises LeakageError before anything is written
+    # raise LeakageError or SplitError before anything is written
     checked = split_report(table, params.split, params.cv)
+    checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
@@ -88,6 +92,9 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
+    cfg = params.features
+    for warning in feature_fit(table, cfg.seconds, cfg.sample_rate, params.segment.enabled):
+        log.warning("featurize: %s", warning)
     cache = build_cache(
         table, params.features, out, params.segment, keep_waves=params.augment.waveform
     )
