@@ -4,6 +4,7 @@ keeps a data.root the user set, refuses to lose edits, and prints the README's c
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 import pytest
@@ -110,3 +111,21 @@ def test_preset_refuses_to_overwrite_edits_unless_forced(tmp_path, presets):
     assert load_params(target).train.lr == 0.01  # untouched
     _preset(target, presets, "fsdd", "--force")
     assert load_params(target).preset == "fsdd"
+
+
+def test_the_committed_json_schema_is_the_loaders_and_every_preset_meets_it(tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    out = tmp_path / "params.schema.json"
+    main(["schema", "--out", str(out)])
+    assert out.read_text() == (REPO / "params.schema.json").read_text(), "run `tympan schema`"
+    schema = json.loads(out.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in [REPO / "params.yaml", *sorted((REPO / "pipelines").glob("*.yaml"))]:
+        assert not list(validator.iter_errors(yaml.safe_load(path.read_text()))), path.name
+    bad = yaml.safe_load((REPO / "params.yaml").read_text())
+    bad["train"].update(lr=-1, learning_rate=0.1)
+    bad["model"]["name"] = "vgg99"
+    found = sorted(e.message for e in validator.iter_errors(bad))
+    assert any("'learning_rate' was unexpected" in m for m in found)
+    assert any("-1 is less than or equal to the minimum of 0" in m for m in found)
+    assert any("'vgg99' is not one of" in m for m in found)

@@ -203,6 +203,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite the params file even when it has edits no preset holds",
     )
+    schema = command(
+        "schema",
+        "write params.yaml's JSON Schema, for editors",
+        "Types, ranges, choices, defaults and descriptions read off the params loader's "
+        "dataclasses; yaml-language-server (VS Code's YAML extension and others) then checks "
+        "and completes params files.",
+    )
+    schema.add_argument(
+        "--out",
+        type=Path,
+        default=Path("params.schema.json"),
+        metavar="FILE",
+        help="where to write it (default: params.schema.json)",
+    )
     serve = command(
         "serve",
         "serve a registered model over HTTP: MLflow's scoring app behind request limits",
@@ -425,6 +439,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "preset":
         _use_preset(args.dir, args.name, args.params, args.force)
+        return
+    if args.command == "schema":
+        from tympan.config import json_schema
+
+        args.out.write_text(json.dumps(json_schema(), indent=1) + "\n")
+        print(f"{args.out}: JSON Schema of the params files")
         return
     if args.command == "predict":
         from tympan.serving.batch import main as predict_main
