@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tympan.config import params_from_dict
-from tympan.training.augment import AugmentConfig, Augmenter, _sample_beta, soft_cross_entropy
+from tympan.training.augment import AugmentConfig, Augmenter, soft_cross_entropy
 
 ALL_ON = AugmentConfig(
     noise_std=1.0,
@@ -34,7 +34,7 @@ def targets(batch: int = 8, n_classes: int = 5) -> torch.Tensor:
 
 def test_disabled_is_identity_and_one_hot():
     x, y = log_mel(), targets()
-    out, t = Augmenter(AugmentConfig(), n_classes=5, seed=0)(x, y)
+    out, t = Augmenter(AugmentConfig(), n_classes=5, seed=0, seconds=1.0)(x, y)
     assert out is x
     assert not AugmentConfig().enabled
     assert t.dtype == torch.float32 and t.shape == (8, 5)
@@ -50,29 +50,40 @@ def test_input_never_modified_and_shape_dtype_kept():
     for dtype in (torch.float32, torch.float16):
         x = log_mel().to(dtype)
         before = x.clone()
-        out, t = Augmenter(ALL_ON, n_classes=5, seed=0)(x, targets())
+        out, t = Augmenter(ALL_ON, n_classes=5, seed=0, seconds=1.0)(x, targets())
         assert torch.equal(x, before)
         assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
         assert t.shape == (8, 5) and t.dtype == torch.float32
 
 
-def test_time_shift_is_a_bounded_roll_per_clip():
-    x = log_mel(batch=32, frames=50)
-    out, _ = Augmenter(AugmentConfig(time_shift=0.1), n_classes=5, seed=1)(x, targets(32))
+def test_time_shift_is_a_bounded_roll_per_clip_in_seconds():
+    x = log_mel(batch=32, frames=50)  # 50 frames over a 2 s window: 0.2 s is 5 frames
+    out, _ = Augmenter(AugmentConfig(time_shift=0.2), 5, seed=1, seconds=2.0)(x, targets(32))
     seen = set()
     for clip, moved in zip(x, out, strict=True):
         assert torch.equal(clip.flatten().sort().values, moved.flatten().sort().values)
         shifts = [k for k in range(-5, 6) if torch.equal(torch.roll(clip, k, dims=-1), moved)]
-        assert len(shifts) == 1, "each clip is a roll by at most 10% of 50 frames"
+        assert len(shifts) == 1, "each clip is a roll by at most 0.2 s = 5 of 50 frames"
         seen.add(shifts[0])
     assert any(k > 0 for k in seen) and any(k < 0 for k in seen)
+    assert max(abs(k) for k in seen) == 5
+
+
+def test_time_shift_is_checked_against_the_window():
+    with pytest.raises(ValueError, match=r"augment\.time_shift=6\.0 s is longer than the "):
+        params_from_dict({"augment": {"time_shift": 6.0}, "features": {"seconds": 5.0}})
+    assert params_from_dict({"augment": {"time_shift": 0.5}}).augment.time_shift == 0.5
+    with pytest.raises(ValueError, match="in seconds"):
+        Augmenter(AugmentConfig(time_shift=0.1), 5, seed=0)
 
 
 def test_pitch_shift_moves_a_bright_bin_and_fills_with_the_floor():
     batch, n_bins, bright = 32, 40, 20
     x = torch.full((batch, 1, n_bins, 10), -80.0)
     x[:, :, bright, :] = 0.0
-    out, _ = Augmenter(AugmentConfig(pitch_shift=3), n_classes=5, seed=2)(x, targets(batch))
+    out, _ = Augmenter(AugmentConfig(pitch_shift=3), n_classes=5, seed=2, seconds=1.0)(
+        x, targets(batch)
+    )
     moves = set()
     for clip in out:
         rows = (clip[0] == 0.0).all(dim=1).nonzero().flatten().tolist()
@@ -87,7 +98,9 @@ def test_pitch_shift_moves_a_bright_bin_and_fills_with_the_floor():
 
 def test_pitch_shift_fills_vacated_bins_with_the_clip_floor():
     x = log_mel(batch=32)
-    out, _ = Augmenter(AugmentConfig(pitch_shift=5), n_classes=5, seed=3)(x, targets(32))
+    out, _ = Augmenter(AugmentConfig(pitch_shift=5), n_classes=5, seed=3, seconds=1.0)(
+        x, targets(32)
+    )
     for clip, moved in zip(x, out, strict=True):
         k = next(k for k in range(-5, 6) if torch.equal(moved[0, 5:35], clip[0, 5 - k : 35 - k]))
         if k > 0:
@@ -101,7 +114,7 @@ def test_masks_set_whole_stripes_to_the_clip_floor(axis, count, width):
     name = "time" if axis == 3 else "freq"
     cfg = AugmentConfig(**{f"{name}_masks": count, f"{name}_mask_width": width})
     x = log_mel(batch=64)
-    out, _ = Augmenter(cfg, n_classes=5, seed=4)(x, targets(64))
+    out, _ = Augmenter(cfg, n_classes=5, seed=4, seconds=1.0)(x, targets(64))
     floor = -80.0
     total = 0
     for clip, masked in zip(x, out, strict=True):
@@ -120,7 +133,9 @@ def test_masks_set_whole_stripes_to_the_clip_floor(axis, count, width):
 
 def test_noise_has_the_right_std_and_probability():
     x = log_mel(batch=400, n_bins=16, frames=16)
-    out, _ = Augmenter(AugmentConfig(noise_std=2.0, noise_p=0.5), 5, seed=5)(x, targets(400))
+    out, _ = Augmenter(AugmentConfig(noise_std=2.0, noise_p=0.5), 5, seed=5, seconds=1.0)(
+        x, targets(400)
+    )
     diff = out - x
     noisy = (diff != 0).flatten(1).any(dim=1)
     assert 0.4 < noisy.float().mean() < 0.6
@@ -132,7 +147,7 @@ def test_noise_has_the_right_std_and_probability():
 def test_mixup_mixes_inputs_and_one_hots_with_one_lambda():
     batch = 16
     x, y = log_mel(batch=batch), torch.arange(batch)  # one class per clip: targets reveal pairs
-    out, t = Augmenter(AugmentConfig(mixup_alpha=0.4), n_classes=batch, seed=6)(x, y)
+    out, t = Augmenter(AugmentConfig(mixup_alpha=0.4), n_classes=batch, seed=6, seconds=1.0)(x, y)
     torch.testing.assert_close(t.sum(dim=1), torch.ones(batch))
     lams = set()
     for i in range(batch):
@@ -147,20 +162,27 @@ def test_mixup_mixes_inputs_and_one_hots_with_one_lambda():
     assert len(lams) == 1, "one lambda per batch"
 
 
-def test_beta_sampler_matches_the_distribution():
+def test_mixup_lambda_follows_beta_even_for_tiny_alphas():
+    """numpy's Beta sampler (replacing a hand-written Marsaglia-Tsang one) on the batch's
+    lambda: its law, and values in [0, 1] where gamma draws underflow (alpha 0.01)."""
     stats = pytest.importorskip("scipy.stats")
-    g = torch.Generator().manual_seed(0)
-    for alpha in (0.2, 1.0, 3.0):
-        draws = [_sample_beta(alpha, g) for _ in range(1500)]
-        assert all(0.0 <= d <= 1.0 for d in draws)
-        assert stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    x, y = log_mel(batch=2), torch.tensor([0, 1])
+    for alpha in (0.01, 0.5, 1.0, 3.0):
+        aug = Augmenter(AugmentConfig(mixup_alpha=alpha), 2, seed=0)
+        draws = [aug(x, y)[1][0].max().item() for _ in range(1200)]  # max(lam, 1 - lam)
+        assert all(0.5 <= d <= 1.0 for d in draws)
+        draws = [d for d in draws if d < 1.0]  # not the batches permuted onto themselves
+        if alpha >= 0.5:  # smaller ones put much of their mass within float32 rounding of 1
+            law = stats.beta(alpha, alpha)
+            cdf = lambda v, b=law: 2 * b.cdf(v) - 1  # noqa: E731 (the law of max(lam, 1-lam))
+            assert stats.kstest(draws, cdf).pvalue > 1e-3, alpha
 
 
 def test_same_seed_reproduces_and_different_seeds_differ():
     x, y = log_mel(), targets()
-    a1, t1 = Augmenter(ALL_ON, 5, seed=7)(x, y)
-    a2, t2 = Augmenter(ALL_ON, 5, seed=7)(x, y)
-    b, _ = Augmenter(ALL_ON, 5, seed=8)(x, y)
+    a1, t1 = Augmenter(ALL_ON, 5, seed=7, seconds=1.0)(x, y)
+    a2, t2 = Augmenter(ALL_ON, 5, seed=7, seconds=1.0)(x, y)
+    b, _ = Augmenter(ALL_ON, 5, seed=8, seconds=1.0)(x, y)
     assert torch.equal(a1, a2) and torch.equal(t1, t2)
     assert not torch.equal(a1, b)
 
@@ -169,10 +191,13 @@ def test_seeds_in_lockstep_equal_each_seed_alone():
     batches = [(log_mel(seed=i), targets()) for i in range(4)]
 
     def alone(seed: int) -> list[torch.Tensor]:
-        aug = Augmenter(ALL_ON, 5, seed=seed)
+        aug = Augmenter(ALL_ON, 5, seed=seed, seconds=1.0)
         return [aug(x, y)[0] for x, y in batches]
 
-    first, second = Augmenter(ALL_ON, 5, seed=0), Augmenter(ALL_ON, 5, seed=1)
+    first, second = (
+        Augmenter(ALL_ON, 5, seed=0, seconds=1.0),
+        Augmenter(ALL_ON, 5, seed=1, seconds=1.0),
+    )
     interleaved = [(first(x, y)[0], second(x, y)[0]) for x, y in batches]
     for (a, b), ref_a, ref_b in zip(interleaved, alone(0), alone(1), strict=True):
         assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
@@ -181,17 +206,17 @@ def test_seeds_in_lockstep_equal_each_seed_alone():
 def test_global_rng_is_untouched():
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    Augmenter(ALL_ON, 5, seed=0)(log_mel(), targets())
+    Augmenter(ALL_ON, 5, seed=0, seconds=1.0)(log_mel(), targets())
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_state_dict_resumes_the_same_draws():
     x, y = log_mel(), targets()
-    aug = Augmenter(ALL_ON, 5, seed=9)
+    aug = Augmenter(ALL_ON, 5, seed=9, seconds=1.0)
     aug(x, y)
     state = aug.state_dict()
     expected = aug(x, y)[0]
-    resumed = Augmenter(ALL_ON, 5, seed=0)
+    resumed = Augmenter(ALL_ON, 5, seed=0, seconds=1.0)
     resumed.load_state_dict(state)
     assert torch.equal(resumed(x, y)[0], expected)
 
@@ -199,8 +224,8 @@ def test_state_dict_resumes_the_same_draws():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_draws_equal_cpu_draws():
     x, y = log_mel(), targets()
-    cpu, t_cpu = Augmenter(ALL_ON, 5, seed=10)(x, y)
-    gpu, t_gpu = Augmenter(ALL_ON, 5, seed=10)(x.cuda(), y.cuda())
+    cpu, t_cpu = Augmenter(ALL_ON, 5, seed=10, seconds=1.0)(x, y)
+    gpu, t_gpu = Augmenter(ALL_ON, 5, seed=10, seconds=1.0)(x.cuda(), y.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu)
     torch.testing.assert_close(t_gpu.cpu(), t_cpu)
@@ -257,7 +282,7 @@ def test_invalid_values_name_the_field(changes, field):
 )
 def test_too_wide_for_the_features_names_the_field(cfg, field):
     with pytest.raises(ValueError, match=field):
-        Augmenter(cfg, 5, seed=0)(log_mel(), targets())
+        Augmenter(cfg, 5, seed=0, seconds=1.0)(log_mel(), targets())
 
 
 # --- waveform domain ---------------------------------------------------------------------

@@ -30,6 +30,10 @@ def test_unknown_family_is_named():
 def test_balanced_class_weights():
     weights = class_weights(np.array([0, 0, 0, 1]), 2)
     torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]))
+    # a class the train split lacks weighs as one clip would (scikit-learn refuses it)
+    torch.testing.assert_close(
+        class_weights(np.array([0, 0, 0, 1]), 3), torch.tensor([4 / 9, 4 / 3, 4 / 3])
+    )
 
 
 def test_auto_device_falls_back_to_cpu():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -12,49 +11,101 @@ from pathlib import Path
 
 import yaml
 
-from tympan.config import ConfigError, Params, load_params, to_dict
+from tympan.config import ConfigError, Params, flatten, load_params, to_dict
+
+DESCRIPTION = """\
+tympan: audio datasets to tracked, tuned, served models. Each pipeline stage is one
+subcommand, run by `dvc repro` with the paths dvc.yaml gives it and the params file's
+sections it lists; the other subcommands set up, look at and serve what the pipeline built.
+"""
+
+EPILOG = """\
+pipeline (dvc.yaml): demo -> ingest -> split -> featurize -> tune -> train -> evaluate ->
+register. Start with `tympan preset NAME && dvc repro register` (or `dvc repro` for the
+built-in demo), then `tympan summary`. `tympan COMMAND --help` explains each command.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tympan", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tympan",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--params",
         type=Path,
         default=Path("params.yaml"),
-        help="params file (default: params.yaml)",
+        metavar="FILE",
+        help="params file every stage reads (default: params.yaml); `tympan preset` writes it",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str, *paths: str) -> None:
-        command = sub.add_parser(name, help=help_text)
-        for path in paths:
-            command.add_argument(f"--{path}", type=Path, required=True)
+    def command(name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}." + (f" {details}" if details else ""),
+        )
 
-    add("demo", "generate the built-in demo dataset", "out")
-    add(
+    def paths(cmd: argparse.ArgumentParser, **described: str) -> None:
+        """Required path options, as dvc.yaml passes them (`--test-set` for test_set)."""
+        for name, text in described.items():
+            cmd.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True, help=text)
+
+    demo = command(
+        "demo",
+        "generate the built-in demo dataset",
+        "Six synthetic sound classes in recording sessions (the `demo` params section).",
+    )
+    paths(demo, out="folder to write (metadata.csv and audio/)")
+    ingest = command(
         "ingest",
         "list and probe recordings; write the manifest and rejects",
-        "manifest",
-        "rejects",
-        "summary",
+        "The `data.adapter` reads `data.root`; every file is decoded and hashed; bad files go "
+        "to the rejects with their reason. The summary holds the distribution of durations, "
+        "sample rates and channels.",
     )
-    add("split", "assign train/val/test without group leakage", "manifest", "out", "report")
-    add(
+    paths(
+        ingest,
+        manifest="manifest CSV to write (one row per accepted recording)",
+        rejects="rejects CSV to write (path, reason)",
+        summary="ingest report JSON to write",
+    )
+    split = command(
+        "split",
+        "assign train/val/test without group leakage",
+        "By `split.strategy` (and `cv.folds`); fails if a group or an identical file would be "
+        "in two splits, and checks that the `evaluate.breakdown` columns exist.",
+    )
+    paths(
+        split,
+        manifest="manifest CSV (from ingest)",
+        out="splits CSV to write",
+        report="split report JSON to write (sizes, groups, leak checks)",
+    )
+    featurize = command(
         "featurize",
-        "compute the log-mel cache and train-split statistics",
-        "manifest",
-        "splits",
-        "out",
+        "compute the feature cache and train-split statistics",
+        "The `features` section's stack, one memory-mapped array per feature set; sets whose "
+        "key is found in DVC's cache are copied, not recomputed.",
     )
-    add("train", "train one model per seed, tracked in MLflow", "features", "manifest", "out")
-    sub.choices["train"].add_argument(
-        "--tuned", type=Path, help="best params from the tune stage (applied over the params file)"
+    paths(
+        featurize,
+        manifest="manifest CSV (from ingest)",
+        splits="splits CSV (from split)",
+        out="feature cache folder to write",
     )
-    tune = sub.add_parser("tune", help="Optuna search over tune.space; resumable, shareable")
-    tune.add_argument("--features", type=Path, required=True)
-    tune.add_argument("--out", type=Path, help="best params file (the stage's output)")
-    tune.add_argument("--trials", type=Path, help="trials table (the stage's output)")
+    tune = command(
+        "tune",
+        "Optuna search over tune.space; resumable, shareable",
+        "Off unless `tune.enabled`; then the study lives in `tune.storage`.",
+    )
+    tune.add_argument("--features", type=Path, required=True, help="feature cache folder")
+    tune.add_argument("--out", type=Path, help="best params YAML to write (the stage's output)")
+    tune.add_argument("--trials", type=Path, help="trials CSV to write (the stage's output)")
     tune.add_argument(
         "--worker",
         action="store_true",
@@ -64,56 +115,169 @@ def _parser() -> argparse.ArgumentParser:
         "--wait-s",
         type=float,
         default=60.0,
-        help="with --worker: wait this long for `tympan tune` to queue trials",
+        metavar="SECONDS",
+        help="with --worker: wait this long for `tympan tune` to queue trials (default: 60)",
     )
-    add(
+    train = command(
+        "train",
+        "train one model per seed (and CV fold), tracked in MLflow",
+        "One MLflow parent run, a child per member; `models/` holds every member's weights.",
+    )
+    paths(
+        train,
+        features="feature cache folder (from featurize)",
+        manifest="manifest CSV (logged as the run's dataset)",
+        out="models folder to write (bundle.pt, train.json, history.csv)",
+    )
+    train.add_argument(
+        "--tuned",
+        type=Path,
+        metavar="FILE",
+        help="best params from the tune stage, applied over the params file (default: none)",
+    )
+    evaluate = command(
         "evaluate",
         "test metrics per seed and for the ensemble; plots, worst predictions, breakdowns",
-        "features",
-        "models",
-        "metrics",
-        "plots",
-        "test-set",
     )
-    add(
+    paths(
+        evaluate,
+        features="feature cache folder (from featurize)",
+        models="models folder (from train)",
+        metrics="metrics folder to write",
+        plots="plots folder to write",
+        test_set="test-set fingerprint JSON to write (what register compares)",
+    )
+    register = command(
         "register",
         "log the pyfunc model, register it, set champion or challenger, write the model card",
-        "models",
-        "metrics",
-        "split",
-        "test-set",
-        "out",
-        "card",
     )
-    preset = sub.add_parser("preset", help="make pipelines/NAME.yaml the active params.yaml")
-    preset.add_argument("name", help="a preset in pipelines/ (e.g. demo, fsdd)")
-    preset.add_argument("--dir", type=Path, default=Path("pipelines"))
-    serve = sub.add_parser(
+    paths(
+        register,
+        models="models folder (from train)",
+        metrics="metrics folder (from evaluate)",
+        split="split report JSON (from split)",
+        test_set="test-set fingerprint JSON (from evaluate)",
+        out="registration record JSON to write",
+        card="model card markdown to write",
+    )
+    repro = command(
+        "repro",
+        "`dvc repro` recorded as one MLflow run in tracking.experiment (the MLproject's command)",
+        "Under `mlflow run` the project run is the record when it is in tracking.experiment; "
+        "else the record is a new run there and the project run links to it. When DVC runs "
+        "no stage, the record says so and names the run behind the current outputs.",
+    )
+    repro.add_argument(
+        "targets", nargs="*", help="stages to reproduce, as for `dvc repro` (default: all)"
+    )
+    repro.add_argument(
+        "-s",
+        "--single-item",
+        action="store_true",
+        help="reproduce only the named stages, not what they depend on (as `dvc repro -s`)",
+    )
+    repro.add_argument(
+        "--train-record",
+        type=Path,
+        default=Path("models/train.json"),
+        metavar="FILE",
+        help="train's record, naming the run behind the current model (default: models/train.json)",
+    )
+    preset = command(
+        "preset",
+        "make pipelines/NAME.yaml the active params file",
+        "Validates the preset and writes every key (the preset's values over the defaults). "
+        "Refuses to overwrite a params file with edits of its own unless --force; keeps "
+        "`data.root` when the new preset reads the same layout (adapter).",
+    )
+    preset.add_argument("name", help="a preset in --dir, e.g. demo, fsdd_digits, s4_esc50_bigru")
+    preset.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("pipelines"),
+        metavar="FOLDER",
+        help="where the presets are (default: pipelines)",
+    )
+    preset.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the params file even when it has edits no preset holds",
+    )
+    schema = command(
+        "schema",
+        "write params.yaml's JSON Schema, for editors",
+        "Types, ranges, choices, defaults and descriptions read off the params loader's "
+        "dataclasses; yaml-language-server (VS Code's YAML extension and others) then checks "
+        "and completes params files.",
+    )
+    schema.add_argument(
+        "--out",
+        type=Path,
+        default=Path("params.schema.json"),
+        metavar="FILE",
+        help="where to write it (default: params.schema.json)",
+    )
+    serve = command(
         "serve",
-        help="serve a registered model over HTTP: MLflow's scoring app behind request limits",
+        "serve a registered model over HTTP: MLflow's scoring app behind request limits",
+        "Limits come from the environment (TYMPAN_MAX_REQUEST_MB and friends; see README).",
     )
-    serve.add_argument("-m", "--model-uri", required=True, help="e.g. models:/tympan-demo@champion")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("-p", "--port", type=int, default=5000)
-    serve.add_argument("-w", "--workers", type=int, default=1, help="server processes")
-    predict = sub.add_parser(
+    serve.add_argument(
+        "-m", "--model-uri", required=True, help="model to serve, e.g. models:/tympan-demo@champion"
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1; 0.0.0.0 only on purpose)",
+    )
+    serve.add_argument("-p", "--port", type=int, default=5000, help="port (default: 5000)")
+    serve.add_argument("-w", "--workers", type=int, default=1, help="server processes (default: 1)")
+    predict = command(
         "predict",
-        help="score audio files or folders with a registered model, in this process",
-        description="Score audio files (and every .wav/.flac/.ogg under each folder) with a "
-        "registered model; bad files are rows with their reason, not fatal.",
+        "score audio files or folders with a registered model, in this process",
+        "Every .wav/.flac/.ogg under each folder; bad files are rows with their reason, not fatal.",
     )
     predict.add_argument("inputs", type=Path, nargs="+", help="audio files or folders")
-    predict.add_argument("--model", required=True, help="e.g. models:/tympan-demo@champion")
-    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
     predict.add_argument(
-        "--side", type=_side, action="append", default=[], help="side attribute NAME=VALUE"
+        "--model", required=True, help="model to use, e.g. models:/tympan-demo@champion"
     )
     predict.add_argument(
-        "--side-table", type=Path, help="CSV with a 'path' column and one column per attribute"
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="CSV to write (default: predictions.csv)",
     )
-    summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
-    summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
-    summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
+    predict.add_argument(
+        "--side",
+        type=_side,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a side attribute for every file, e.g. language=english (repeatable)",
+    )
+    predict.add_argument(
+        "--side-table",
+        type=Path,
+        metavar="CSV",
+        help="per-file side attributes: a 'path' column and one column per attribute",
+    )
+    summary = command(
+        "summary", "print the registered model, its test metrics and where to look next"
+    )
+    summary.add_argument(
+        "--registered",
+        type=Path,
+        default=Path("reports/registered.json"),
+        metavar="FILE",
+        help="register's record (default: reports/registered.json)",
+    )
+    summary.add_argument(
+        "--metrics",
+        type=Path,
+        default=Path("metrics/test.json"),
+        metavar="FILE",
+        help="evaluate's test metrics (default: metrics/test.json)",
+    )
     return parser
 
 
@@ -146,6 +310,10 @@ def _summary(registered: Path, metrics: Path) -> None:
     print("\nLook further (the commands need the project's environment on PATH):")
     print(f"  . {activate}")
     print(f"  mlflow ui --backend-store-uri {uri} --port 5001")
+    if "experiment_id" in reg:  # MLflow 3.17 opens on its GenAI overview without workflowType
+        from tympan.tracking import ui_url
+
+        print(f"    then open {ui_url('http://127.0.0.1:5001', reg['experiment_id'])}")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
     print("  dvc exp show --drop '.*' --keep 'Experiment|Created|test_|train\\.(lr|epochs)$'")
     print(f"  MLFLOW_TRACKING_URI={uri} tympan serve -m models:/{reg['name']}@champion -p 5000")
@@ -155,7 +323,11 @@ def _summary(registered: Path, metrics: Path) -> None:
     )
 
 
-def _use_preset(folder: Path, name: str, target: Path) -> None:
+def _use_preset(folder: Path, name: str, target: Path, force: bool = False) -> None:
+    """Write preset `name` as the params file `target`: every key (so `dvc exp run -S KEY=...`
+    finds each one), the preset's values over the defaults, comments kept for a preset that
+    is already complete. An edited `target` is not overwritten without `force`; a `data.root`
+    the user pointed elsewhere is kept when the new preset reads the same layout."""
     source = folder / f"{name}.yaml"
     if not source.exists():
         known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
@@ -164,20 +336,94 @@ def _use_preset(folder: Path, name: str, target: Path) -> None:
         params = load_params(source)
     except ConfigError as exc:
         sys.exit(f"preset {name}: {exc}")
-    raw = yaml.safe_load(source.read_text()) or {}
-    if set(raw) >= {f.name for f in dataclasses.fields(Params)}:
-        target.write_text(source.read_text())  # complete: kept as written, comments included
-    else:
+    kept = dropped = None  # the user's data.root: kept for the same layout, else replaced
+    if target.exists():
+        current, edits = _edits(folder, target)
+        if current is not None and any(k == "data.root" for k, _, _ in edits):
+            if current.data.adapter == params.data.adapter:
+                kept = current.data.root if current.data.root != params.data.root else None
+            else:
+                dropped = f"{current.data.root} (a {current.data.adapter} dataset)"
+        lost = [e for e in edits if e[0] != "data.root"]
+        if (current is None or lost) and not force:
+            sys.exit(_refusal(target, current, lost))
+    text = source.read_text()
+    raw = yaml.safe_load(text) or {}
+    if not _complete(raw) or (kept is not None and not (text := _with_root(text, kept))):
         # an overlay on the defaults: every key written out, so DVC finds each param it tracks
-        target.write_text(
+        values = to_dict(params)
+        if kept is not None:
+            values["data"]["root"] = kept
+        text = (
             f"# preset {name}: {source} over tympan's defaults (the comments are there).\n"
             f"# Generated by `tympan preset {name}`; edit freely or regenerate.\n"
-            + yaml.safe_dump(to_dict(params), sort_keys=False)
+            + yaml.safe_dump(values, sort_keys=False)
         )
-    print(
-        f"{target} is now preset {params.preset!r} ({source}); run `dvc repro` or "
-        f"`dvc exp run` to build it"
+    target.write_text(text)
+    target_stage = "" if params.data.adapter == "demo" else " register"  # demo: its data too
+    print(f"{target} is now preset {params.preset!r} ({source}).")
+    if kept is not None:
+        print(f"  kept your data.root: {kept} (the preset has {params.data.root})")
+    if dropped is not None:
+        print(f"  data.root is the preset's {params.data.root}, not your {dropped}")
+    root = Path(kept or params.data.root)
+    if params.data.adapter != "demo" and not root.exists():
+        print(f"  data.root {root} does not exist yet: point it at your copy of the dataset")
+    print(f"Build it with:\n  dvc repro{target_stage}")
+    exp = f"dvc exp run -n {name.replace('_', '-')}{target_stage}"
+    print(f"or as a DVC experiment:\n  {exp}")
+
+
+def _keys(values: dict) -> dict[str, object]:
+    """Flat `section.key` values of a params mapping, the search space as one value."""
+    space = values.get("tune", {}).get("space")
+    flat = flatten({k: v for k, v in values.items()})
+    flat = {k: v for k, v in flat.items() if not k.startswith("tune.space.")}
+    return {**flat, "tune.space": space}
+
+
+def _complete(raw: dict) -> bool:
+    """Whether a params mapping holds every key of the schema."""
+    return set(_keys(to_dict(Params()))) <= set(_keys(raw))
+
+
+def _edits(folder: Path, target: Path) -> tuple[Params | None, list[tuple[str, object, object]]]:
+    """The params in `target` (None if it does not load) and its differences from the preset
+    it names: `(key, its value, the preset's)`; every key differs from an unknown preset."""
+    try:
+        current = load_params(target)
+    except ConfigError:
+        return None, []
+    mine = _keys(to_dict(current))
+    origin = folder / f"{current.preset}.yaml"
+    theirs = _keys(to_dict(load_params(origin))) if origin.exists() else {}
+    return current, [(k, v, theirs.get(k)) for k, v in mine.items() if theirs.get(k, ...) != v]
+
+
+def _refusal(target: Path, current: Params | None, lost: list) -> str:
+    if current is None:
+        return f"{target} does not load as a params file; `tympan preset ... --force` replaces it"
+    shown = "; ".join(f"{k}: {v!r} (preset: {p!r})" for k, v, p in lost[:6])
+    more = f" and {len(lost) - 6} more" if len(lost) > 6 else ""
+    return (
+        f"{target} has edits that preset {current.preset!r} does not hold, which this would "
+        f"overwrite: {shown}{more}. Keep them as a preset (copy {target} to "
+        f"pipelines/<name>.yaml and set `preset: <name>`), or run again with --force."
     )
+
+
+def _with_root(text: str, root: str) -> str:
+    """A complete preset's text with `data.root` set to `root`, comments kept ('' if the line
+    is not where expected)."""
+    import re
+
+    found = re.search(r"^data:\n(?:(?:[ \t]+.*|[ \t]*)\n)*?([ \t]+)root:.*$", text, re.M)
+    if found is None:
+        return ""
+    start = found.start(1)
+    line_end = text.index("\n", start) if "\n" in text[start:] else len(text)
+    replaced = f"{text[:start]}{found.group(1)}root: {json.dumps(root)}{text[line_end:]}"
+    return replaced if (yaml.safe_load(replaced) or {})["data"]["root"] == root else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +438,13 @@ def main(argv: list[str] | None = None) -> None:
         _summary(args.registered, args.metrics)
         return
     if args.command == "preset":
-        _use_preset(args.dir, args.name, args.params)
+        _use_preset(args.dir, args.name, args.params, args.force)
+        return
+    if args.command == "schema":
+        from tympan.config import json_schema
+
+        args.out.write_text(json.dumps(json_schema(), indent=1) + "\n")
+        print(f"{args.out}: JSON Schema of the params files")
         return
     if args.command == "predict":
         from tympan.serving.batch import main as predict_main
@@ -211,6 +463,14 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params)
     except ConfigError as exc:
         sys.exit(f"tympan {args.command}: {exc}")
+    if args.command == "repro":
+        from tympan.project import ReproError, repro
+
+        try:
+            repro(params, args.targets, args.single_item, args.train_record)
+        except ReproError as exc:
+            sys.exit(f"tympan repro: {exc}")
+        return
     from tympan import stages
     from tympan.data.adapters import AdapterError
     from tympan.data.ingest import IngestError

@@ -447,8 +447,9 @@ class AugmentConfig:
     # Gaussian noise added in dB (standard deviation), to each clip with probability noise_p
     noise_std: float = field(default=0.0, metadata=_range(0))
     noise_p: float = field(default=0.5, metadata=_FRACTION)
-    # circular roll along frames by up to this fraction of the frames, either sign
-    time_shift: float = field(default=0.0, metadata=_FRACTION)
+    # circular roll along frames by up to this many seconds, either sign (at most
+    # features.seconds, the window the frames cover)
+    time_shift: float = field(default=0.0, metadata=_range(0))
     # shift along the bin axis by up to this many bins, either sign
     pitch_shift: int = field(default=0, metadata=_range(0))
     # SpecAugment: number of masks per clip and maximum width (frames / bins)
@@ -639,6 +640,13 @@ class Params:
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    def __post_init__(self) -> None:
+        if self.augment.time_shift > self.features.seconds:
+            raise ValueError(
+                f"augment.time_shift={self.augment.time_shift} s is longer than the "
+                f"features.seconds={self.features.seconds} s window it rolls"
+            )
+
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; every problem names the key and the file."""
@@ -768,3 +776,70 @@ def _check_declared(value: Any, key: str, source: str, meta: Any, integer: bool)
         raise ConfigError(
             f"{source}: {key}={value!r} is out of range: must be {declared.describe(integer)}"
         )
+
+
+def json_schema() -> dict[str, Any]:
+    """params.yaml's JSON Schema (draft 2020-12), read off the dataclasses above: each key's
+    type, range, choices, default and section description, and no unknown keys. Editors that
+    speak yaml-language-server check and complete params files with it (`tympan schema`)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "tympan params",
+        **_schema(Params, {}),
+    }
+
+
+def _schema(hint: Any, meta: Any, default: Any = dataclasses.MISSING) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        properties = {}
+        for f in dataclasses.fields(hint):
+            value = f.default
+            if value is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            properties[f.name] = _schema(hints[f.name], f.metadata, value)
+        doc = " ".join((hint.__doc__ or "").split())
+        return {
+            "type": "object",
+            **({"description": doc} if doc else {}),
+            "properties": properties,
+            "additionalProperties": False,
+        }
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [o for o in typing.get_args(hint) if o is not type(None)]
+        out = {"anyOf": [_schema(inner, meta), {"type": "null"}]}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _schema(typing.get_args(hint)[1], meta)}
+    elif origin is tuple:
+        out = {"type": "array", "items": _schema(typing.get_args(hint)[0], meta)}
+        if not (meta and meta.get("allow_empty")):
+            out["minItems"] = 1
+    elif hint is object:
+        out = {"type": ["number", "string", "boolean"]}
+    else:
+        kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[hint]
+        out = {"type": kind}
+        if meta and meta.get("choices"):
+            out["enum"] = list(meta["choices"])
+        declared = meta.get("range") if meta else None
+        if declared is not None and hint is not bool:
+            if declared.low is not None:
+                out["exclusiveMinimum" if declared.low_open else "minimum"] = declared.low
+            if declared.high is not None:
+                out["exclusiveMaximum" if declared.high_open else "maximum"] = declared.high
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        out["default"] = to_dict_value(default)
+    return out
+
+
+def to_dict_value(value: Any) -> Any:
+    """A default as YAML writes it: tuples as lists, nested configs as mappings."""
+    if isinstance(value, tuple):
+        return [to_dict_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_dict_value(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    return value

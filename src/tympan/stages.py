@@ -27,15 +27,16 @@ from mlflow.tracking import MlflowClient
 from tympan import tracking
 from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
-from tympan.data.ingest import ingest
+from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import split_manifest, split_report
+from tympan.data.splits import breakdown_values, split_manifest, split_report
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict, resolve_device
 from tympan.training.loop import task_for
+from tympan.training.used import used_params
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,19 @@ def run_demo(params: Params, out: Path) -> None:
 
 def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> None:
     table, rejected = ingest(params.data, manifest, rejects, summary)
-    print(f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects})")
+    print(
+        f"ingest: {len(table)} recordings accepted, {len(rejected)} rejected ({rejects}); "
+        f"{describe(audio_profile(table))}"
+    )
 
 
 def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     table = read_manifest(manifest)
     splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
-    # raises LeakageError before anything is written
+    # raise LeakageError or SplitError before anything is written
     checked = split_report(table, params.split, params.cv)
+    checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
@@ -87,6 +92,9 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
+    cfg = params.features
+    for warning in feature_fit(table, cfg.seconds, cfg.sample_rate, params.segment.enabled):
+        log.warning("featurize: %s", warning)
     cache = build_cache(
         table, params.features, out, params.segment, keep_waves=params.augment.waveform
     )
@@ -138,21 +146,20 @@ def run_train(
     if checkpoints.exists():  # an interrupted run of the same params: it is resumed below
         for run_id in tracking.end_stale_runs(experiment_id, tags["tympan.checkpoints"]):
             print(f"train: MLflow run {run_id} of the interrupted run marked KILLED")
-    # GPU utilisation and memory as MLflow system metrics, on CUDA runs
-    system = device.type == "cuda"
+    system = tracking.system_metrics(device.type == "cuda")
+    inputs = tracking.datasets(
+        manifest,
+        read_manifest(manifest),
+        features,
+        tuple(cache.features.shape),
+        str(cache.features.dtype),
+    )
     with mlflow.start_run(
-        run_name=f"train-{params.preset}", tags=tags, log_system_metrics=system
+        run_name=tracking.run_name(f"train-{params.preset}"), tags=tags, log_system_metrics=system
     ) as parent:
-        mlflow.log_params(
-            flatten(
-                {
-                    "features": to_dict(params.features),
-                    "model": to_dict(params.model),
-                    "train": to_dict(params.train),
-                    "augment": to_dict(params.augment),
-                }
-            )
-        )
+        tracking.log_datasets(inputs)
+        used = used_params(params, device.type == "cuda")
+        mlflow.log_params(flatten(used))
         mlflow.log_params(
             {
                 "n_train": len(cache.rows("train")),
@@ -179,6 +186,7 @@ def run_train(
                     tags=member_tags,
                     log_system_metrics=system,
                 ) as child:
+                    tracking.log_datasets(inputs)
                     mlflow.log_params(
                         {
                             "seed": seed,
@@ -255,7 +263,9 @@ def run_train(
         learning_curves(pd.DataFrame(history), out / CURVES)
         mlflow.log_artifact(str(out / CURVES), "plots")
         mlflow.log_artifact(str(out / HISTORY), "plots")
-    record.update(task=task.kind, criterion=task.criterion, head=task.head, primary=primary)
+    record.update(
+        task=task.kind, criterion=task.criterion, head=task.head, primary=primary, params=used
+    )
     _write_json(out / TRAIN_RECORD, record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
     print(
@@ -588,12 +598,7 @@ def run_register(
             results=results,
             classes=_read_optional(metric_files["classes"]),
             breakdown=_read_optional(metric_files["breakdown"]),
-            params={
-                "features": to_dict(params.features),
-                "segment": to_dict(params.segment),
-                "model": to_dict(params.model),
-                "train": to_dict(params.train),
-            },
+            params=record["params"],  # what trained the model, tuned values included
         )
     )
     card.parent.mkdir(parents=True, exist_ok=True)
@@ -612,6 +617,7 @@ def run_register(
         "test_set": held_out["hash"],
         "model_uri": f"models:/{cfg.name}/{version}",
         "run_id": record["parent_run_id"],
+        "experiment_id": record["experiment_id"],
         "tracking_uri": tracking.tracking_uri(),
     }
     _write_json(out, result)

@@ -1,7 +1,14 @@
-"""The one place that talks to MLflow: URI, experiment, run tags and DVC hashes.
+"""The one place that talks to MLflow: URI, experiment, run names and tags, DVC hashes and
+the datasets a run used.
 
 Tracking defaults to `sqlite:///mlruns.db` in the working folder with artifacts in
 `mlartifacts/`; `MLFLOW_TRACKING_URI` overrides both (any tracking server works).
+
+What an MLflow user looks for is where MLflow puts it: the commit in the standard
+`mlflow.source.git.*` tags, the data in the run's datasets (`mlflow.log_input`, digest = the
+md5 DVC recorded, source = where DVC keeps it), the experiment marked as model training so
+`mlflow ui` opens on its runs, and under `dvc exp run` the DVC experiment's name in each run's
+name.
 """
 
 from __future__ import annotations
@@ -11,14 +18,32 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import torch
 import yaml
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import register_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.types import Schema, TensorSpec
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+# MLflow's experiment kind: `custom_model_development` is "machine learning" (model training)
+# as opposed to GenAI development. MLflow 3.17's own UI lays out the experiment page by its
+# GenAI / Model training switch instead (GenAI unless the browser remembers otherwise, or the
+# URL says `workflowType=machine_learning`: `ui_url`); the tag states the kind for every other
+# reader (the API, the experiment's kind selector, servers that lay pages out by it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# What `dvc exp run` puts in the environment of every stage it runs
+DVC_EXP_NAME = "DVC_EXP_NAME"
+DVC_EXP_BASELINE_REV = "DVC_EXP_BASELINE_REV"
 
 
 def tracking_uri() -> str:
@@ -63,40 +88,92 @@ def connect() -> str:
 def setup(experiment: str) -> str:
     """Connect and select (or create) `experiment`; -> its id.
 
-    Under `mlflow run` (MLFLOW_RUN_ID set) the project run's experiment is kept, and stages
-    log into that run.
+    Under `tympan repro` (the MLproject's command) MLFLOW_RUN_ID names the run that records
+    the whole reproduction, in `tracking.experiment`; stages log into that run.
     """
-    uri = connect()
+    connect()
     if "MLFLOW_RUN_ID" in os.environ:
         return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
-        return found.experiment_id
-    location = artifact_location(uri)
-    try:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    experiment_id = ensure_experiment(experiment)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
 
+def ensure_experiment(experiment: str) -> str:
+    """The id of `experiment`, created if missing (artifacts beside a SQLite store), and marked
+    as model training unless someone already chose its kind. Call `connect` first."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            return mlflow.create_experiment(
+                experiment,
+                artifact_location=artifact_location(tracking_uri()),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+            )
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            found = mlflow.get_experiment_by_name(experiment)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        mlflow.MlflowClient().set_experiment_tag(
+            found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+        )
+    return found.experiment_id
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The `mlflow ui` page of an experiment's training runs: MLflow 3.17 opens an experiment
+    on its GenAI overview (traces, tokens, latency) unless the URL asks for model training."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def run_name(base: str) -> str:
+    """`base`, prefixed `<experiment>/` under `dvc exp run` so each run names its DVC
+    experiment (`dvc exp show` and `mlflow ui` then read alike)."""
+    experiment = os.environ.get(DVC_EXP_NAME)
+    return f"{experiment}/{base}" if experiment else base
+
+
+def system_metrics(cuda: bool) -> bool | None:
+    """`log_system_metrics` for `mlflow.start_run`: on for CUDA runs (GPU utilisation and
+    memory), and as MLflow's own switch says when it is set: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    =true records CPU, memory and disk on any run, =false records none."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") is not None:
+        return None  # MLflow reads it
+    return True if cuda else None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
 def git_commit() -> str:
     """HEAD commit, with `-dirty` when tracked files differ; `unknown` outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    head = _git("rev-parse", "HEAD")
+    if head is None:
         return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return f"{head}-dirty" if dirty else head
+
+
+def git_source_tags() -> dict[str, str]:
+    """MLflow's standard source tags for the working folder's repository: the commit (which
+    `mlflow ui` shows as the run's source), branch and remote URL when there are any. MLflow
+    would otherwise read them from the repository holding the `tympan` script, which need not
+    be the project (a shared environment, a git worktree)."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
+        return {}
+    tags = {"mlflow.source.git.commit": head}
+    branch = _git("symbolic-ref", "--short", "-q", "HEAD")
+    if branch:
+        tags["mlflow.source.git.branch"] = branch
+    remote = _git("remote", "get-url", "origin")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    return tags
 
 
 def dvc_hash(path: str | Path, lock: str | Path = "dvc.lock") -> str:
@@ -142,8 +219,104 @@ def device_name(device: torch.device) -> str:
 
 
 def run_tags(stage: str, preset: str, data: dict[str, Path] | None = None) -> dict[str, str]:
-    """Tags every tympan run carries: stage, preset, git commit, DVC hashes of its inputs."""
-    tags = {"tympan.stage": stage, "tympan.preset": preset, "git.commit": git_commit()}
+    """Tags every tympan run carries: stage, preset, git commit (MLflow's standard tags, and
+    `git.commit` with `-dirty` when tracked files differ), DVC hashes of its inputs and, under
+    `dvc exp run`, the DVC experiment's name and baseline commit."""
+    tags = {
+        "tympan.stage": stage,
+        "tympan.preset": preset,
+        "git.commit": git_commit(),
+        **git_source_tags(),
+    }
     for name, path in (data or {}).items():
         tags[f"dvc.{name}"] = dvc_hash(path)
+    if os.environ.get(DVC_EXP_NAME):
+        tags["dvc.exp_name"] = os.environ[DVC_EXP_NAME]
+    if os.environ.get(DVC_EXP_BASELINE_REV):
+        tags["dvc.exp_baseline_rev"] = os.environ[DVC_EXP_BASELINE_REV]
     return tags
+
+
+class DvcSource(DatasetSource):
+    """A dataset as DVC keeps it: `path` in the DVC project `repo` (its git remote, or the
+    folder when it has none) at git revision `rev`, with the md5 DVC recorded (a folder's ends
+    in `.dir`). `load()` fetches it with DVC (`dvc get REPO PATH --rev REV` does the same)."""
+
+    def __init__(self, repo: str, path: str, rev: str, md5: str) -> None:
+        self.repo, self.path, self.rev, self.md5 = repo, path, rev, md5
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self, dst_path: str | None = None) -> str:
+        """Fetch the data into `dst_path` (a new temporary folder by default); -> its path."""
+        import tempfile
+
+        from dvc.api import DVCFileSystem
+
+        target = Path(dst_path or tempfile.mkdtemp()) / Path(self.path).name
+        DVCFileSystem(self.repo, rev=self.rev or None).get(
+            self.path, str(target), recursive=self.md5.endswith(".dir")
+        )
+        return str(target)
+
+    @staticmethod
+    def _can_resolve(raw_source: object) -> bool:
+        return False  # built by `datasets` below, never guessed from a string
+
+    @classmethod
+    def _resolve(cls, raw_source: object) -> DvcSource:
+        raise NotImplementedError("a DvcSource is built with its repo, path, rev and md5")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"repo": self.repo, "path": self.path, "rev": self.rev, "md5": self.md5}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict) -> DvcSource:
+        return cls(source_dict["repo"], source_dict["path"], source_dict["rev"], source_dict["md5"])
+
+
+register_dataset_source(DvcSource)  # so mlflow.data.get_source(...) rebuilds it from a run
+
+
+def dvc_source(path: Path) -> DvcSource:
+    """Where DVC keeps `path`: the repository's remote (else its folder), the path inside it,
+    HEAD and the md5 DVC recorded."""
+    top = Path(_git("rev-parse", "--show-toplevel") or Path.cwd()).resolve()
+    real = path.resolve()
+    inside = real.relative_to(top) if real.is_relative_to(top) else path
+    repo = _git("remote", "get-url", "origin") or str(top)
+    return DvcSource(repo, inside.as_posix(), _git("rev-parse", "HEAD") or "", dvc_hash(path))
+
+
+def datasets(
+    manifest: Path, table: pd.DataFrame, features: Path, shape: tuple[int, ...], dtype: str
+) -> list[Dataset]:
+    """The manifest (a table: its columns, row count and `label` target) and the feature set
+    (metadata only: `(clips, C, bins, frames)` of `dtype`) as MLflow datasets, each digest
+    the md5 DVC recorded, each source where DVC keeps it."""
+    manifest_source, features_source = dvc_source(manifest), dvc_source(features)
+    return [
+        mlflow.data.from_pandas(
+            table,
+            source=manifest_source,
+            name="manifest",
+            digest=manifest_source.md5,
+            targets="label",
+        ),
+        MetaDataset(
+            features_source,
+            name="features",
+            digest=features_source.md5,
+            schema=Schema([TensorSpec(np.dtype(dtype), (-1, *shape[1:]), "features")]),
+        ),
+    ]
+
+
+def log_datasets(found: list[Dataset], context: str = "training") -> None:
+    """`mlflow.log_input` of each dataset into the active run."""
+    with warnings.catch_warnings():  # MLflow's hint on integer columns is about model inputs
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+        for dataset in found:
+            mlflow.log_input(dataset, context=context)

@@ -77,6 +77,7 @@ def ingest(
         "rejected": len(reject_table),
         "reject_fraction": round(fraction, 4),
         "reasons": dict(reasons),
+        "audio": audio_profile(manifest),
     }
     summary_path.write_text(json.dumps(summary, indent=1))
     for reject in rejects:
@@ -92,3 +93,68 @@ def ingest(
     manifest.to_csv(manifest_path, index=False)
     log.info("ingest: %d accepted, %d rejected", len(manifest), len(reject_table))
     return manifest, reject_table
+
+
+def audio_profile(manifest: pd.DataFrame) -> dict:
+    """How the accepted recordings are: duration quantiles (s), and recordings per sample rate
+    and per channel count (what `features.seconds` and `sample_rate` should be set against)."""
+    if not len(manifest):
+        return {}
+    durations = manifest["duration_s"].astype(float)
+    quantiles = {"min": 0.0, "p5": 0.05, "median": 0.5, "p95": 0.95, "max": 1.0}
+    return {
+        "duration_s": {k: round(float(durations.quantile(q)), 3) for k, q in quantiles.items()},
+        "sample_rate": _counts(manifest["sample_rate"]),
+        "channels": _counts(manifest["channels"]),
+    }
+
+
+def _counts(values: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
+
+
+def describe(profile: dict) -> str:
+    """`durations 0.4-2.3 s (median 1.0), 8000 Hz x 3000, mono` from `audio_profile`."""
+    if not profile:
+        return "no recordings"
+    d = profile["duration_s"]
+    span = f"{d['min']:g} s" if d["min"] == d["max"] else f"{d['min']:g}-{d['max']:g} s"
+    rates = ", ".join(f"{rate} Hz x {n}" for rate, n in profile["sample_rate"].items())
+    channels = ", ".join(f"{c} ch x {n}" for c, n in profile["channels"].items())
+    return f"durations {span} (median {d['median']:g}), {rates}, {channels}"
+
+
+def feature_fit(
+    manifest: pd.DataFrame, seconds: float, sample_rate: int, segmented: bool
+) -> list[str]:
+    """Warnings when the recordings do not fit `features.seconds` / `features.sample_rate`:
+    most clips padded (or, unsegmented, cropped) by more than a tenth of the window, or any
+    clip upsampled. Each says what happens to the clips and the setting that fits them."""
+    found = []
+    n = len(manifest)
+    durations = manifest["duration_s"].astype(float)
+    median = float(durations.median())
+    padded = int((durations < 0.9 * seconds).sum())
+    if padded >= n / 2:
+        found.append(
+            f"{padded} of {n} recordings are shorter than features.seconds={seconds:g} (median "
+            f"{median:g} s): each is padded with silence to {seconds:g} s; "
+            f"features.seconds: {median:g} fits them"
+        )
+    cropped = int((durations > 1.1 * seconds).sum())
+    if not segmented and cropped >= n / 2:
+        found.append(
+            f"{cropped} of {n} recordings are longer than features.seconds={seconds:g} (median "
+            f"{median:g} s): only {seconds:g} s of each is used; raise features.seconds or "
+            "set segment.enabled: true to score every window"
+        )
+    rates = manifest["sample_rate"].astype(int)
+    below = int((rates < sample_rate).sum())
+    if below:
+        common = int(rates.mode().iloc[0])
+        found.append(
+            f"{below} of {n} recordings have a sample rate below features.sample_rate="
+            f"{sample_rate} (most are {common} Hz): they are upsampled, and nothing in them "
+            f"lies above {common // 2} Hz; features.sample_rate: {common} fits them"
+        )
+    return found

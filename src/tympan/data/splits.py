@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -283,4 +284,20 @@ def _one_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
         "groups": {s: int(table.loc[table["split"] == s, "group"].nunique()) for s in SPLITS},
         "per_class": {s: per_class.get(s, {}) for s in SPLITS},
         "checks": check_leakage(table),
+    }
+
+
+def breakdown_values(table: pd.DataFrame, columns: tuple[str, ...], manifest: Path) -> dict:
+    """For each `evaluate.breakdown` column, its distinct values per split (a value absent from
+    test is never scored); a column the manifest lacks is a SplitError naming the fix, raised
+    here so that evaluate cannot fail on it after training."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise SplitError(
+            f"evaluate.breakdown names {', '.join(missing)}, not a column of {manifest} "
+            f"(its columns: {', '.join(table.columns)}); remove it from evaluate.breakdown or "
+            "pick one of those (the adapter's side attributes, e.g. fold, speaker, language)"
+        )
+    return {
+        c: {s: int(table.loc[table["split"] == s, c].nunique()) for s in SPLITS} for c in columns
     }

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from tympan.config import flatten
+
 LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 
 
@@ -179,6 +181,30 @@ def known_limits(card: CardInputs) -> list[str]:
     return limits
 
 
+def split_line(split: dict[str, Any]) -> str:
+    """The split and its leak checks as a sentence, from the split report."""
+    how = {
+        "group": "by group",
+        "stratified": "stratified by label, recording by recording",
+        "predefined": f"on the manifest's `{split.get('column')}` column",
+    }.get(split.get("strategy"), f"`{split.get('strategy')}`")
+    cv = split.get("cv")
+    if cv:
+        source = f"from the `{cv['column']}` column" if cv.get("column") else "dealt by group"
+        head = f"{cv['folds']}-fold cross-validation, folds {source}; each fold split {how}"
+    else:
+        head = f"Split {how} (seed {split.get('seed')})"
+    checks = split.get("checks")
+    if not checks:
+        return f"{head}."
+    groups = checks.get("groups_checked", "?")
+    files = checks.get("sha256_checked", "?")
+    leaks = checks.get("groups_in_two_splits", 0) + checks.get("identical_files_in_two_splits", 0)
+    verdict = "none is in two splits" if not leaks else f"{leaks} found in two splits"
+    scope = " of every fold" if cv else ""
+    return f"{head}; {groups} groups and {files} distinct files checked{scope}: {verdict}."
+
+
 def model_card(card: CardInputs) -> str:
     """The card as markdown."""
     ens, mean, std = (card.results[k] for k in ("ensemble", "seed_mean", "seed_std"))
@@ -203,8 +229,7 @@ def model_card(card: CardInputs) -> str:
         f"features `{tag('dvc.features', 'unknown')}`",
         f"- Test set `{card.test_set['hash']}`: {card.test_set['clips']} clips, "
         f"{card.test_set['groups']} groups",
-        f"- Split `{card.split.get('strategy')}` (seed {card.split.get('seed')}); checked: "
-        f"{card.split.get('checks', {})}",
+        f"- {split_line(card.split)}",
         "",
         _table(["split", "recordings", "groups"], split_rows),
         "",
@@ -249,11 +274,16 @@ def model_card(card: CardInputs) -> str:
             ),
         ]
     if card.params:
-        flat = [
-            [f"{section}.{key}", value]
-            for section, values in card.params.items()
-            for key, value in values.items()
+        flat = [[f"`{key}`", value] for key, value in flatten(card.params).items()]
+        parts += [
+            "",
+            "## Params",
+            "",
+            "The params that shaped this model: its family's, the training settings that apply "
+            "to its task, optimiser and device, the augmentations switched on, and each feature "
+            "set's own.",
+            "",
+            _table(["param", "value"], flat),
         ]
-        parts += ["", "## Params", "", _table(["param", "value"], flat)]
     parts += ["", "## Known limits", ""] + [f"- {line}" for line in known_limits(card)]
     return "\n".join(parts) + "\n"

@@ -41,6 +41,37 @@ FAMILIES: dict[str, Builder] = {
     "knn": Classical,
 }
 
+_RECURRENT = ("units", "head", "batch_norm", "dropout")
+_VISION = ("weights", "freeze", "head", "batch_norm", "dropout")
+# The `model.*` fields each family reads beyond `name` (tests/test_models.py records what the
+# builders really read); `side_attributes` and `side_dim` count when side attributes are set.
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "s3_cnn": ("channels", "kernel", "pool", "hidden", "dropout_conv", "dropout"),
+    "s1_mlp": ("head", "dropout"),
+    "resnet18": ("init", "head", "batch_norm", "dropout"),
+    "lstm": _RECURRENT,
+    "bilstm": _RECURRENT,
+    "gru": _RECURRENT,
+    "bigru": _RECURRENT,
+    "crnn": ("channels", "kernel", "dropout_conv", *_RECURRENT),
+    "parallel_cnn": ("filters", "kernels", "pool", "dropout_conv", "head", "batch_norm", "dropout"),
+    "alexnet": _VISION,
+    "vgg16": _VISION,
+    "resnet50": _VISION,
+    "densenet121": _VISION,
+    "densenet_bigru_attention": ("units", *_VISION),
+    "logreg": ("classical_input", "c"),
+    "random_forest": ("classical_input", "n_estimators"),
+    "linear_svm": ("classical_input", "c"),
+    "knn": ("classical_input", "n_neighbors"),
+}
+
+
+def model_fields(cfg: ModelConfig) -> tuple[str, ...]:
+    """The `model.*` fields that shape `cfg.name`'s model, `name` first."""
+    side = ("side_attributes", "side_dim") if cfg.side_attributes else ()
+    return ("name", *FAMILY_FIELDS[cfg.name], *side)
+
 
 class AudioClassifier(nn.Module):
     """Train-split normalisation followed by a network from the registry.

@@ -10,7 +10,8 @@ The cache holds log-mel features in dB before per-bin normalisation (the model n
 inside), so every operation works on `(batch, 1, n_bins, frames)` tensors in dB:
 
 - Gaussian noise in dB, per clip with probability `noise_p`;
-- time shift: a circular roll along frames, per clip;
+- time shift: a circular roll along frames by up to `time_shift` seconds, per clip (the
+  frames cover `features.seconds`, resized for image backbones or not);
 - pitch shift: a shift along the bin axis, per clip, vacated bins filled with the clip's floor;
 - SpecAugment frequency and time masks, masked stripes set to the clip's floor (its minimum,
   the dB floor of silence), not 0, which in dB would be loud;
@@ -25,9 +26,10 @@ duration kept). `AugmentedInputs` then recomputes the batch's features with the 
 
 They are applied in that order (mixup last); "the clip's floor" is the minimum of the clip as
 read from the cache, before any noise. Every random draw comes from the `Augmenter`'s own CPU
-`torch.Generator` and is then moved to the batch's device: the global torch RNG is never
-touched (so several seeds stepped in lockstep stay independent and dropout draws do not change
-when augmentation is switched on), and CPU and CUDA runs draw the same numbers.
+`torch.Generator` (mixup's lambda from its own numpy `Generator.beta`) and is then moved to the
+batch's device: the global torch RNG is never touched (so several seeds stepped in lockstep
+stay independent and dropout draws do not change when augmentation is switched on), and CPU and
+CUDA runs draw the same numbers.
 """
 
 from __future__ import annotations
@@ -49,16 +51,23 @@ from tympan.features.stack import FeatureStack, assemble
 class Augmenter:
     """Augments training batches with its own random generator.
 
-    `seed` seeds a CPU `torch.Generator` owned by this object; `state_dict` /
-    `load_state_dict` save and restore it, so a resumed run continues the same draws.
+    `seed` seeds a CPU `torch.Generator` and, for mixup's lambda, a numpy `Generator` owned
+    by this object; `state_dict` / `load_state_dict` save and restore both, so a resumed run
+    continues the same draws. `seconds`: the duration the frames axis covers
+    (`features.seconds`), which turns `time_shift` from seconds into frames.
     """
 
-    def __init__(self, cfg: AugmentConfig, n_classes: int, seed: int) -> None:
+    def __init__(
+        self, cfg: AugmentConfig, n_classes: int, seed: int, seconds: float | None = None
+    ) -> None:
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-        self.cfg, self.n_classes = cfg, n_classes
+        if cfg.time_shift > 0 and not seconds:
+            raise ValueError("augment.time_shift is in seconds: give the window's `seconds`")
+        self.cfg, self.n_classes, self.seconds = cfg, n_classes, seconds
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a batch `x` `(batch, 1, n_bins, frames)` (dB) with integer targets `y`
@@ -91,7 +100,7 @@ class Augmenter:
         if cfg.time_masks > 0:
             out = self._mask(out, floor, axis=3, count=cfg.time_masks, width=cfg.time_mask_width)
         if cfg.mixup_alpha > 0:
-            lam = _sample_beta(cfg.mixup_alpha, self.generator)
+            lam = float(self.rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
             perm = torch.randperm(batch, generator=self.generator).to(x.device)
             out = lam * out + (1 - lam) * out[perm]
             targets = lam * targets + (1 - lam) * targets[perm.to(targets.device)]
@@ -127,9 +136,11 @@ class Augmenter:
         return x + noise.to(device=x.device, dtype=x.dtype)
 
     def _time_shift(self, x: torch.Tensor) -> torch.Tensor:
-        """`(batch, 1, n_bins, frames)`: roll each clip by its own number of frames."""
+        """`(batch, 1, n_bins, frames)`: roll each clip by its own number of frames, at most
+        `time_shift` seconds' worth."""
         n_frames = x.shape[3]
-        shifts = self._uniform_int(int(self.cfg.time_shift * n_frames), (x.shape[0],))
+        most = int(self.cfg.time_shift / self.seconds * n_frames + 1e-9)
+        shifts = self._uniform_int(most, (x.shape[0],))
         # out[..., t] = x[..., t - shift]: the same as torch.roll(clip, shift, dims=-1)
         index = (torch.arange(n_frames).view(1, -1) - shifts.view(-1, 1)) % n_frames
         index = index.to(x.device).view(x.shape[0], 1, 1, n_frames).expand_as(x)
@@ -164,11 +175,12 @@ class Augmenter:
         return torch.where(hit.to(x.device).view(shape), floor, x)
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state, for checkpoints."""
-        return {"generator": self.generator.get_state()}
+        """The generators' states, for checkpoints."""
+        return {"generator": self.generator.get_state(), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
 
 
 def pitch_shift(wave: torch.Tensor, steps: int, n_fft: int = 512) -> torch.Tensor:
@@ -294,34 +306,3 @@ def soft_cross_entropy(
         return -(targets * log_p).sum(dim=1).mean()
     weighted = targets * weight.to(log_p.dtype).view(1, -1)
     return -(weighted * log_p).sum() / weighted.sum()
-
-
-def _sample_beta(alpha: float, generator: torch.Generator) -> float:
-    """One draw from Beta(alpha, alpha) using only `generator` (torch's Beta cannot take one).
-
-    Beta = G1 / (G1 + G2) with G1, G2 ~ Gamma(alpha), computed from log-gammas so that small
-    alphas, whose gammas underflow, still give a lambda in [0, 1].
-    """
-    log_g1, log_g2 = _log_gamma(alpha, generator), _log_gamma(alpha, generator)
-    diff = log_g2 - log_g1
-    return 1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0
-
-
-def _log_gamma(shape: float, generator: torch.Generator) -> float:
-    """log of one Gamma(shape, 1) draw: Marsaglia and Tsang (2000), boosted for shape < 1
-    (Gamma(a) = Gamma(a + 1) * U^(1/a))."""
-    boost = 0.0
-    if shape < 1:
-        u = 1.0 - torch.rand(1, generator=generator, dtype=torch.float64).item()  # (0, 1]
-        boost = math.log(u) / shape
-        shape += 1
-    d = shape - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    while True:
-        z = torch.randn(1, generator=generator, dtype=torch.float64).item()
-        v = (1 + c * z) ** 3
-        if v <= 0:
-            continue
-        u = 1.0 - torch.rand(1, generator=generator, dtype=torch.float64).item()
-        if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
-            return math.log(d * v) + boost

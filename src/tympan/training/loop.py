@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -181,9 +182,13 @@ def predict(
 
 
 def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Balanced weights `n / (n_classes * count_c)`, as scikit-learn's `balanced`."""
-    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
-    weights = len(targets) / (n_classes * np.maximum(counts, 1))
+    """scikit-learn's `balanced` weights `n / (n_classes * count_c)` `(n_classes,)`; a class
+    absent from `targets` (which scikit-learn refuses) weighs as if it had one clip."""
+    present = np.unique(targets)
+    weights = np.full(n_classes, len(targets) / n_classes, dtype=np.float64)
+    weights[present] = compute_class_weight("balanced", classes=present, y=targets) * (
+        len(present) / n_classes
+    )
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -261,7 +266,8 @@ class SeedTrainer:
         if augment is not None and augment.enabled:
             if not classify and augment.mixup_alpha > 0:
                 raise TrainingError("augment.mixup_alpha needs train.task=classification")
-            self.augmenter = Augmenter(augment, n, seed)
+            seconds = float(cache.meta["params"]["seconds"])  # the window the frames cover
+            self.augmenter = Augmenter(augment, n, seed, seconds)
         self.inputs = cache.features
         if augment is not None and augment.waveform:
             if cache.waves is None:
