@@ -302,3 +302,45 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tone_cache, tmp_pa
     torch.testing.assert_close(_weights(resumed.model), _weights(straight.model), rtol=0, atol=0)
     other = SeedTrainer(tone_cache, SMALL, cfg, 3, CPU, augment, path, "run-b")
     assert other.result.history == []  # another run's checkpoint is not used
+
+
+def test_early_stopping_and_the_lr_schedule_are_optional(tone_cache):
+    """S2, S3 and S5 had neither: every epoch runs and the LR stays put. With both on, a
+    patience of 1 stops at the first epoch without a lower val loss and the plateau cuts
+    the LR."""
+    off = TrainConfig(
+        epochs=6, batch_size=8, lr=0.05, patience=1, early_stopping=False, lr_schedule="none"
+    )
+    result = fit(tone_cache, SMALL, off, 0, CPU, progress=False)
+    assert len(result.history) == 6 and not result.stopped_early
+    assert {e.lr for e in result.history} == {0.05}
+    losses = [e.val_loss for e in result.history]
+    assert any(b >= a for a, b in zip(losses, losses[1:], strict=False))  # patience 1 would stop
+    on = replace(off, early_stopping=True, lr_schedule="plateau", lr_patience=0, lr_factor=0.5)
+    trainer = SeedTrainer(tone_cache, SMALL, on, 0, CPU)
+    while not trainer.done:
+        trainer.step()
+    assert trainer.result.stopped_early and len(trainer.result.history) < 6
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.025  # cut after the stopping epoch
+
+
+@pytest.mark.parametrize("keep", ["best_val_loss", "best_val_accuracy", "last"])
+def test_keep_names_the_epoch_whose_weights_the_member_holds(tone_cache, keep):
+    cfg = TrainConfig(epochs=5, batch_size=8, lr=0.05, early_stopping=False, keep=keep)
+    trainer = SeedTrainer(tone_cache, SMALL, cfg, 0, CPU)
+    states = []
+    while not trainer.done:
+        trainer.step()
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    history = trainer.result.history
+    expected = {
+        "best_val_loss": min(history, key=lambda e: e.val_loss).epoch,
+        "best_val_accuracy": max(history, key=lambda e: e.val_accuracy).epoch,  # first max
+        "last": len(history),
+    }[keep]
+    result = trainer.finish()
+    assert result.best_epoch == expected and trainer.best.epoch == expected
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[expected - 1][name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="best_val_accuracy needs train.task=classification"):
+        TrainConfig(task="regression", keep="best_val_accuracy")

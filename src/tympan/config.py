@@ -392,21 +392,33 @@ class ModelConfig:
         return self.name in CLASSICAL
 
 
+KEEP = ("best_val_loss", "best_val_accuracy", "last")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: one model per seed, early stopping on the validation loss with the best
-    weights restored, LR on plateau, a checkpoint per epoch."""
+    """Optimisation: one model per seed, optional early stopping on the validation loss and
+    LR on plateau, the weights of the epoch `keep` names, a checkpoint per epoch."""
 
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_SEED)
     epochs: int = field(default=60, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    # epochs without a lower val loss before stopping (1: stop at the first)
+    # stop after `patience` epochs without a lower val loss (1: stop at the first); false
+    # runs every epoch (Keras without callbacks: S2, S3, S5)
+    early_stopping: bool = True
     patience: int = field(default=8, metadata=_range(1))
+    # plateau: multiply the LR by lr_factor after lr_patience epochs without a lower val loss,
+    # down to min_lr (Keras' ReduceLROnPlateau); none: the LR stays at `lr`
+    lr_schedule: str = field(default="plateau", metadata=_choices("none", "plateau"))
     lr_factor: float = field(default=0.5, metadata=_range(0, 1, low_open=True, high_open=True))
     lr_patience: int = field(default=3, metadata=_range(0))
     min_lr: float = field(default=1e-6, metadata=_range(0))
+    # the weights each member keeps: those of the epoch with the lowest val loss (Keras'
+    # restore_best_weights), the highest val accuracy (a checkpoint on val_accuracy), or the
+    # last epoch's (Keras' default)
+    keep: str = field(default="best_val_loss", metadata=_choices(*KEEP))
     # classification: balanced class weights in the loss, or random under-sampling of the
     # larger classes (a new draw every epoch)
     class_weights: bool = True
@@ -430,6 +442,11 @@ class TrainConfig:
             raise ValueError(
                 f"train.loss={self.loss} does not fit train.task={self.task} "
                 f"(choose from {', '.join(pairs[self.task])})"
+            )
+        if self.keep == "best_val_accuracy" and self.task != "classification":
+            raise ValueError(
+                "train.keep=best_val_accuracy needs train.task=classification "
+                "(use best_val_loss or last)"
             )
 
     @property
