@@ -111,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--side-table", type=Path, help="CSV with a 'path' column and one column per attribute"
     )
+    weights = sub.add_parser(
+        "weights",
+        help="torchvision's ImageNet weights for model.weights: imagenet (where, fetch)",
+        description="`where` prints the file each backbone's model.weights: imagenet reads "
+        "(torchvision's cache under $TORCH_HOME) and whether it is there and intact; `fetch` "
+        "downloads it there and checks its published hash (needs internet; training never "
+        "downloads).",
+    )
+    weights.add_argument("action", choices=("where", "fetch"))
+    weights.add_argument("names", nargs="+", metavar="NAME", help="alexnet vgg16 resnet50 ...")
     summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
     summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
     summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
@@ -155,6 +165,24 @@ def _summary(registered: Path, metrics: Path) -> None:
     )
 
 
+def _weights(action: str, names: list[str]) -> None:
+    from tympan.models import weights
+
+    for name in names:
+        try:
+            if action == "fetch":
+                print(f"{name}: {weights.fetch(name)} (sha256 matches the published hash)")
+                continue
+            path = weights.cache_path(name)
+            if path.is_file():
+                weights.verify(path, weights.hash_prefix(weights.published_url(name)))
+                print(f"{name}: {path} (present, sha256 matches the published hash)")
+            else:
+                print(f"{name}: {path} (missing; `tympan weights fetch {name}`)")
+        except weights.WeightsError as exc:
+            sys.exit(f"tympan weights: {exc}")
+
+
 def _use_preset(folder: Path, name: str, target: Path) -> None:
     source = folder / f"{name}.yaml"
     if not source.exists():
@@ -193,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "preset":
         _use_preset(args.dir, args.name, args.params)
+        return
+    if args.command == "weights":
+        _weights(args.action, args.names)
         return
     if args.command == "predict":
         from tympan.serving.batch import main as predict_main

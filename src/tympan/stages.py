@@ -88,7 +88,7 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
     cache = build_cache(
-        table, params.features, out, params.segment, keep_waves=params.augment.waveform
+        table, params.features, out, params.segment, keep_waves=params.augment.keeps_waves
     )
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "

@@ -31,7 +31,13 @@ from tympan.config import AugmentConfig, ModelConfig, TrainConfig, params_from_d
 from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
-from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
+from tympan.training.augment import (
+    AugmentedInputs,
+    Augmenter,
+    WithCopies,
+    fixed_copies,
+    soft_cross_entropy,
+)
 
 
 class TrainingError(ValueError):
@@ -244,6 +250,9 @@ class SeedTrainer:
             raise TrainingError("train.undersample and train.class_weights: choose one")
         vocab = cache.side_vocab(model_cfg.side_attributes)
         self.side = cache.side_codes(vocab) if vocab else None
+        self.inputs: Any = cache.features
+        if augment is not None and augment.copies:
+            self._add_copies(augment, seed)
         self.model = build_model(
             model_cfg,
             tuple(cache.features.shape[1:]),
@@ -265,18 +274,11 @@ class SeedTrainer:
             if not classify and augment.mixup_alpha > 0:
                 raise TrainingError("augment.mixup_alpha needs train.task=classification")
             self.augmenter = Augmenter(augment, n, seed)
-        self.inputs = cache.features
         if augment is not None and augment.waveform:
-            if cache.waves is None:
-                raise ValueError(
-                    "augment.wave_* needs the waveforms in the feature cache, and this one has "
-                    "none: re-run featurize with the same augment params (`dvc repro` does)"
-                )
-            features = params_from_dict(
-                {"features": cache.meta["params"]}, source="feature cache meta.json"
-            ).features
             # its own stream, so spectral draws stay as they were without waveform augmentation
-            self.inputs = AugmentedInputs(cache.waves, features, augment, seed + 7919)
+            self.inputs = AugmentedInputs(
+                _waves(cache, "wave"), _cache_features(cache), augment, seed + 7919
+            )
         self.optimizer = _optimizer(cfg, self.model)
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -301,6 +303,25 @@ class SeedTrainer:
         self.checkpoint, self.fingerprint = checkpoint, fingerprint
         if checkpoint is not None and checkpoint.exists():
             self._resume(checkpoint)
+
+    def _add_copies(self, augment: AugmentConfig, seed: int) -> None:
+        """Fixed augmented copies of the training rows join them as rows `len(cache)...`,
+        with their sources' labels, targets and side attributes (S3's experiment)."""
+        if augment.waveform:
+            raise TrainingError(
+                "augment.copy_* (fixed copies) and augment.wave_* (drawn per batch) cannot be "
+                "combined; choose one"
+            )
+        copies, sources = fixed_copies(
+            _waves(self.cache, "copy"), self.train_rows, _cache_features(self.cache), augment, seed
+        )
+        self.inputs = WithCopies(self.cache.features, copies)
+        added = len(self.cache.index) + np.arange(len(sources))
+        self.labels = np.concatenate([self.labels, self.labels[sources]])
+        self.targets = np.concatenate([self.targets, self.targets[sources]])
+        if self.side is not None:
+            self.side = np.concatenate([self.side, self.side[sources]])
+        self.train_rows = np.concatenate([self.train_rows, added])
 
     @property
     def done(self) -> bool:
@@ -474,6 +495,22 @@ class SeedTrainer:
         self.result.stopped_early = state["stopped_early"]
         self.result.history = [EpochLog(**e) for e in state["history"]]
         self.result.resumed_at = len(self.result.history)
+
+
+def _waves(cache: FeatureCache, kind: str) -> np.ndarray:
+    if cache.waves is None:
+        raise ValueError(
+            f"augment.{kind}_* needs the waveforms in the feature cache, and this one has "
+            "none: re-run featurize with the same augment params (`dvc repro` does)"
+        )
+    return cache.waves
+
+
+def _cache_features(cache: FeatureCache) -> Any:
+    """The feature params the cache was computed with."""
+    return params_from_dict(
+        {"features": cache.meta["params"]}, source="feature cache meta.json"
+    ).features
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
