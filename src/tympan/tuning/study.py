@@ -301,7 +301,7 @@ def parent_run(study: optuna.Study, params: Params) -> str:
 
 
 def _best_value(trainer: SeedTrainer, metric: str) -> float:
-    """The seed's `metric` at its best epoch so far (the weights early stopping keeps)."""
+    """The seed's `metric` at the epoch whose weights it keeps so far (`train.keep`)."""
     return float(trainer.best.metric(metric))
 
 
