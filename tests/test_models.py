@@ -1,8 +1,10 @@
 """Every model family: forward and backward shapes on CPU, side attributes, torchvision
-weights from a local file, frozen backbones, and the classical baselines."""
+weights from a local file or torchvision's cache (hash-checked), frozen backbones, and the
+classical baselines."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -30,14 +32,22 @@ SMALL = {
         "batch_norm": True,
     },
     "alexnet": {"head": (16,)},
+    "alexnet2012": {"head": (16, 16)},
     "vgg16": {"head": (16,)},
     "resnet50": {"head": (16,)},
     "densenet121": {"head": (16,)},
     "densenet_bigru_attention": {"units": (8,), "head": (16,)},
 }
 NEURAL = list(SMALL)
-# AlexNet's and VGG's stride and pooling need at least 64 x 64
-SHAPES = {"alexnet": (64, 64), "vgg16": (64, 64)}
+# AlexNet's and VGG's stride and pooling need at least 64 x 64 (S4's AlexNet 67 x 67)
+SHAPES = {"alexnet": (64, 64), "alexnet2012": (67, 67), "vgg16": (64, 64)}
+# the other forms some families take (model.steps, model.pooling)
+VARIANTS = [
+    ("lstm", {"steps": "bins", "head_dropout": 0.1}),
+    ("bigru", {"steps": "bins"}),
+    ("densenet_bigru_attention", {"steps": "pooled"}),
+    ("densenet121", {"pooling": "flatten"}),
+]
 
 
 def _cfg(name: str, **extra) -> ModelConfig:
@@ -45,15 +55,17 @@ def _cfg(name: str, **extra) -> ModelConfig:
 
 
 def test_every_neural_family_is_tested():
-    assert set(NEURAL) | {"logreg", "random_forest", "linear_svm", "knn"} == set(FAMILIES)
+    assert set(NEURAL) | {"logreg", "random_forest", "linear_svm", "svc", "knn"} == set(FAMILIES)
 
 
-@pytest.mark.parametrize("name", NEURAL)
+@pytest.mark.parametrize(
+    ("name", "variant"), [(n, {}) for n in NEURAL] + VARIANTS, ids=lambda v: str(v or "")
+)
 @pytest.mark.parametrize("outputs", [1, 5])
-def test_forward_backward_shapes(name, outputs):
+def test_forward_backward_shapes(name, variant, outputs):
     torch.manual_seed(0)
     bins, frames = SHAPES.get(name, (40, 48))
-    model = build_model(_cfg(name), (1, bins, frames), outputs)
+    model = build_model(_cfg(name, **variant), (1, bins, frames), outputs)
     x = torch.randn(3, 1, bins, frames, requires_grad=True)
     out = model.train()(x)
     assert out.shape == (3, outputs)
@@ -113,7 +125,7 @@ def test_parallel_cnn_kernel_larger_than_the_input_is_named():
         build_model(cfg, (1, 40, 48), 2)
 
 
-@pytest.mark.parametrize("name", ["logreg", "random_forest", "linear_svm", "knn"])
+@pytest.mark.parametrize("name", ["logreg", "random_forest", "linear_svm", "svc", "knn"])
 @pytest.mark.parametrize("summary", [False, True])
 def test_classical_baselines_fit_and_round_trip_through_the_state_dict(name, summary):
     rng = np.random.default_rng(0)
@@ -193,3 +205,190 @@ def test_a_classical_member_refuses_a_skops_file_with_untrusted_types():
     model.load_state_dict(state)
     with pytest.raises(RuntimeError, match="types tympan does not trust"):
         model(torch.zeros(2, 1, 4, 6))
+
+
+def test_steps_that_do_not_apply_are_named():
+    with pytest.raises(ValueError, match=r"model\.steps=pooled does not apply to lstm"):
+        build_model(_cfg("lstm", steps="pooled"), (1, 40, 48), 2)
+    with pytest.raises(ValueError, match=r"model\.steps=bins does not apply to densenet_bigru"):
+        build_model(_cfg("densenet_bigru_attention", steps="bins"), (1, 64, 64), 2)
+    with pytest.raises(ValueError, match="at least 67 x 67"):
+        build_model(_cfg("alexnet2012"), (3, 64, 64), 2)
+    with pytest.raises(ValueError, match="alexnet2012 has no published weights"):
+        build_model(_cfg("alexnet2012", weights="imagenet"), (3, 67, 67), 2)
+    with pytest.raises(ValueError, match=r"leaves a 2 x 3 map, smaller than model.pool=4"):
+        build_model(_cfg("parallel_cnn", kernels=((39, 46),), pool=4), (1, 40, 48), 2)
+
+
+def test_bins_as_steps_reads_one_step_per_bin():
+    """`steps: bins` (S3's LSTM): the sequence runs over the bins, each step the frames; a
+    change confined to the last bin changes only the last step."""
+    from tympan.models.recurrent import bins_as_sequence
+
+    x = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).view(2, 1, 4, 3)
+    seq = bins_as_sequence(x)
+    assert seq.shape == (2, 4, 3)
+    torch.testing.assert_close(seq[1, 2], x[1, 0, 2])
+
+
+def test_the_pooled_attention_passes_its_one_step_through():
+    """S4's final form: the globally pooled maps are one step; Keras' AdditiveAttention over
+    one step has weight 1, so the head sees the GRU's output itself."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("densenet_bigru_attention", steps="pooled"), (1, 64, 64), 3).eval()
+    net = model.net
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        pooled = net.body(model.normalize(x)).mean(dim=(2, 3))
+        seq, _ = net.gru(pooled[:, None])
+        torch.testing.assert_close(net.attention(seq), seq)
+        torch.testing.assert_close(model(x), net.head(seq[:, 0]))
+    two = torch.randn(2, 5, 16)  # over several steps it is a softmax-weighted mix
+    attention = type(net.attention)(16)
+    mixed = attention(two)
+    assert mixed.shape == two.shape and not torch.allclose(mixed, two)
+
+
+def test_svc_scores_follow_its_own_predictions():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 10)
+    x = torch.from_numpy(rng.normal(size=(30, 1, 4, 5)) + y[:, None, None, None] * 0.7).float()
+    model = build_model(ModelConfig(name="svc"), (1, 4, 5), 3)
+    model.net.fit(model.normalize(x), y, regression=False, seed=0)
+    svc = model.net.fitted
+    assert svc[-1].kernel == "linear" and svc[-1].C == 1.0
+    predicted = svc.predict(model.net.inputs(model.normalize(x)))
+    np.testing.assert_array_equal(model(x).argmax(1).numpy(), predicted)
+    binary = build_model(ModelConfig(name="svc"), (1, 4, 5), 2)
+    binary.net.fit(binary.normalize(x[:20]), y[:20], regression=False, seed=0)
+    inputs = binary.net.inputs(binary.normalize(x[:20]))
+    np.testing.assert_array_equal(
+        binary(x[:20]).argmax(1).numpy(), binary.net.fitted.predict(inputs)
+    )
+
+
+# --- ImageNet weights from torchvision's cache (weights made on the spot) -----------------
+
+
+@pytest.fixture
+def made_up_imagenet(tmp_path, monkeypatch):
+    """A random DenseNet121 state dict saved in torchvision's published form (old layer
+    names) under TORCH_HOME as the file name whose hash prefix is its own sha256's, with the
+    published URL pointed at that name. -> (source network, cache file)."""
+    import hashlib
+
+    import torchvision
+
+    from tympan.models import weights
+
+    torch.manual_seed(2)
+    source = torchvision.models.densenet121(weights=None)
+    published = {}
+    for key, value in source.state_dict().items():  # norm1 -> norm.1, as the file has them
+        if key.endswith("num_batches_tracked"):  # not in the published file either
+            continue
+        key = re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key)
+        published[key] = value
+    blob = tmp_path / "blob.pth"
+    torch.save(published, blob)
+    prefix = hashlib.sha256(blob.read_bytes()).hexdigest()[:8]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = f"https://download.pytorch.org/models/densenet121-{prefix}.pth"
+    monkeypatch.setattr(weights, "published_url", lambda name: url)
+    return source, blob
+
+
+def test_published_urls_carry_the_hash_prefix():
+    from tympan.models import weights
+
+    assert weights.published_url("densenet121").endswith("/densenet121-a639ec97.pth")
+    assert weights.hash_prefix(weights.published_url("densenet121")) == "a639ec97"
+    for name in ("alexnet", "vgg16", "resnet50"):
+        assert len(weights.hash_prefix(weights.published_url(name))) >= 8
+
+
+def test_imagenet_weights_load_from_the_cache_after_their_hash_is_checked(made_up_imagenet):
+    import shutil
+
+    from tympan.models import weights
+
+    source, blob = made_up_imagenet
+    cfg = _cfg("densenet121", weights="imagenet", freeze=True)
+    with pytest.raises(WeightsError) as missing:
+        build_model(cfg, (3, 64, 64), 3)
+    path = weights.cache_path("densenet121")
+    assert str(path) in str(missing.value) and "tympan weights fetch densenet121" in str(
+        missing.value
+    )
+    assert path.parent == weights.cache_dir() and "torch/hub/checkpoints" in str(path)
+    path.parent.mkdir(parents=True)
+    shutil.copyfile(blob, path)
+    model = build_model(cfg, (3, 64, 64), 3)
+    torch.testing.assert_close(model.net.body[0].conv0.weight, source.features.conv0.weight)
+    layer = model.net.body[0].denseblock1.denselayer1
+    torch.testing.assert_close(
+        layer.norm1.running_mean, source.features.denseblock1.denselayer1.norm1.running_mean
+    )
+    # the same file under a path of its own is checked too, by its published name
+    assert build_model(replace(cfg, weights=str(path)), (3, 64, 64), 3) is not None
+    path.write_bytes(path.read_bytes()[:-1] + b"x")  # damaged
+    with pytest.raises(WeightsError, match="does not match the published"):
+        build_model(cfg, (3, 64, 64), 3)
+
+
+def test_weights_fetch_downloads_into_the_cache_and_checks_the_hash(made_up_imagenet, monkeypatch):
+    import shutil
+
+    from tympan.cli import main
+    from tympan.models import weights
+
+    _, blob = made_up_imagenet
+    asked = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        asked.append(url)
+        shutil.copyfile(served, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    served = tmp = blob.with_name("wrong.pth")
+    tmp.write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="does not match the published"):
+        weights.fetch("densenet121")
+    assert not any(weights.cache_dir().iterdir())  # nothing half-fetched is left
+    served = blob
+    path = weights.fetch("densenet121")
+    assert path == weights.cache_path("densenet121") and path.read_bytes() == blob.read_bytes()
+    assert asked == [weights.published_url("densenet121")] * 2
+    main(["weights", "where", "densenet121"])  # present and intact: no error
+
+
+def test_a_served_model_needs_no_weights_file(made_up_imagenet, tmp_path):
+    """The bundle holds every weight: the predictor does not read model.weights again."""
+    import shutil
+
+    from tympan.config import FeatureConfig, StackConfig
+    from tympan.models import weights
+    from tympan.serving.bundle import Predictor, save_bundle
+
+    _, blob = made_up_imagenet
+    path = weights.cache_path("densenet121")
+    path.parent.mkdir(parents=True)
+    shutil.copyfile(blob, path)
+    features = FeatureConfig(
+        sample_rate=8000,
+        seconds=0.5,
+        n_fft=256,
+        hop_length=128,
+        stack=StackConfig(image=(32, 32), image_channels=3),
+    )
+    cfg = _cfg("densenet121", weights="imagenet", freeze=True)
+    model = build_model(cfg, (3, 32, 32), 2)
+    bundle = tmp_path / "bundle.pt"
+    mean, std = np.zeros(32, np.float32), np.ones(32, np.float32)
+    save_bundle(bundle, features, cfg, ["a", "b"], (3, 32, 32), mean, std, {0: model.state_dict()})
+    path.unlink()
+    predictor = Predictor.load(bundle)
+    torch.testing.assert_close(
+        predictor.members[0].state_dict()["net.head.0.weight"],
+        model.state_dict()["net.head.0.weight"],
+    )

@@ -77,17 +77,10 @@ def test_windows_train_and_are_scored_per_recording(s3_like, repo_params, mlflow
     np.testing.assert_allclose(confidence, predictions["confidence"], atol=2e-4)
 
 
-def test_validation_scores_recordings_not_windows(s3_like):
-    """During training, the validation metrics and loss are per recording: the windows'
-    probabilities combined by segment.aggregate, as evaluation and serving do."""
-    import torch
-
-    from tympan.config import ModelConfig
-    from tympan.evaluation.metrics import classification_metrics
-    from tympan.evaluation.report import per_recording
+@pytest.fixture
+def windowed_cache(s3_like):
+    """The twelve recordings cut into 1 s windows every 0.5 s; every third is val."""
     from tympan.features import build_cache
-    from tympan.training import SeedTrainer, predict
-    from tympan.training.loop import _nll
 
     rows = []
     for path in sorted((s3_like / "audio").glob("*.wav")):
@@ -102,9 +95,23 @@ def test_validation_scores_recordings_not_windows(s3_like):
             }
         )
     cfg = FeatureConfig(sample_rate=8000, seconds=1.0, n_fft=256, hop_length=128)
-    cache = build_cache(
+    return build_cache(
         pd.DataFrame(rows), cfg, s3_like / "cache", SegmentConfig(enabled=True, hop=0.5)
     )
+
+
+def test_validation_scores_recordings_not_windows(windowed_cache):
+    """During training, the validation metrics and loss are per recording: the windows'
+    probabilities combined by segment.aggregate, as evaluation and serving do."""
+    import torch
+
+    from tympan.config import ModelConfig
+    from tympan.evaluation.metrics import classification_metrics
+    from tympan.evaluation.report import per_recording
+    from tympan.training import SeedTrainer, predict
+    from tympan.training.loop import _nll
+
+    cache = windowed_cache
     cpu = torch.device("cpu")
     model = ModelConfig(channels=4, hidden=8)
     for how in ("mean", "max"):
@@ -117,3 +124,29 @@ def test_validation_scores_recordings_not_windows(s3_like):
         expected = classification_metrics(targets, combined["v"])
         assert val == {f"val_{k}": v for k, v in expected.items()}
         assert loss == pytest.approx(_nll(combined["v"], targets, trainer.weight))
+
+
+@pytest.mark.parametrize("name", ["s3_cnn", "logreg"])
+def test_fit_validates_with_segment_aggregate(windowed_cache, name):
+    """`fit` (the train stage's and the baselines' entry) passes `aggregate` to validation:
+    the logged val metrics are those of the windows combined by mean or by max."""
+    import torch
+
+    from tympan.config import ModelConfig
+    from tympan.evaluation.metrics import classification_metrics
+    from tympan.evaluation.report import per_recording
+    from tympan.training import fit, predict
+
+    cache, cpu = windowed_cache, torch.device("cpu")
+    model = replace(ModelConfig(name=name), channels=4, hidden=8)
+    val_rows = cache.rows("val")
+    logged = {}
+    for how in ("mean", "max"):
+        cfg = TrainConfig(epochs=1, batch_size=8)
+        result = fit(cache, model, cfg, 0, cpu, progress=False, aggregate=how)
+        windows = predict(result.model, cache.features, val_rows, 8, cpu)
+        first, combined = per_recording(cache.index.iloc[val_rows], {"v": windows}, how)
+        expected = classification_metrics(cache.targets()[val_rows[first]], combined["v"])
+        assert result.history[0].val == {f"val_{k}": v for k, v in expected.items()}
+        logged[how] = result.history[0].val_loss
+    assert logged["mean"] != logged["max"]

@@ -1,3 +1,4 @@
+import itertools
 import shutil
 from dataclasses import replace
 
@@ -306,3 +307,105 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tone_cache, tmp_pa
     torch.testing.assert_close(_weights(resumed.model), _weights(straight.model), rtol=0, atol=0)
     other = SeedTrainer(tone_cache, SMALL, cfg, 3, CPU, augment, path, "run-b")
     assert other.result.history == []  # another run's checkpoint is not used
+
+
+def test_early_stopping_and_the_lr_schedule_are_optional(tone_cache):
+    """S2, S3 and S5 had neither: every epoch runs and the LR stays put. With both on, a
+    patience of 1 stops at the first epoch without a lower val loss and the plateau cuts
+    the LR."""
+    off = TrainConfig(
+        epochs=6, batch_size=8, lr=0.05, patience=1, early_stopping=False, lr_schedule="none"
+    )
+    result = fit(tone_cache, SMALL, off, 0, CPU, progress=False)
+    assert len(result.history) == 6 and not result.stopped_early
+    assert {e.lr for e in result.history} == {0.05}
+    losses = [e.val_loss for e in result.history]
+    assert any(b >= a for a, b in itertools.pairwise(losses))  # patience 1 would stop
+    on = replace(off, early_stopping=True, lr_schedule="plateau", lr_patience=0, lr_factor=0.5)
+    trainer = SeedTrainer(tone_cache, SMALL, on, 0, CPU)
+    while not trainer.done:
+        trainer.step()
+    assert trainer.result.stopped_early and len(trainer.result.history) < 6
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.025  # cut after the stopping epoch
+
+
+@pytest.mark.parametrize("keep", ["best_val_loss", "best_val_accuracy", "last"])
+def test_keep_names_the_epoch_whose_weights_the_member_holds(tone_cache, keep):
+    cfg = TrainConfig(epochs=5, batch_size=8, lr=0.05, early_stopping=False, keep=keep)
+    trainer = SeedTrainer(tone_cache, SMALL, cfg, 0, CPU)
+    states = []
+    while not trainer.done:
+        trainer.step()
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    history = trainer.result.history
+    expected = {
+        "best_val_loss": min(history, key=lambda e: e.val_loss).epoch,
+        "best_val_accuracy": max(history, key=lambda e: e.val_accuracy).epoch,  # first max
+        "last": len(history),
+    }[keep]
+    result = trainer.finish()
+    assert result.best_epoch == expected and trainer.best.epoch == expected
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[expected - 1][name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"best_val_accuracy needs train\.task=classification"):
+        TrainConfig(task="regression", keep="best_val_accuracy")
+
+
+def test_fixed_copies_are_made_from_training_rows_only(tone_cache_dir, tmp_path):
+    """S3's augmentation experiment: each training clip once more with noise (std 0.005) and
+    once more 4 semitones up (librosa's pitch_shift), joined to the training rows with their
+    sources' labels; val and test rows are never copied and validation reads the cache."""
+    import librosa
+
+    from tympan.features import open_cache
+    from tympan.features.cache import build_cache
+    from tympan.features.stack import FeatureStack
+    from tympan.training.augment import WithCopies
+
+    from conftest import TONE_FEATURES
+
+    out = tmp_path / "cache"
+    shutil.copytree(tone_cache_dir, out)
+    plain = open_cache(tone_cache_dir)
+    cache = build_cache(plain.index.drop(columns="row"), TONE_FEATURES, out, keep_waves=True)
+    augment = AugmentConfig(copy_noise=0.005, copy_pitch=4)
+    cfg = TrainConfig(epochs=1, batch_size=8, class_weights=False)
+    trainer = SeedTrainer(cache, SMALL, cfg, 0, CPU, augment)
+    n, train = len(cache.index), cache.rows("train")
+    assert isinstance(trainer.inputs, WithCopies)
+    added = trainer.train_rows[len(train) :]
+    np.testing.assert_array_equal(trainer.train_rows[: len(train)], train)
+    np.testing.assert_array_equal(added, n + np.arange(2 * len(train)))
+    np.testing.assert_array_equal(trainer.labels[added], np.tile(cache.targets()[train], 2))
+    np.testing.assert_array_equal(trainer.val_rows, cache.rows("val"))
+    # the pitch copy of the first training clip is librosa's shift of its waveform, featurized
+    shifted = librosa.effects.pitch_shift(cache.waves[train[0]], sr=8000, n_steps=4)
+    expected = FeatureStack(TONE_FEATURES, TONE_FEATURES.stack)(torch.from_numpy(shifted)[None])
+    got = trainer.inputs[np.array([n + len(train)])]
+    np.testing.assert_allclose(got, expected.numpy(), atol=0.05)
+    # the noise copy: the waveform plus 0.005 x N(0, 1) drawn from the member's seed
+    waves = cache.waves[train].astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal(waves.shape, dtype=np.float32)
+    expected = FeatureStack(TONE_FEATURES, TONE_FEATURES.stack)(
+        torch.from_numpy(waves[:1] + np.float32(0.005) * noise[:1])
+    )
+    np.testing.assert_allclose(trainer.inputs[np.array([n])], expected.numpy(), atol=0.05)
+    again = SeedTrainer(cache, SMALL, cfg, 0, CPU, augment)
+    np.testing.assert_array_equal(again.inputs.copies, trainer.inputs.copies)  # fixed per seed
+
+    read: list[np.ndarray] = []
+    original_getitem = WithCopies.__getitem__
+
+    def spy(self, rows):
+        read.append(np.asarray(rows))
+        return original_getitem(self, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WithCopies, "__getitem__", spy)
+        trainer.step()
+    seen = np.concatenate(read)
+    assert sorted(seen.tolist()) == sorted(trainer.train_rows.tolist())  # every copy trains
+    with pytest.raises(ValueError, match="cannot be combined"):
+        SeedTrainer(cache, SMALL, cfg, 0, CPU, replace(augment, wave_pitch=2, wave_p=1.0))
+    with pytest.raises(ValueError, match=r"augment\.copy_\* needs the waveforms"):
+        SeedTrainer(plain, SMALL, cfg, 0, CPU, augment)

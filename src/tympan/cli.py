@@ -278,6 +278,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="evaluate's test metrics (default: metrics/test.json)",
     )
+    weights = command(
+        "weights",
+        "torchvision's ImageNet weights for model.weights: imagenet (where, fetch)",
+        "`where` prints the file each backbone's model.weights: imagenet reads (torchvision's "
+        "cache under $TORCH_HOME) and whether it is there and intact; `fetch` downloads it there "
+        "and checks its published hash (needs internet; training never downloads).",
+    )
+    weights.add_argument(
+        "action", choices=("where", "fetch"), help="where: show the file; fetch: download it"
+    )
+    weights.add_argument("names", nargs="+", metavar="NAME", help="alexnet vgg16 resnet50 ...")
     return parser
 
 
@@ -321,6 +332,24 @@ def _summary(registered: Path, metrics: Path) -> None:
         "  python -m tympan.serving.client data/demo/audio/tone_0000.wav "
         "--url http://127.0.0.1:5000/invocations"
     )
+
+
+def _weights(action: str, names: list[str]) -> None:
+    from tympan.models import weights
+
+    for name in names:
+        try:
+            if action == "fetch":
+                print(f"{name}: {weights.fetch(name)} (sha256 matches the published hash)")
+                continue
+            path = weights.cache_path(name)
+            if path.is_file():
+                weights.verify(path, weights.hash_prefix(weights.published_url(name)))
+                print(f"{name}: {path} (present, sha256 matches the published hash)")
+            else:
+                print(f"{name}: {path} (missing; `tympan weights fetch {name}`)")
+        except weights.WeightsError as exc:
+            sys.exit(f"tympan weights: {exc}")
 
 
 def _use_preset(folder: Path, name: str, target: Path, force: bool = False) -> None:
@@ -445,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
 
         args.out.write_text(json.dumps(json_schema(), indent=1) + "\n")
         print(f"{args.out}: JSON Schema of the params files")
+        return
+    if args.command == "weights":
+        _weights(args.action, args.names)
         return
     if args.command == "predict":
         from tympan.serving.batch import main as predict_main

@@ -204,12 +204,13 @@ NEURAL = (
     "crnn",
     "parallel_cnn",
     "alexnet",
+    "alexnet2012",
     "vgg16",
     "resnet50",
     "densenet121",
     "densenet_bigru_attention",
 )
-CLASSICAL = ("logreg", "random_forest", "linear_svm", "knn")
+CLASSICAL = ("logreg", "random_forest", "linear_svm", "svc", "knn")
 MODEL_NAMES = NEURAL + CLASSICAL
 
 
@@ -342,10 +343,11 @@ class ModelConfig:
     """Network family and its shape parameters (see tympan.models; SEEDS.md for the studies).
 
     Neural families: s3_cnn (S3), s1_mlp (S1), resnet18 (S2), lstm, bilstm, gru, bigru (S3,
-    S4), crnn and parallel_cnn (S5), the torchvision backbones alexnet, vgg16, resnet50,
-    densenet121 and densenet_bigru_attention (S4). Classical baselines through scikit-learn:
-    logreg, random_forest, linear_svm, knn, on the flattened input or per-bin summary
-    statistics (`classical_input`).
+    S4), crnn and parallel_cnn (S5), alexnet2012 (S4's AlexNet, from scratch), the
+    torchvision backbones alexnet, vgg16, resnet50, densenet121 and densenet_bigru_attention
+    (S4). Classical baselines through scikit-learn: logreg, random_forest, linear_svm
+    (LinearSVC), svc (SVC with a linear kernel, S4's), knn, on the flattened input or per-bin
+    summary statistics (`classical_input`).
     """
 
     name: str = field(default="s3_cnn", metadata=_choices(*MODEL_NAMES))
@@ -360,17 +362,30 @@ class ModelConfig:
     # S5: [400, 200] with batch_norm), each Linear, optional BatchNorm, ReLU, dropout
     head: tuple[int, ...] = field(default=(), metadata={**_range(1), "allow_empty": True})
     batch_norm: bool = False
+    # the dropout after each `head` layer when it differs from `dropout` (which then acts on
+    # the body's output only: S3's LSTM has 0.2 after the LSTMs and 0.1 after dense 128)
+    head_dropout: float | None = field(default=None, metadata=_range(0, 1, high_open=True))
     # recurrent layer sizes (lstm/gru: one per layer; crnn: two BiLSTMs; attention: the GRU)
     units: tuple[int, ...] = field(default=(64,), metadata=_range(1))
+    # what the recurrent families step over: `frames` (one step per frame), `bins` (one step
+    # per bin, the frames as features: S3's LSTM on its (40, 63) MFCC input), or, for
+    # densenet_bigru_attention, `pooled` (the globally pooled maps as ONE step: S4's final
+    # model) where `frames` is the maps' time axis (frequency averaged) as the sequence
+    steps: str = field(default="frames", metadata=_choices("frames", "bins", "pooled"))
     # parallel_cnn: filters per branch and one (height, width) kernel per branch
     filters: int = field(default=200, metadata=_range(1))
     kernels: tuple[tuple[int, ...], ...] = field(
         default=((12, 16), (18, 24), (24, 32), (30, 40)), metadata=_range(1)
     )
     init: str = field(default="default", metadata=_choices("default", "xavier"))
-    # torchvision backbones: a local state-dict file (never downloaded), and frozen training
+    # torchvision backbones: `imagenet` (torchvision's published ImageNet file, read from its
+    # cache under $TORCH_HOME and checked against the published hash; never downloaded at run
+    # time: `tympan weights fetch NAME`) or a local state-dict file; null: random init
     weights: str | None = None
     freeze: bool = False
+    # how vgg16, resnet50 and densenet121 maps reach the head: global average pooling, or
+    # flattened (VGG's own classifier: 7 x 7 x 512 = 25,088 inputs at 224 x 224)
+    pooling: str = field(default="avg", metadata=_choices("avg", "flatten"))
     # classical baselines
     classical_input: str = field(default="flat", metadata=_choices("flat", "summary"))
     c: float = field(default=1.0, metadata=_POSITIVE)
@@ -391,22 +406,39 @@ class ModelConfig:
     def classical(self) -> bool:
         return self.name in CLASSICAL
 
+    @property
+    def dense_dropout(self) -> float:
+        """The dropout after each `head` layer: `head_dropout`, else `dropout`."""
+        return self.dropout if self.head_dropout is None else self.head_dropout
+
+
+KEEP = ("best_val_loss", "best_val_accuracy", "last")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: one model per seed, early stopping on the validation loss with the best
-    weights restored, LR on plateau, a checkpoint per epoch."""
+    """Optimisation: one model per seed, optional early stopping on the validation loss and
+    LR on plateau, the weights of the epoch `keep` names, a checkpoint per epoch."""
 
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_SEED)
     epochs: int = field(default=60, metadata=_range(1))
     batch_size: int = field(default=32, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    # epochs without a lower val loss before stopping (1: stop at the first)
+    # stop after `patience` epochs without a lower val loss (1: stop at the first); false
+    # runs every epoch (Keras without callbacks: S2, S3, S5)
+    early_stopping: bool = True
     patience: int = field(default=8, metadata=_range(1))
+    # plateau: multiply the LR by lr_factor after lr_patience epochs without a lower val loss,
+    # down to min_lr (Keras' ReduceLROnPlateau); none: the LR stays at `lr`
+    lr_schedule: str = field(default="plateau", metadata=_choices("none", "plateau"))
     lr_factor: float = field(default=0.5, metadata=_range(0, 1, low_open=True, high_open=True))
     lr_patience: int = field(default=3, metadata=_range(0))
     min_lr: float = field(default=1e-6, metadata=_range(0))
+    # the weights each member keeps: those of the epoch with the lowest val loss (Keras'
+    # restore_best_weights), the highest val accuracy (a checkpoint on val_accuracy), or the
+    # last epoch's (Keras' default)
+    keep: str = field(default="best_val_loss", metadata=_choices(*KEEP))
     # classification: balanced class weights in the loss, or random under-sampling of the
     # larger classes (a new draw every epoch)
     class_weights: bool = True
@@ -430,6 +462,11 @@ class TrainConfig:
             raise ValueError(
                 f"train.loss={self.loss} does not fit train.task={self.task} "
                 f"(choose from {', '.join(pairs[self.task])})"
+            )
+        if self.keep == "best_val_accuracy" and self.task != "classification":
+            raise ValueError(
+                "train.keep=best_val_accuracy needs train.task=classification "
+                "(use best_val_loss or last)"
             )
 
     @property
@@ -466,6 +503,12 @@ class AugmentConfig:
     wave_snr_db: tuple[float, ...] = field(default=(), metadata={**_range(), "allow_empty": True})
     wave_pitch: int = field(default=0, metadata=_range(0))
     wave_p: float = field(default=0.5, metadata=_FRACTION)
+    # Fixed copies (S3's augmentation experiment): every TRAINING clip once more with Gaussian
+    # noise of standard deviation copy_noise (full scale is 1), and once more shifted by
+    # copy_pitch semitones (librosa's pitch_shift), added to the training rows. Made once per
+    # member from the training split only; val, test and serving never see a copy.
+    copy_noise: float = field(default=0.0, metadata=_FRACTION)
+    copy_pitch: int = field(default=0, metadata=_range(-24, 24))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "wave_snr_db", tuple(self.wave_snr_db))
@@ -491,12 +534,23 @@ class AugmentConfig:
 
     @property
     def waveform(self) -> bool:
-        """Whether a waveform-domain augmentation is on (featurize keeps the waveforms)."""
+        """Whether on-the-fly waveform augmentation is on."""
         return self.wave_p > 0 and (bool(self.wave_snr_db) or self.wave_pitch > 0)
 
     @property
+    def copies(self) -> bool:
+        """Whether fixed augmented copies of the training clips are added."""
+        return self.copy_noise > 0 or self.copy_pitch != 0
+
+    @property
+    def keeps_waves(self) -> bool:
+        """Whether featurize must keep the fixed-length waveforms (waveform augmentation or
+        copies are made from them)."""
+        return self.waveform or self.copies
+
+    @property
     def enabled(self) -> bool:
-        """Whether any augmentation is switched on."""
+        """Whether any on-the-fly augmentation is switched on (not counting `copies`)."""
         return (
             self.waveform
             or self.noise

@@ -96,7 +96,7 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     for warning in feature_fit(table, cfg.seconds, cfg.sample_rate, params.segment.enabled):
         log.warning("featurize: %s", warning)
     cache = build_cache(
-        table, params.features, out, params.segment, keep_waves=params.augment.waveform
+        table, params.features, out, params.segment, keep_waves=params.augment.keeps_waves
     )
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "

@@ -11,7 +11,9 @@ and under `plots/`: confusion.csv (DVC confusion template) and confusion.txt, ro
 and pr/<class>.csv (DVC linear plots, one file per class), classes.csv (bar), worst.csv with
 worst/*.png (the k worst predictions with their spectrograms), test_predictions.csv, and the
 figures confusion.png and curves.png.
-`regression_report` is the same for a regression model: mae/rmse/r2, scatter.csv, fit.png.
+`regression_report` writes the same files for a regression model: mae/rmse/r2, scatter.csv,
+and in curves.png the predicted-vs-true and residual plot (dvc.yaml declares one set of
+evaluate outputs for every task, so the file keeps its name; roc/ and pr/ stay empty).
 """
 
 from __future__ import annotations

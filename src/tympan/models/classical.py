@@ -1,11 +1,13 @@
 """Classical baselines through scikit-learn (S3's logistic regression and random forest, S4's
-k-NN, linear SVM and random forest), trained and tracked like the networks.
+k-NN, linear-kernel SVC and random forest), trained and tracked like the networks.
 
 Each baseline is wrapped as a torch module, `Classical`, so that an ensemble bundle, the
 evaluate stage and the served model treat it like any other member: its input is the same
 normalised spectrogram, flattened or reduced to per-bin summary statistics (mean, std, min
 and max over frames), and its output is log-probabilities (classification) or the
-prediction (regression). The fitted estimator travels in the state dict as a byte buffer in
+prediction (regression); `svc`, which has no probabilities, gives the softmax of its
+one-vs-rest decision values (scores, not calibrated probabilities, whose arg max is SVC's own
+prediction). The fitted estimator travels in the state dict as a byte buffer in
 skops' format, which loads only the types it is told to trust (scikit-learn's own and the
 few internals listed in `TRUSTED`): a bundle cannot carry code that runs when it is loaded, as
 a pickle could.
@@ -24,7 +26,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC, LinearSVR
+from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
 from torch import nn
 
 from tympan.config import ModelConfig
@@ -57,6 +59,10 @@ def estimator(cfg: ModelConfig, regression: bool, seed: int) -> Any:
                 LinearSVC(C=cfg.c, random_state=seed, max_iter=5000), cv=3, ensemble=False
             )
         )
+    elif cfg.name == "svc":
+        # S4's SVC(kernel="linear", C=1): libsvm, one-vs-one; no Platt scaling (its internal
+        # cross-validation can disagree with SVC's own predictions)
+        model = SVR(kernel="linear", C=cfg.c) if regression else SVC(kernel="linear", C=cfg.c)
     elif cfg.name == "knn":
         kind = KNeighborsRegressor if regression else KNeighborsClassifier
         model = kind(n_neighbors=cfg.n_neighbors)
@@ -128,7 +134,12 @@ class Classical(nn.Module):
         if self.outputs == 1 and not hasattr(model, "predict_proba"):
             out = torch.from_numpy(model.predict(features)).float().view(-1, 1)
         else:
-            probs = model.predict_proba(features)
+            probs = model.predict_proba(features) if hasattr(model, "predict_proba") else None
+            if probs is None:  # svc: softmax of the one-vs-rest decision values
+                scores = model.decision_function(features)
+                scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
+                probs = np.exp(scores - scores.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
             full = np.zeros((len(features), self.outputs))
             full[:, model.classes_.astype(int)] = probs  # classes absent from training: 0
             out = torch.from_numpy(np.log(np.clip(full, 1e-12, None))).float()

@@ -48,10 +48,12 @@ class ParallelCNN(nn.Module):
     """S5 (after Tripathi et al. 2019): `(batch, C, bins, frames)` -> `(batch, outputs)`.
 
     One branch per `kernels` entry `(kh, kw)`: Conv2d of `filters` filters, ReLU, `pool` x
-    `pool` max-pool (S5: 2); the branches' flattened outputs are concatenated and go through
-    the dense head (`head`, with `batch_norm`, ReLU and `dropout`; S5: 400 and 200 with batch
-    norm). The first dense layer's width is the concatenation's: with S5's 128 x 94 inputs and
-    pool 2 it is about 1.4M wide (a 560M-parameter layer); pool 8 makes it 100k.
+    `pool` max-pool (S5: 2; a last row or column that does not fill a window is dropped, as
+    Keras' `MaxPooling2D` does); the branches' flattened outputs are concatenated and go
+    through the dense head (`head`, with `batch_norm`, ReLU and `dropout`; S5: 400 and 200
+    with batch norm). The first dense layer's width is the concatenation's: with S5's
+    128 x 94 inputs and pool 2 it is 1,424,400 wide (a 570M-parameter layer); pool 8 makes
+    it 78,600.
     """
 
     def __init__(
@@ -65,18 +67,23 @@ class ParallelCNN(nn.Module):
                     f"model.kernels: ({kh}, {kw}) is larger than the input ({bins} bins x "
                     f"{frames} frames)"
                 )
+            if min(bins - kh, frames - kw) + 1 < cfg.pool:
+                raise ValueError(
+                    f"model.kernels: ({kh}, {kw}) leaves a {bins - kh + 1} x {frames - kw + 1} "
+                    f"map, smaller than model.pool={cfg.pool}"
+                )
         self.branches = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(input_shape[0], cfg.filters, (kh, kw)),
                 nn.ReLU(),
-                nn.MaxPool2d(cfg.pool, ceil_mode=True),
+                nn.MaxPool2d(cfg.pool),
                 nn.Dropout(cfg.dropout_conv),
                 nn.Flatten(),
             )
             for kh, kw in cfg.kernels
         )
         flat = sum(flat_size(branch, input_shape) for branch in self.branches)
-        self.head = dense_head(flat + extra, cfg.head, outputs, cfg.dropout, cfg.batch_norm)
+        self.head = dense_head(flat + extra, cfg.head, outputs, cfg.dense_dropout, cfg.batch_norm)
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(join(torch.cat([branch(x) for branch in self.branches], dim=1), extra))
@@ -112,7 +119,7 @@ class CRNN(nn.Module):
         for hidden in units:
             self.rnn.append(nn.LSTM(size, hidden, batch_first=True, bidirectional=True))
             size = 2 * hidden
-        self.head = dense_head(size + extra, cfg.head, outputs, cfg.dropout, cfg.batch_norm)
+        self.head = dense_head(size + extra, cfg.head, outputs, cfg.dense_dropout, cfg.batch_norm)
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         seq = as_sequence(self.conv(x))

@@ -20,7 +20,7 @@ class FlatMLP(nn.Module):
     ) -> None:
         super().__init__()
         sizes = cfg.head or (64, 32)
-        self.head = dense_head(math.prod(input_shape) + extra, sizes, outputs, cfg.dropout)
+        self.head = dense_head(math.prod(input_shape) + extra, sizes, outputs, cfg.dense_dropout)
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(join(x.flatten(1), extra))

@@ -9,6 +9,7 @@ from torch import nn
 
 from tympan.config import ModelConfig
 from tympan.features import Normalizer
+from tympan.models.alexnet import AlexNet2012
 from tympan.models.classical import Classical
 from tympan.models.cnn import CRNN, ParallelCNN, SmallCNN
 from tympan.models.dense import FlatMLP
@@ -31,6 +32,7 @@ FAMILIES: dict[str, Builder] = {
     "crnn": CRNN,
     "parallel_cnn": ParallelCNN,
     "alexnet": vision("alexnet"),
+    "alexnet2012": AlexNet2012,
     "vgg16": vision("vgg16"),
     "resnet50": vision("resnet50"),
     "densenet121": vision("densenet121"),
@@ -38,6 +40,7 @@ FAMILIES: dict[str, Builder] = {
     "logreg": Classical,
     "random_forest": Classical,
     "linear_svm": Classical,
+    "svc": Classical,
     "knn": Classical,
 }
 

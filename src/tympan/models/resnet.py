@@ -51,7 +51,7 @@ class ResNet18(nn.Module):
             width = channels
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout)]
         self.body = nn.Sequential(*layers)
-        self.head = dense_head(512 + extra, cfg.head, outputs, cfg.dropout, cfg.batch_norm)
+        self.head = dense_head(512 + extra, cfg.head, outputs, cfg.dense_dropout, cfg.batch_norm)
         if cfg.init == "xavier":
             xavier_(self)
 

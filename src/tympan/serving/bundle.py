@@ -14,7 +14,7 @@ import binascii
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,12 @@ class Predictor:
         shape = tuple(bundle["input_shape"])
         outputs = len(self.labels) if self.head == "softmax" else 1
         self.members = []
+        # every weight is in the members' state dicts: the backbone's pretrained file (which
+        # the serving machine need not have) is not read again
+        model_cfg = replace(params.model, weights=None)
         for state in bundle["members"].values():
             member = build_model(
-                params.model,
+                model_cfg,
                 shape,
                 outputs,
                 bundle["mean"],

@@ -24,12 +24,18 @@ per clip, and a true pitch shift by whole semitones (torchaudio's phase vocoder 
 duration kept). `AugmentedInputs` then recomputes the batch's features with the same
 `FeatureStack` featurize and serving use, so the spectral operations above apply on top.
 
-They are applied in that order (mixup last); "the clip's floor" is the minimum of the clip as
-read from the cache, before any noise. Every random draw comes from the `Augmenter`'s own CPU
-`torch.Generator` (mixup's lambda from its own numpy `Generator.beta`) and is then moved to the
-batch's device: the global torch RNG is never touched (so several seeds stepped in lockstep
-stay independent and dropout draws do not change when augmentation is switched on), and CPU and
-CUDA runs draw the same numbers.
+Fixed copies (`fixed_copies`, `augment.copy_*`, S3's experiment) are not drawn per batch:
+every training clip is copied once with Gaussian noise and once pitch-shifted (librosa's
+`pitch_shift`, S3's own function), featurized with the same `FeatureStack`, and the copies
+join the training rows (`WithCopies`). They are made by the trainer from its training rows
+alone, so a val or test clip is never copied into training.
+
+The on-the-fly operations are applied in that order (mixup last); "the clip's floor" is the
+minimum of the clip as read from the cache, before any noise. Every random draw comes from
+the `Augmenter`'s own CPU `torch.Generator` (mixup's lambda from its own numpy
+`Generator.beta`) and is then moved to the batch's device: the global torch RNG is never
+touched (so several seeds stepped in lockstep stay independent and dropout draws do not change
+when augmentation is switched on), and CPU and CUDA runs draw the same numbers.
 """
 
 from __future__ import annotations
@@ -259,6 +265,63 @@ class WaveAugmenter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def fixed_copies(
+    waves: np.ndarray,
+    rows: np.ndarray,
+    features: FeatureConfig,
+    cfg: AugmentConfig,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of fixed augmented copies of `rows` (training rows) from their waveforms
+    `waves[rows]` `(len(rows), samples)`: one copy with Gaussian noise of standard deviation
+    `cfg.copy_noise` (drawn from `seed`), one shifted by `cfg.copy_pitch` semitones, each
+    when set. -> features `(copies, C, bins, frames)` in the cache's dtype, and the source
+    row of each copy `(copies,)`."""
+    import librosa
+
+    wave = np.asarray(waves[rows], dtype=np.float32)
+    made: list[np.ndarray] = []
+    if cfg.copy_noise > 0:
+        noise = np.random.default_rng(seed).standard_normal(wave.shape, dtype=np.float32)
+        made.append(wave + np.float32(cfg.copy_noise) * noise)
+    if cfg.copy_pitch != 0:
+        rate, steps = features.sample_rate, cfg.copy_pitch
+        made.append(
+            np.stack([librosa.effects.pitch_shift(w, sr=rate, n_steps=steps) for w in wave])
+        )
+    if not made:
+        raise ValueError("fixed_copies: augment.copy_noise and augment.copy_pitch are both off")
+    frontend = FeatureStack(features, replace(features.stack, image=None))
+    audio = torch.from_numpy(np.concatenate(made).astype(np.float32))
+    with torch.no_grad():
+        out = [
+            assemble(frontend.parts(audio[i : i + features.batch_size]), features.stack)
+            for i in range(0, len(audio), features.batch_size)
+        ]
+    return torch.cat(out).numpy().astype(features.dtype), np.tile(rows, len(made))
+
+
+class WithCopies:
+    """The cache's features `(rows, C, bins, frames)` followed by the copies' features:
+    row `len(features) + i` is copy `i`. Indexed with an array of rows, like the cache."""
+
+    def __init__(self, features: Any, copies: np.ndarray) -> None:
+        self.features, self.copies = features, copies
+
+    def __len__(self) -> int:
+        return len(self.features) + len(self.copies)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        own = rows < len(self.features)
+        out = np.empty((len(rows), *self.copies.shape[1:]), dtype=self.copies.dtype)
+        if own.any():
+            out[own] = self.features[rows[own]]
+        if not own.all():
+            out[~own] = self.copies[rows[~own] - len(self.features)]
+        return out
 
 
 class AugmentedInputs:

@@ -1,5 +1,6 @@
 """Train one model per seed on cached features: the task's loss, the chosen optimiser, early
-stopping with the best weights restored, LR on plateau, and a checkpoint per epoch.
+stopping and LR on plateau when asked for, the weights `train.keep` names, and a checkpoint
+per epoch.
 
 `SeedTrainer` is the single training loop: the train stage runs one per seed (and per CV
 fold), the tune stage steps several in lockstep. A trainer given a checkpoint path saves its
@@ -31,7 +32,13 @@ from tympan.config import AugmentConfig, ModelConfig, TrainConfig, params_from_d
 from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
-from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
+from tympan.training.augment import (
+    AugmentedInputs,
+    Augmenter,
+    WithCopies,
+    fixed_copies,
+    soft_cross_entropy,
+)
 
 
 class TrainingError(ValueError):
@@ -73,7 +80,7 @@ class EpochLog:
 
 @dataclass
 class SeedResult:
-    """A trained member: best weights (restored) and its history."""
+    """A trained member: the weights of epoch `best_epoch` (`train.keep`) and its history."""
 
     seed: int
     model: AudioClassifier
@@ -216,8 +223,10 @@ class SeedTrainer:
 
     Each trainer keeps its own torch and numpy random state, so several seeds can be stepped
     in lockstep (the tune stage reports their mean every epoch) and still give exactly what
-    `fit` gives for each seed alone. Early stopping watches the validation loss; `finish`
-    restores the weights of the best epoch. With `checkpoint` (a file path) the state is saved
+    `fit` gives for each seed alone. Early stopping (`train.early_stopping`) and the LR
+    schedule (`train.lr_schedule`) watch the validation loss; `finish` leaves the weights of
+    the epoch `train.keep` names (lowest val loss, highest val accuracy, or the last). With
+    `checkpoint` (a file path) the state is saved
     after every epoch and, when that file holds the state of the same run (`fingerprint`),
     training continues from it.
     """
@@ -246,6 +255,9 @@ class SeedTrainer:
             raise TrainingError("train.undersample and train.class_weights: choose one")
         vocab = cache.side_vocab(model_cfg.side_attributes)
         self.side = cache.side_codes(vocab) if vocab else None
+        self.inputs: Any = cache.features
+        if augment is not None and augment.copies:
+            self._add_copies(augment, seed)
         self.model = build_model(
             model_cfg,
             tuple(cache.features.shape[1:]),
@@ -268,30 +280,29 @@ class SeedTrainer:
                 raise TrainingError("augment.mixup_alpha needs train.task=classification")
             seconds = float(cache.meta["params"]["seconds"])  # the window the frames cover
             self.augmenter = Augmenter(augment, n, seed, seconds)
-        self.inputs = cache.features
         if augment is not None and augment.waveform:
-            if cache.waves is None:
-                raise ValueError(
-                    "augment.wave_* needs the waveforms in the feature cache, and this one has "
-                    "none: re-run featurize with the same augment params (`dvc repro` does)"
-                )
-            features = params_from_dict(
-                {"features": cache.meta["params"]}, source="feature cache meta.json"
-            ).features
             # its own stream, so spectral draws stay as they were without waveform augmentation
-            self.inputs = AugmentedInputs(cache.waves, features, augment, seed + 7919)
+            self.inputs = AugmentedInputs(
+                _waves(cache, "wave"), _cache_features(cache), augment, seed + 7919
+            )
         self.optimizer = _optimizer(cfg, self.model)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer,
-            mode="min",
-            factor=cfg.lr_factor,
-            patience=cfg.lr_patience,
-            min_lr=cfg.min_lr,
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer,
+                mode="min",
+                factor=cfg.lr_factor,
+                patience=cfg.lr_patience,
+                min_lr=cfg.min_lr,
+            )
+            if cfg.lr_schedule == "plateau"
+            else None
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         self.rng = np.random.default_rng(seed)
         self.result = SeedResult(seed=seed, model=self.model)
+        # early stopping's watch (val loss) and the kept epoch's score (higher is better)
         self.best_loss, self.waited = float("inf"), 0
+        self.best_score = -float("inf")
         self.best_state = copy.deepcopy(self.model.state_dict())
         self._torch_state = torch.get_rng_state()
         self._cuda_state = torch.cuda.get_rng_state(device) if cuda else None
@@ -299,13 +310,32 @@ class SeedTrainer:
         if checkpoint is not None and checkpoint.exists():
             self._resume(checkpoint)
 
+    def _add_copies(self, augment: AugmentConfig, seed: int) -> None:
+        """Fixed augmented copies of the training rows join them as rows `len(cache)...`,
+        with their sources' labels, targets and side attributes (S3's experiment)."""
+        if augment.waveform:
+            raise TrainingError(
+                "augment.copy_* (fixed copies) and augment.wave_* (drawn per batch) cannot be "
+                "combined; choose one"
+            )
+        copies, sources = fixed_copies(
+            _waves(self.cache, "copy"), self.train_rows, _cache_features(self.cache), augment, seed
+        )
+        self.inputs = WithCopies(self.cache.features, copies)
+        added = len(self.cache.index) + np.arange(len(sources))
+        self.labels = np.concatenate([self.labels, self.labels[sources]])
+        self.targets = np.concatenate([self.targets, self.targets[sources]])
+        if self.side is not None:
+            self.side = np.concatenate([self.side, self.side[sources]])
+        self.train_rows = np.concatenate([self.train_rows, added])
+
     @property
     def done(self) -> bool:
         return self.result.stopped_early or len(self.result.history) >= self.cfg.epochs
 
     @property
     def best(self) -> EpochLog | None:
-        """The epoch whose weights `finish` restores (lowest validation loss so far)."""
+        """The epoch whose weights `finish` keeps so far (`train.keep`)."""
         return self.result.history[self.result.best_epoch - 1] if self.result.best_epoch else None
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
@@ -369,17 +399,29 @@ class SeedTrainer:
             val,
         )
         self.result.history.append(entry)
-        self.plateau.step(val_loss)
+        if self.plateau is not None:
+            self.plateau.step(val_loss)
         if val_loss < self.best_loss:
             self.best_loss, self.waited = val_loss, 0
-            self.best_state = copy.deepcopy(self.model.state_dict())
-            self.result.best_epoch = entry.epoch
         else:
             self.waited += 1
-            self.result.stopped_early = self.waited >= self.cfg.patience
+            if self.cfg.early_stopping:
+                self.result.stopped_early = self.waited >= self.cfg.patience
+        self._keep(entry)
         if self.checkpoint is not None:
             self._save(self.checkpoint)
         return entry
+
+    def _keep(self, entry: EpochLog) -> None:
+        """Remember `entry`'s weights if `train.keep` prefers them to the kept ones."""
+        if self.cfg.keep == "last":
+            self.result.best_epoch = entry.epoch  # the live weights: nothing to copy
+            return
+        score = entry.val_accuracy if self.cfg.keep == "best_val_accuracy" else -entry.val_loss
+        if score > self.best_score:  # the first of equal epochs, as Keras' checkpoints
+            self.best_score = score
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.result.best_epoch = entry.epoch
 
     def validate(self) -> tuple[float, dict[str, float]]:
         """-> validation loss (weighted like training) and `val_*` metrics, per recording:
@@ -394,28 +436,13 @@ class SeedTrainer:
             self.side,
             self.task.head,
         )
-        rows = self.val_rows
-        if "window" in self.cache.index.columns:
-            from tympan.evaluation.report import per_recording
-
-            how = self.aggregate
-            classify = self.task.kind == "classification"
-            first, combined = per_recording(
-                self.cache.index.iloc[rows], {"val": outputs}, how, classify
-            )
-            outputs, rows = combined["val"], rows[first]
-        targets = self.targets[rows]
-        if self.task.kind == "classification":
-            metrics = classification_metrics(targets, outputs)
-            loss = _nll(outputs, targets, self.weight)
-        else:
-            metrics = regression_metrics(targets, outputs[:, 0])
-            errors = outputs[:, 0].astype(np.float64) - targets
-            loss = float(np.mean(errors**2 if self.task.criterion == "mse" else np.abs(errors)))
-        return loss, {f"val_{k}": v for k, v in metrics.items()}
+        return score_validation(
+            self.cache, self.val_rows, outputs, self.targets, self.task, self.aggregate, self.weight
+        )
 
     def finish(self) -> SeedResult:
-        self.model.load_state_dict(self.best_state)
+        if self.cfg.keep != "last":
+            self.model.load_state_dict(self.best_state)
         return self.result
 
     # --- checkpoints --------------------------------------------------------------------
@@ -426,7 +453,7 @@ class SeedTrainer:
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "plateau": self.plateau.state_dict(),
+            "plateau": None if self.plateau is None else self.plateau.state_dict(),
             "scaler": self.scaler.state_dict(),
             "torch_rng": self._torch_state,
             "cuda_rng": self._cuda_state,
@@ -435,6 +462,7 @@ class SeedTrainer:
             "wave_augmenter": None if inputs is None else inputs.augment.state_dict(),
             "best_state": self.best_state,
             "best_loss": self.best_loss,
+            "best_score": self.best_score,
             "waited": self.waited,
             "best_epoch": self.result.best_epoch,
             "stopped_early": self.result.stopped_early,
@@ -455,7 +483,8 @@ class SeedTrainer:
             return  # another run's checkpoint: start afresh (it is overwritten after epoch 1)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.plateau.load_state_dict(state["plateau"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
         self.scaler.load_state_dict(state["scaler"])
         self._torch_state = state["torch_rng"]
         if self._cuda_state is not None and state["cuda_rng"] is not None:
@@ -467,10 +496,27 @@ class SeedTrainer:
             self.inputs.augment.load_state_dict(state["wave_augmenter"])
         self.best_state = state["best_state"]
         self.best_loss, self.waited = state["best_loss"], state["waited"]
+        self.best_score = state["best_score"]
         self.result.best_epoch = state["best_epoch"]
         self.result.stopped_early = state["stopped_early"]
         self.result.history = [EpochLog(**e) for e in state["history"]]
         self.result.resumed_at = len(self.result.history)
+
+
+def _waves(cache: FeatureCache, kind: str) -> np.ndarray:
+    if cache.waves is None:
+        raise ValueError(
+            f"augment.{kind}_* needs the waveforms in the feature cache, and this one has "
+            "none: re-run featurize with the same augment params (`dvc repro` does)"
+        )
+    return cache.waves
+
+
+def _cache_features(cache: FeatureCache) -> Any:
+    """The feature params the cache was computed with."""
+    return params_from_dict(
+        {"features": cache.meta["params"]}, source="feature cache meta.json"
+    ).features
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -497,15 +543,20 @@ def fit(
     fingerprint: str = "",
     aggregate: str = "mean",
 ) -> SeedResult:
-    """Train one seed until `cfg.epochs` or `cfg.patience` epochs without a lower val loss.
+    """Train one seed for `cfg.epochs`, or until `cfg.patience` epochs without a lower val
+    loss with `cfg.early_stopping`.
 
-    `augment` applies to training batches only. The returned model holds the weights of its
-    best epoch (lowest validation loss). With `checkpoint`, see `SeedTrainer`; `on_epoch` is
-    called for the epochs restored from it too, so a resumed run logs its whole curve.
+    `augment` applies to training batches only. The returned model holds the weights of the
+    epoch `cfg.keep` names. Validation scores recordings, a segmented recording's windows
+    combined by `aggregate` (`segment.aggregate`). With `checkpoint`, see `SeedTrainer`;
+    `on_epoch` is called for the epochs restored from it too, so a resumed run logs its whole
+    curve.
     """
     if model_cfg.classical:
-        return fit_classical(cache, model_cfg, cfg, seed)
-    trainer = SeedTrainer(cache, model_cfg, cfg, seed, device, augment, checkpoint, fingerprint)
+        return fit_classical(cache, model_cfg, cfg, seed, aggregate)
+    trainer = SeedTrainer(
+        cache, model_cfg, cfg, seed, device, augment, checkpoint, fingerprint, aggregate
+    )
     if on_epoch is not None:
         for entry in trainer.result.history:
             on_epoch(entry)
@@ -535,10 +586,14 @@ def _postfix(entry: EpochLog) -> dict[str, str]:
 
 
 def fit_classical(
-    cache: FeatureCache, model_cfg: ModelConfig, cfg: TrainConfig, seed: int
+    cache: FeatureCache,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    seed: int,
+    aggregate: str = "mean",
 ) -> SeedResult:
     """Fit a scikit-learn baseline on the normalised train rows (one "epoch"); validation
-    metrics as for a network."""
+    metrics as for a network (per recording, windows combined by `aggregate`)."""
     seed_everything(seed)
     task = task_for(cfg, cache.labels, classical=True)
     model = build_model(
@@ -555,14 +610,40 @@ def fit_classical(
     model.net.fit(x, targets[rows], regression=not classify, seed=seed)
     val_rows = cache.rows("val")
     outputs = predict(model, cache.features, val_rows, 256, torch.device("cpu"), None, task.head)
-    if classify:
-        val = classification_metrics(targets[val_rows], outputs)
-        loss = _nll(outputs, targets[val_rows], None)
-    else:
-        val = regression_metrics(targets[val_rows], outputs[:, 0])
-        loss = float(np.mean((outputs[:, 0] - targets[val_rows]) ** 2))
-    entry = EpochLog(1, math.nan, loss, math.nan, {f"val_{k}": v for k, v in val.items()})
+    loss, val = score_validation(cache, val_rows, outputs, targets, task, aggregate, None)
+    entry = EpochLog(1, math.nan, loss, math.nan, val)
     return SeedResult(seed=seed, model=model, history=[entry], best_epoch=1)
+
+
+def score_validation(
+    cache: FeatureCache,
+    rows: np.ndarray,
+    outputs: np.ndarray,
+    targets: np.ndarray,
+    task: Task,
+    aggregate: str,
+    weight: torch.Tensor | None,
+) -> tuple[float, dict[str, float]]:
+    """Validation loss and `val_*` metrics of `outputs` `(len(rows), k)` for `rows`, per
+    recording: with windows in the index, a recording's windows are combined by `aggregate`
+    (mean or max, as evaluation and serving combine them) before scoring."""
+    if "window" in cache.index.columns:
+        from tympan.evaluation.report import per_recording
+
+        classify = task.kind == "classification"
+        first, combined = per_recording(
+            cache.index.iloc[rows], {"val": outputs}, aggregate, classify
+        )
+        outputs, rows = combined["val"], rows[first]
+    targets = targets[rows]
+    if task.kind == "classification":
+        metrics = classification_metrics(targets, outputs)
+        loss = _nll(outputs, targets, weight)
+    else:
+        metrics = regression_metrics(targets, outputs[:, 0])
+        errors = outputs[:, 0].astype(np.float64) - targets
+        loss = float(np.mean(errors**2 if task.criterion == "mse" else np.abs(errors)))
+    return loss, {f"val_{k}": v for k, v in metrics.items()}
 
 
 def _nll(probs: np.ndarray, targets: np.ndarray, weight: torch.Tensor | None) -> float:

@@ -175,7 +175,8 @@ def study_name(params: Params, feature_key: str) -> str:
         "tune": tune,
         "features": feature_key,
     }
-    if params.augment.enabled:  # kept out when off, so studies from before augment resume
+    # kept out when off, so studies from before augment resume
+    if params.augment.enabled or params.augment.copies:
         identity["augment"] = to_dict(params.augment)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.tune.study_name}-{digest}"
@@ -300,7 +301,7 @@ def parent_run(study: optuna.Study, params: Params) -> str:
 
 
 def _best_value(trainer: SeedTrainer, metric: str) -> float:
-    """The seed's `metric` at its best epoch so far (the weights early stopping keeps)."""
+    """The seed's `metric` at the epoch whose weights it keeps so far (`train.keep`)."""
     return float(trainer.best.metric(metric))
 
 
