@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, help="best params file (the stage's output)")
     tune.add_argument("--trials", type=Path, help="trials table (the stage's output)")
     tune.add_argument(
+        "--summary", type=Path, help="the study's figures, a DVC metrics file (the stage's output)"
+    )
+    tune.add_argument(
         "--worker",
         action="store_true",
         help="only work on the shared study's queued trials; write nothing",
@@ -222,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
 
     run = getattr(stages, f"run_{args.command}")
     paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
-    if args.command == "tune" and not args.worker and (args.out is None or args.trials is None):
-        sys.exit("tympan tune: --out and --trials are required unless --worker")
+    if args.command == "tune" and not args.worker and None in (args.out, args.trials, args.summary):
+        sys.exit("tympan tune: --out, --trials and --summary are required unless --worker")
     try:
         run(params, **paths)
     except (

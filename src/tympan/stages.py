@@ -15,12 +15,12 @@ import shutil
 import statistics
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -36,6 +36,9 @@ from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict, resolve_device
 from tympan.training.loop import task_for
+
+if TYPE_CHECKING:
+    from tympan.tuning.best import Tuned
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +100,30 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     )
 
 
-def _tuned(params: Params, tuned: Path | None) -> tuple[Params, dict]:
-    """Params with the tune stage's best values applied (none when tuning was off)."""
-    if tuned is None:
-        return params, {}
-    from tympan.tuning.space import apply_overrides
+def _tuned(params: Params, tuned: Path | None) -> tuple[Params, Tuned]:
+    """Params with the tune stage's best values applied over them, each one printed with the
+    params file's value it replaces (a param in tune.space is the search's)."""
+    from tympan.tuning.best import Tuned, apply_tuned, read_best_params
 
-    found = yaml.safe_load(tuned.read_text()) or {}
-    overrides = found.get("params") or {}
-    if not overrides:
-        return params, {}
-    return apply_overrides(params, overrides, source=str(tuned)), found
+    if tuned is None:
+        return params, Tuned()
+    found = read_best_params(tuned)
+    params, lines = apply_tuned(params, found, tuned)
+    if not lines:
+        print(f"train: {tuned} sets nothing (tuning off); the params file alone")
+        return params, found
+    print(
+        f"train: {len(lines)} param(s) from {tuned} ({found.describe()}) override the params "
+        "file: the search owns every param in tune.space"
+    )
+    for line in lines:
+        print(f"  {line}")
+    first = sorted(found.values)[0]
+    print(
+        "  to train with the params file's value, take it out of the search: "
+        f"dvc exp run -S '~tune.space.{first}'"
+    )
+    return params, found
 
 
 def run_train(
@@ -124,12 +140,16 @@ def run_train(
         {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
-    if tuning:
+    if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
-            {"optuna.study": tuning["study"], "optuna.best_trial": str(tuning["best_trial"])}
+            {
+                "optuna.study": str(tuning.study),
+                "optuna.best_trial": str(tuning.trial),
+                "tympan.tuned_params": ", ".join(sorted(tuning.values)),
+            }
         )
     history: list[dict] = []
-    record: dict = {"seeds": {}}
+    record: dict = {"seeds": {}, "tuned": tuning.values}
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
@@ -293,10 +313,12 @@ def run_tune(
     features: Path,
     out: Path | None,
     trials: Path | None,
+    summary: Path | None = None,
     worker: bool = False,
     wait_s: float = 0.0,
 ) -> None:
-    """The tune stage (writes `out` and `trials`) or a worker on a shared study (writes nothing)."""
+    """The tune stage (writes `out`, `trials` and `summary`) or a worker on a shared study
+    (writes nothing)."""
     from tympan.tuning.report import write_disabled, write_outputs
     from tympan.tuning.space import validate_space
     from tympan.tuning.study import (
@@ -319,7 +341,7 @@ def run_tune(
             raise TuneError(
                 "tune.enabled is false in the params file: there is no study to work on"
             )
-        write_disabled(out, trials)
+        write_disabled(out, trials, summary)
         print(f"tune: disabled (tune.enabled: false); train uses the params file as it is ({out})")
         return
     validate_space(params)
@@ -339,7 +361,8 @@ def run_tune(
         print(
             f"tune: study {study.study_name} in {masked(storage_url(params.tune))} (from "
             f"{storage_source(params.tune)}), {added} trial(s) queued, "
-            f"{params.tune.n_trials} in all"
+            f"{params.tune.n_trials} in all; searching {', '.join(params.tune.dimensions)} "
+            "(train takes their values from the best trial, not from the params file)"
         )
     objective = make_objective(params, cache, device, parent_run(study, params))
     if worker:
@@ -349,11 +372,13 @@ def run_tune(
     wait_for_study(
         study, objective, params.tune.timeout_s, poll_s=max(1.0, params.tune.heartbeat_s / 4)
     )
-    summary = write_outputs(study, params, study.user_attrs["mlflow_parent_run_id"], out, trials)
+    best = write_outputs(
+        study, params, study.user_attrs["mlflow_parent_run_id"], out, trials, summary
+    )
     print(
-        f"tune: best trial {summary['best_trial']} {summary['metric']} {summary['value']:.4f} "
-        f"+- {summary['seed_std']:.4f} with {summary['params']}; {summary['trials']}, "
-        f"{summary['epochs_trained']} seed-epochs -> {out}"
+        f"tune: best trial {best['best_trial']} {best['metric']} {best['value']:.4f} "
+        f"+- {best['seed_std']:.4f} with {best['params']}; {best['trials']}, "
+        f"{best['epochs_trained']} seed-epochs -> {out}"
     )
 
 
