@@ -134,7 +134,8 @@ def _summary(registered: Path, metrics: Path) -> None:
     test = json.loads(metrics.read_text())
     ens, mean, std = test["ensemble"], test["seed_mean"], test["seed_std"]
     uri = reg["tracking_uri"]
-    print(f"\nRegistered model: {reg['name']} version {reg['version']} -> @{reg['alias']}")
+    alias = f"@{reg['alias']}" if reg["alias"] else "no alias"
+    print(f"\nRegistered model: {reg['name']} version {reg['version']} -> {alias}")
     print(f"  {reg['reason']}")
     print(
         f"Test metrics on {test['n_test']} clips (ensemble of {len(test['seeds'])} seeds; "

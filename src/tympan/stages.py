@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -446,16 +447,21 @@ def run_evaluate(
     _write_json(test_set, held_out)
     ensemble, mean, std = results["ensemble"], results["seed_mean"], results["seed_std"]
 
+    # run again on the same models (DVC without its run-cache, `dvc repro -f`), evaluate
+    # logs nothing twice: each metric's history gains a point only when its value changed
     tracking.connect()
-    client = MlflowClient()
     for seed, values in results["seeds"].items():
         run_id = record["seeds"][seed]["run_id"]
-        for key, value in values.items():
-            client.log_metric(run_id, f"test_{key}", value)
+        tracking.log_metrics_once(run_id, {f"test_{k}": v for k, v in values.items()})
+    tracking.log_metrics_once(
+        record["parent_run_id"],
+        {
+            **{f"test_{k}": v for k, v in ensemble.items()},
+            **{f"test_seed_mean_{k}": v for k, v in mean.items()},
+            **{f"test_seed_std_{k}": v for k, v in std.items()},
+        },
+    )
     with mlflow.start_run(run_id=record["parent_run_id"]):
-        mlflow.log_metrics({f"test_{k}": v for k, v in ensemble.items()})
-        mlflow.log_metrics({f"test_seed_mean_{k}": v for k, v in mean.items()})
-        mlflow.log_metrics({f"test_seed_std_{k}": v for k, v in std.items()})
         mlflow.log_artifacts(str(metrics), "metrics")
         mlflow.log_artifacts(str(plots), "plots")
         mlflow.log_artifact(str(test_set), "metrics")
@@ -543,12 +549,17 @@ def run_register(
     card: Path,
 ) -> None:
     """Log and register the pyfunc; `@champion` on evidence (same test set, better by more than
-    `register.min_delta`), else `@challenger`; tags, reason and model card on the version."""
+    `register.min_delta`), else `@challenger`; tags, reason and model card on the version.
+
+    Idempotent: a model already registered under `register.name` with the same bundle (weights,
+    statistics, labels, params) and the same test set is not logged or registered again."""
     from mlflow.models import validate_serving_input
     from mlflow.models.utils import load_serving_example
 
     from tympan.evaluation.card import CardInputs, model_card, promotion
+    from tympan.serving.bundle import bundle_digest
     from tympan.serving.pyfunc import log_audio_model
+    from tympan.tuning.space import apply_overrides
 
     cfg = params.register
     record = json.loads((models / TRAIN_RECORD).read_text())
@@ -559,10 +570,17 @@ def run_register(
             f"register.metric={cfg.metric!r} is not among the test metrics "
             f"({', '.join(results['ensemble'])}) in {metrics / 'test.json'}"
         )
+    if record.get("tuned"):  # the card shows what was trained: the tuned values included
+        params = apply_overrides(params, record["tuned"], source=str(models / TRAIN_RECORD))
     value = results["ensemble"][cfg.metric]
     spread = results["seed_std"][cfg.metric]
     tracking.connect()
     client = MlflowClient()
+    digest = bundle_digest(models / BUNDLE)
+    existing = _registered(client, cfg.name, digest, held_out["hash"])
+    if existing is not None:
+        _keep_registered(client, existing, digest, held_out, out, card)
+        return
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
         info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
         tags = dict(run.data.tags)
@@ -580,6 +598,7 @@ def run_register(
         "dvc.manifest": tags.get("dvc.manifest", "unknown"),
         "dvc.features": tags.get("dvc.features", "unknown"),
         "tympan.preset": params.preset,
+        "tympan.bundle": digest,
         "tympan.test_set": held_out["hash"],
         "tympan.metric": cfg.metric,
         f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
@@ -638,9 +657,57 @@ def run_register(
         "model_uri": f"models:/{cfg.name}/{version}",
         "run_id": record["parent_run_id"],
         "tracking_uri": tracking.tracking_uri(),
+        "new_version": True,
     }
     _write_json(out, result)
     print(f"register: {cfg.name} v{version} -> @{alias} ({reason})")
+
+
+def _registered(client: MlflowClient, name: str, bundle: str, test_set: str) -> ModelVersion | None:
+    """The first version of `name` holding this bundle, tested on this test set; else None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`tympan.bundle` = '{bundle}'")
+    same = [v for v in found if v.tags.get("tympan.test_set") == test_set]
+    if not same:
+        return None
+    first = min(same, key=lambda v: int(v.version))
+    return client.get_model_version(name, first.version)  # search results carry no aliases
+
+
+def _keep_registered(
+    client: MlflowClient,
+    version: ModelVersion,
+    bundle: str,
+    held_out: dict,
+    out: Path,
+    card: Path,
+) -> None:
+    """The register stage's outputs for a model that is already a version: its card and
+    record, and a line that says no version was added."""
+    aliases = sorted(version.aliases)
+    metric = version.tags.get("tympan.metric", "")
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(version.description or "")
+    result = {
+        "name": version.name,
+        "version": int(version.version),
+        "alias": aliases[0] if aliases else None,
+        "reason": version.tags.get("tympan.promotion", ""),
+        "metric": metric,
+        "value": float(version.tags.get(f"test_{metric}", "nan")),
+        "seed_std": float(version.tags.get(f"test_{metric}_seed_std", "nan")),
+        "test_set": held_out["hash"],
+        "model_uri": f"models:/{version.name}/{version.version}",
+        "run_id": version.run_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "new_version": False,
+    }
+    _write_json(out, result)
+    held = ", ".join(f"@{a}" for a in aliases) or "no alias"
+    print(
+        f"register: {version.name} v{version.version} ({held}) already holds this model "
+        f"(bundle sha256 {bundle[:12]}) tested on the same test set "
+        f"({held_out['hash'][:12]}); no new version, aliases unchanged"
+    )
 
 
 def _read_optional(path: Path) -> dict:
