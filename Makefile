@@ -11,9 +11,16 @@ PYTHON ?= python3
 export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlruns.db
 
-.PHONY: setup run test lint
+.PHONY: setup remote run test lint
 
 setup: $(STAMP)
+
+# This machine's default DVC remote, unless one is set: a folder beside the project, in
+# .dvc/config.local (not committed: a clone elsewhere cannot reach it, so it has none until
+# it adds one, and `dvc pull` then says `dvc remote add -d <remote name> <remote url>`).
+remote:
+	@dvc remote default >/dev/null 2>&1 || \
+		dvc remote add --local --default local ../tympan-dvc-remote
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +29,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-run: setup
+run: setup remote
 	dvc repro
 	tympan summary
 

@@ -57,7 +57,8 @@ def repo(tmp_path_factory) -> Path:
         ["git", "config", "user.email", "t@example.com"],
         ["git", "config", "user.name", "t"],
         ["dvc", "init", "-q"],
-        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],  # the project's default remote
+        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],
+        ["make", "-s", "-f", str(REPO / "Makefile"), "remote"],  # this machine's default remote
         ["git", "add", "-A"],
         ["git", "commit", "-qm", "init"],
     ):
@@ -208,7 +209,8 @@ def test_enabled_tune_feeds_its_best_params_to_train(repo):
 
 
 def test_default_local_remote_push_and_pull(repo):
-    """`dvc push`/`dvc pull` work out of the box: the remote is a folder beside the project."""
+    """`dvc push`/`dvc pull` work after `make run` (`make remote`): this machine's default
+    remote is a folder beside the project."""
     remote = (repo.parent / "tympan-dvc-remote").resolve()
     assert "local" in _run(repo, "dvc", "remote", "list")
     _run(repo, "dvc", "push")
