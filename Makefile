@@ -15,12 +15,13 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlruns.db
 
 setup: $(STAMP)
 
-# This machine's default DVC remote, unless one is set: a folder beside the project, in
-# .dvc/config.local (not committed: a clone elsewhere cannot reach it, so it has none until
-# it adds one, and `dvc pull` then says `dvc remote add -d <remote name> <remote url>`).
+# The default DVC remote `local` (.dvc/config) on this machine: a folder beside the project,
+# in .dvc/config.local. Not committed: a clone elsewhere cannot reach that folder, so there
+# `dvc pull` fails with "remote 'local' doesn't exist" until it is told where the data is
+# (README, "What a clone can pull").
 remote:
-	@dvc remote default >/dev/null 2>&1 || \
-		dvc remote add --local --default local ../tympan-dvc-remote
+	@dvc remote list | grep -qE '^local[[:space:]]' || \
+		dvc remote add --local local ../tympan-dvc-remote
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
