@@ -53,6 +53,7 @@ def run(params, features: Path, workdir: Path, **tune) -> tuple[optuna.Study, fl
         features,
         workdir / f"{tune['study_name']}.yaml",
         workdir / f"{tune['study_name']}.csv",
+        workdir / f"{tune['study_name']}.json",
     )
     elapsed = time.perf_counter() - start
     name = study_name(params, open_cache(features).meta["key"])
