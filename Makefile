@@ -11,9 +11,17 @@ PYTHON ?= python3
 export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlruns.db
 
-.PHONY: setup run test lint
+.PHONY: setup remote run test lint
 
 setup: $(STAMP)
+
+# The default DVC remote `local` (.dvc/config) on this machine: a folder beside the project,
+# in .dvc/config.local. Not committed: a clone elsewhere cannot reach that folder, so there
+# `dvc pull` fails with "remote 'local' doesn't exist" until it is told where the data is
+# (README, "What a clone can pull").
+remote:
+	@dvc remote list | grep -qE '^local[[:space:]]' || \
+		dvc remote add --local local ../tympan-dvc-remote
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-run: setup
+run: setup remote
 	dvc repro
 	tympan summary
 

@@ -1,4 +1,7 @@
-"""S5's hand search as an Optuna grid, against TPE with median pruning, on the same space.
+"""S5's hand search as an Optuna grid, against TPE with median pruning over the same values.
+
+The grid searches epochs (10, 20) as S5 did; TPE with pruning may not (trials would be compared
+at unequal budgets), so it runs every trial up to 20 epochs with early stopping instead.
 
     .venv/bin/python benchmarks/tuning.py --features data/features   # after `dvc repro`
 
@@ -27,10 +30,19 @@ from tympan.features import open_cache
 from tympan.tuning.study import study_name
 
 S5_SPACE = {
-    "model.dropout": SearchParam("categorical", choices=(0.3, 0.5, 0.7)),
-    "train.batch_size": SearchParam("categorical", choices=(16, 32)),
-    "train.epochs": SearchParam("categorical", choices=(10, 20)),
+    "model": {"dropout": SearchParam("categorical", choices=(0.3, 0.5, 0.7))},
+    "train": {
+        "batch_size": SearchParam("categorical", choices=(16, 32)),
+        "epochs": SearchParam("categorical", choices=(10, 20)),
+    },
 }
+# With a pruner, epochs is the budget rather than a dimension (trials are compared epoch by
+# epoch): TPE runs every trial up to the grid's largest, 20, with early stopping.
+PRUNED_SPACE = {
+    "model": S5_SPACE["model"],
+    "train": {"batch_size": S5_SPACE["train"]["batch_size"]},
+}
+PRUNED_EPOCHS = 20
 
 
 def run(params, features: Path, workdir: Path, **tune) -> tuple[optuna.Study, float]:
@@ -41,6 +53,7 @@ def run(params, features: Path, workdir: Path, **tune) -> tuple[optuna.Study, fl
         features,
         workdir / f"{tune['study_name']}.yaml",
         workdir / f"{tune['study_name']}.csv",
+        workdir / f"{tune['study_name']}.json",
     )
     elapsed = time.perf_counter() - start
     name = study_name(params, open_cache(features).meta["key"])
@@ -66,16 +79,29 @@ def main() -> None:
             "enabled": True,
             "seeds": tuple(args.seeds),
             "metric": "val_accuracy",
-            "space": S5_SPACE,
             "storage": f"sqlite:///{workdir / 'optuna.db'}",
             "n_trials": 12,
             "sampler_seed": 0,
         }
         grid, grid_s = run(
-            base, args.features, workdir, sampler="grid", pruner="none", study_name="grid", **common
+            base,
+            args.features,
+            workdir,
+            sampler="grid",
+            pruner="none",
+            study_name="grid",
+            space=S5_SPACE,
+            **common,
         )
         tpe, tpe_s = run(
-            base, args.features, workdir, sampler="tpe", pruner="median", study_name="tpe", **common
+            replace(base, train=replace(base.train, epochs=PRUNED_EPOCHS)),
+            args.features,
+            workdir,
+            sampler="tpe",
+            pruner="median",
+            study_name="tpe",
+            space=PRUNED_SPACE,
+            **common,
         )
 
     grid_epochs = sum(epochs(t) for t in grid.trials)
@@ -90,7 +116,8 @@ def main() -> None:
             break
     pruned = len(tpe.get_trials(states=(TrialState.PRUNED,)))
     print(
-        f"\nS5 space (dropout x batch x epochs = 12 points), seeds {args.seeds}, "
+        f"\nS5 space (dropout x batch x epochs = 12 points; TPE: dropout x batch, up to "
+        f"{PRUNED_EPOCHS} epochs with early stopping), seeds {args.seeds}, "
         f"features {args.features} ({open_cache(args.features).features.shape[0]} clips)"
     )
     print(

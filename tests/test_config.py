@@ -179,7 +179,7 @@ INF, NAN = float("inf"), float("nan")
         ("tune.sampler_seed", 2**32, "=4294967296", "an integer in [0, 4294967295]"),
         (
             "tune.space",
-            {"train.lr": {"low": NAN, "high": 0.1}},
+            {"train": {"lr": {"low": NAN, "high": 0.1}}},
             ".train.lr.low=nan",
             "a finite number",
         ),

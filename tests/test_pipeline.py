@@ -57,7 +57,8 @@ def repo(tmp_path_factory) -> Path:
         ["git", "config", "user.email", "t@example.com"],
         ["git", "config", "user.name", "t"],
         ["dvc", "init", "-q"],
-        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],  # the project's default remote
+        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],
+        ["make", "-s", "-f", str(REPO / "Makefile"), "remote"],  # this machine's default remote
         ["git", "add", "-A"],
         ["git", "commit", "-qm", "init"],
     ):
@@ -78,8 +79,7 @@ def test_repro_runs_every_stage_then_nothing(repo):
         "register",
     }
     assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == {
-        "tuned": False,
-        "params": {},
+        "optuna": {"study": None, "trial": None}  # no values: train reads params.yaml alone
     }
     metrics = json.loads((repo / "metrics/test.json").read_text())
     assert metrics["n_test"] > 0 and set(metrics["seeds"]) == {"0", "1"}
@@ -183,14 +183,14 @@ def test_enabled_tune_feeds_its_best_params_to_train(repo):
         sampler="grid",
         pruner="none",
         storage="sqlite:///optuna.db",
-        space={"train.lr": {"type": "categorical", "choices": [0.002, 0.004]}},
+        space={"train": {"lr": {"type": "categorical", "choices": [0.002, 0.004]}}},
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     output = _run(repo, "dvc", "repro")
     assert _ran(output) == {"tune", "train", "evaluate", "register"}
+    assert json.loads((repo / "tuning/summary.json").read_text())["trials_complete"] == 2
     best = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
-    assert best["tuned"] is True and best["trials"]["complete"] == 2
-    assert best["params"]["train.lr"] in (0.002, 0.004)
+    assert best["tuned"]["train"]["lr"] in (0.002, 0.004)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("tympan-demo")
     runs = client.search_runs(
@@ -199,8 +199,8 @@ def test_enabled_tune_feeds_its_best_params_to_train(repo):
         order_by=["attributes.start_time DESC"],
     )
     latest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert latest.data.params["train.lr"] == str(best["params"]["train.lr"])
-    assert latest.data.tags["optuna.best_trial"] == str(best["best_trial"])
+    assert latest.data.params["train.lr"] == str(best["tuned"]["train"]["lr"])
+    assert latest.data.tags["optuna.best_trial"] == str(best["optuna"]["trial"])
     tune_runs = client.search_runs(
         [experiment.experiment_id], filter_string="tags.`tympan.stage` = 'tune'"
     )
@@ -209,7 +209,8 @@ def test_enabled_tune_feeds_its_best_params_to_train(repo):
 
 
 def test_default_local_remote_push_and_pull(repo):
-    """`dvc push`/`dvc pull` work out of the box: the remote is a folder beside the project."""
+    """`dvc push`/`dvc pull` work after `make run` (`make remote`): this machine's default
+    remote is a folder beside the project."""
     remote = (repo.parent / "tympan-dvc-remote").resolve()
     assert "local" in _run(repo, "dvc", "remote", "list")
     _run(repo, "dvc", "push")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -54,11 +55,22 @@ PG_PASSWORD = f"pw-{secrets.token_hex(12)}"
 PASSWORD_VARIABLES = (TUNE_STORAGE_ENV, "PGPASSWORD", "PGPASSFILE")
 
 
+def nested(space: dict[str, SearchParam]) -> dict[str, dict[str, SearchParam]]:
+    """`{"train.lr": spec}` as params.yaml holds it: `{"train": {"lr": spec}}`."""
+    out: dict[str, dict[str, SearchParam]] = {}
+    for name, spec in space.items():
+        section, key = name.split(".", 1)
+        out.setdefault(section, {})[key] = spec
+    return out
+
+
 def tune_params(tmp: Path, **tune) -> Params:
-    """The repo's params shrunk to the tone cache: tiny model, a few epochs, two seeds."""
+    """The repo's params shrunk to the tone cache: tiny model, a few epochs, two seeds.
+    `space` is given by param name (`{"train.lr": SearchParam(...)}`)."""
     from tympan.config import load_params
 
     base = load_params(REPO / "params.yaml")
+    tune["space"] = nested(tune.get("space", SMALL_SPACE))
     cfg = replace(
         TuneConfig(),
         enabled=True,
@@ -69,7 +81,6 @@ def tune_params(tmp: Path, **tune) -> Params:
         storage=f"sqlite:///{tmp / 'optuna.db'}",
         study_name="t",
         heartbeat_s=1,
-        space=SMALL_SPACE,
     )
     return replace(
         base,
@@ -81,8 +92,11 @@ def tune_params(tmp: Path, **tune) -> Params:
 
 
 def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
-    stages.run_tune(params, cache_dir, tmp / "best.yaml", tmp / "trials.csv", **kw)
-    return yaml.safe_load((tmp / "best.yaml").read_text())
+    """Run the tune stage; -> its metrics file (best value, trials per state, seed-epochs)."""
+    stages.run_tune(
+        params, cache_dir, tmp / "best.yaml", tmp / "trials.csv", tmp / "summary.json", **kw
+    )
+    return json.loads((tmp / "summary.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -94,7 +108,7 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
         ({"train.task": SearchParam("categorical", choices=("a", "b"))}, "not a tunable param"),
         (
             {"optimizer.lr": SearchParam("float", 0.1, 0.9)},
-            "must be model.<field>, train.<field> or augment.<field>",
+            r"tune.space.optimizer is not a section the search can set \(tune.space.<section>",
         ),
         ({"train.seeds": SearchParam("categorical", choices=(1, 2))}, "not a tunable param"),
         ({"train.batch_size": SearchParam("categorical", choices=(32,))}, "fewer than two"),
@@ -124,6 +138,13 @@ def _run_tune(params: Params, cache_dir: Path, tmp: Path, **kw) -> dict:
             {"augment.noise_p": SearchParam("float", 0.1, 1.5)},
             r"augment.noise_p=1.5 is out of range: must be a number in \[0, 1\]",
         ),
+        (  # what `-S tune.space.model.dropout={type: categorical, ...}` merges into a range
+            {"model.dropout": SearchParam("categorical", 0.1, 0.6, choices=(0.1, 0.3))},
+            r"tune.space.model.dropout is categorical but also has low, high; to replace a "
+            r"dimension from the command line, drop it first: dvc exp run "
+            r"-S '~tune.space.model.dropout' -S '\+tune.space.model.dropout=",
+        ),
+        ({"train.lr": SearchParam("float", 1e-4, 1e-2, choices=(1e-3,))}, "also has choices"),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, message):
@@ -140,7 +161,10 @@ def test_grid_reproduces_the_s5_table():
         "train.batch_size": SearchParam("categorical", choices=(16, 32)),
         "train.epochs": SearchParam("int", 10, 20, step=10),
     }
-    params = replace(Params(), tune=replace(TuneConfig(), sampler="grid", space=space))
+    params = replace(
+        Params(), tune=replace(TuneConfig(), sampler="grid", pruner="none", space=nested(space))
+    )
+    validate_space(params)  # epochs as a plain parameter: allowed without a pruner
     grid = grid_values(params)
     assert grid == {
         "model.dropout": [0.3, 0.5, 0.7],
@@ -152,7 +176,8 @@ def test_grid_reproduces_the_s5_table():
             replace(
                 params,
                 tune=replace(
-                    params.tune, space={"train.lr": SearchParam("float", 1e-4, 1e-2, log=True)}
+                    params.tune,
+                    space=nested({"train.lr": SearchParam("float", 1e-4, 1e-2, log=True)}),
                 ),
             )
         )
@@ -201,22 +226,41 @@ def test_lockstep_seeds_equal_sequential_fit(tone_cache):
 
 def test_study_writes_best_params_and_tracks_every_trial(tmp_path, tone_cache_dir, mlflow_store):
     params = tune_params(tmp_path)
-    best = _run_tune(params, tone_cache_dir, tmp_path)
-    assert best["tuned"] is True and best["trials"] == {"complete": 4, "pruned": 0, "fail": 0}
-    assert set(best["params"]) == {"model.dropout", "train.lr"}
-    assert best["epochs_trained"] == 4 * 2 * 3  # trials x seeds x epochs (no early stop)
+    figures = _run_tune(params, tone_cache_dir, tmp_path)
+    assert figures == {
+        "best_val_accuracy": pytest.approx(figures["best_val_accuracy"]),
+        "best_val_accuracy_seed_std": pytest.approx(figures["best_val_accuracy_seed_std"]),
+        "trials_complete": 4,
+        "trials_pruned": 0,
+        "trials_fail": 0,
+        "seed_epochs": 4 * 2 * 3,  # trials x seeds x epochs (no early stop)
+    }
     name = study_name(params, open_cache(tone_cache_dir).meta["key"])
     study = optuna.load_study(study_name=name, storage=params.tune.storage)
     combos = {(t.params["model.dropout"], t.params["train.lr"]) for t in study.trials}
     assert combos == {(0.1, 0.001), (0.1, 0.003), (0.3, 0.001), (0.3, 0.003)}  # the whole grid
-    assert best["value"] == pytest.approx(study.best_value)
+    assert figures["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert study.metric_names == ["val_accuracy"]  # the dashboard's value column
     for trial in study.trials:
         assert trial.user_attrs["seed_std"] >= 0 and len(trial.user_attrs["seed_values"]) == 2
         assert sorted(trial.intermediate_values) == [1, 2, 3]
+    # the best values in params.yaml's layout (a DVC params file of train), with their origin
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    winner = study.best_trial
+    assert best == {
+        "optuna": {"study": name, "trial": winner.number},
+        "tuned": {
+            "model": {"dropout": winner.params["model.dropout"]},
+            "train": {"lr": winner.params["train.lr"]},
+        },
+    }
 
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
-    assert parent.data.tags["optuna.best_trial"] == str(best["best_trial"])
+    assert parent.data.tags["optuna.best_trial"] == str(winner.number)
+    # one study name everywhere: the hashed one the dashboard lists
+    assert name.startswith("t-") and parent.data.tags["optuna.study"] == name
+    assert parent.info.run_name == f"tune-{name}"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     assert {"tuning/optimization_history.png", "tuning/param_importances.png"} <= artifacts
     runs = client.search_runs([parent.info.experiment_id])
@@ -226,6 +270,7 @@ def test_study_writes_best_params_and_tracks_every_trial(tmp_path, tone_cache_di
         assert run.data.tags["optuna.state"] == "complete"
         seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
         assert sorted(r.data.tags["tympan.seed"] for r in seeds) == ["0", "1"]
+        assert {r.data.tags["optuna.study"] for r in [run, *seeds]} == {name}
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     assert client.get_run(best_run).data.tags["tympan.best_trial"] == "true"
 
@@ -239,24 +284,64 @@ def test_rerun_resumes_and_a_larger_budget_continues(tmp_path, tone_cache_dir, m
         for t in optuna.load_study(study_name=name, storage=params.tune.storage).trials
     ]
     again = _run_tune(params, tone_cache_dir, tmp_path)  # same budget: nothing to run
-    assert again["trials"]["complete"] == 2
+    assert again["trials_complete"] == 2
     more = _run_tune(
         replace(params, tune=replace(params.tune, n_trials=3)), tone_cache_dir, tmp_path
     )
     study = optuna.load_study(study_name=name, storage=params.tune.storage)
-    assert more["trials"]["complete"] == 3 and len(study.trials) == 3
+    assert more["trials_complete"] == 3 and len(study.trials) == 3
     assert [(t.number, t.value) for t in study.trials[:2]] == first
     other = replace(params, train=replace(params.train, weight_decay=0.01))
     assert study_name(other, "k") != study_name(params, "k")  # a changed base starts anew
+
+
+def test_a_searched_params_value_is_not_part_of_the_study():
+    """Every trial sets the searched params itself, so their params.yaml values change no
+    trial: setting one (`-S train.lr=...` with tuning on) resumes the same study."""
+    params = tune_params(Path("/unused"))  # searches model.dropout and train.lr
+    searched = replace(params, train=replace(params.train, lr=0.123))
+    assert study_name(searched, "k") == study_name(params, "k")
+    fixed = replace(params, train=replace(params.train, batch_size=4))
+    assert study_name(fixed, "k") != study_name(params, "k")
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_epochs_are_the_budget_not_a_dimension_when_pruning(tmp_path, pruner):
+    """A pruner compares trials epoch by epoch; searching epochs would compare a 10-epoch
+    trial's last value with a 60-epoch trial's at unequal budgets."""
+    space = {"train.epochs": SearchParam("int", 10, 60, step=10), **SMALL_SPACE}
+    with pytest.raises(ConfigError, match=f"tune.space.train.epochs with tune.pruner={pruner}"):
+        validate_space(tune_params(tmp_path, pruner=pruner, space=space))
+    validate_space(tune_params(tmp_path, pruner="none", space=space))  # S5's grid
+    for name in ("params.yaml", *(f"pipelines/{p.name}" for p in REPO.glob("pipelines/*.yaml"))):
+        preset = load_params(REPO / name)
+        assert "train.epochs" not in preset.tune.dimensions or preset.tune.pruner == "none", name
+
+
+def test_the_space_is_nested_so_dvc_set_param_reaches_each_bound(tmp_path):
+    """`dvc exp run -S tune.space.train.lr.high=0.01` addresses tune -> space -> train -> lr
+    -> high; a flat `train.lr:` key cannot be reached that way, so it is refused with the form
+    to write."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["tune"]["space"]["train"]["lr"]["high"] == 0.003
+    raw["tune"]["space"] = {"train.lr": {"type": "float", "low": 0.0001, "high": 0.01}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert str(err.value) == (
+        f"{tmp_path / 'params.yaml'}: tune.space.train.lr is written flat; write the space "
+        "nested by section so `dvc exp run -S tune.space.train.lr.high=...` can reach it: "
+        "space: {train: {lr: {type: float, low: 0.0001, high: 0.01}}}"
+    )
 
 
 def test_pruned_trials_are_recorded_as_pruned(tmp_path, tone_cache_dir, mlflow_store):
     space = {"train.lr": SearchParam("float", 1e-5, 1e-2, log=True)}
     params = tune_params(tmp_path, sampler="random", pruner="median", n_trials=8, space=space)
     params = replace(params, train=replace(params.train, epochs=6, patience=6))
-    best = _run_tune(params, tone_cache_dir, tmp_path)
-    assert best["trials"]["complete"] + best["trials"]["pruned"] == 8
-    assert best["trials"]["pruned"] >= 1  # lrs near 1e-5 barely learn: the median prunes them
+    figures = _run_tune(params, tone_cache_dir, tmp_path)
+    assert figures["trials_complete"] + figures["trials_pruned"] == 8
+    assert figures["trials_pruned"] >= 1  # lrs near 1e-5 barely learn: the median prunes them
     table = (tmp_path / "trials.csv").read_text()
     assert table.startswith("number,state,value")
 
@@ -275,6 +360,8 @@ def _stage_args(tmp: Path, cache_dir: Path) -> list[str]:
         str(tmp / "best.yaml"),
         "--trials",
         str(tmp / "trials.csv"),
+        "--summary",
+        str(tmp / "summary.json"),
     ]
 
 
@@ -373,7 +460,7 @@ def test_workers_share_one_study_on_postgresql(tmp_path, tone_cache_dir, postgre
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
     for trial in study.get_trials(states=(TrialState.FAIL,)):
         assert "tympan.surplus" in trial.user_attrs  # only a race-created extra may fail
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["trials"]["complete"] == len(
+    assert json.loads((tmp_path / "summary.json").read_text())["trials_complete"] == len(
         study.get_trials(states=(TrialState.COMPLETE,))
     )
     runs = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
@@ -422,10 +509,11 @@ def test_dashboard_reads_the_study_over_http(tmp_path, tone_cache_dir, mlflow_st
         studies = response.json()["study_summaries"]
         name = study_name(params, open_cache(tone_cache_dir).meta["key"])
         assert [s["study_name"] for s in studies] == [name]
-        trials = requests.get(
+        detail = requests.get(
             f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=10
-        ).json()["trials"]
-        assert len(trials) == 2
+        ).json()
+        assert len(detail["trials"]) == 2
+        assert detail["objective_names"] == ["val_accuracy"]  # not "Objective 0"
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # its server does not stop on SIGTERM
         server.wait(timeout=30)
@@ -536,7 +624,7 @@ def test_a_password_from_the_environment_is_never_recorded(
     name = study_name(params, open_cache(tone_cache_dir).meta["key"])
     study = optuna.load_study(study_name=name, storage=_role_url(postgres, PG_PASSWORD))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["storage"] == recorded
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["optuna"]["study"] == name
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.params["tune.storage"] == recorded

@@ -26,17 +26,20 @@ class _Recorder:
     def __getattr__(self, name: str):
         if name in FIELDS:
             self.read.add(name)
+        if name == "dense_dropout":  # a property over both fields
+            self.read |= {"head_dropout", "dropout"}
         return getattr(self._cfg, name)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_each_familys_declared_fields_are_what_its_builder_reads(name):
     cfg = _Recorder(replace(ModelConfig(), name=name))
-    model = build_model(cfg, (1, 64, 64), 3)
+    side = 67 if name == "alexnet2012" else 64  # its three pools need 67
+    model = build_model(cfg, (1, side, side), 3)
     if name in CLASSICAL:
         estimator(cfg, regression=False, seed=0)
     else:
-        model.eval()(torch.randn(2, 1, 64, 64))
+        model.eval()(torch.randn(2, 1, side, side))
     # side_dim is read to size the (empty) side-attribute input of every family
     assert cfg.read - {"side_dim"} == {"name", *FAMILY_FIELDS[name]} - {"classical_input"}
 
@@ -71,9 +74,11 @@ def test_used_params_follow_family_optimiser_device_and_augmentation():
     assert used["model"] == {
         "name": "bigru",
         "units": [32],
+        "steps": "frames",
         "head": [],
         "batch_norm": False,
         "dropout": 0.2,
+        "head_dropout": None,
     }
     assert {"momentum", "amp", "channels_last"} <= set(used["train"])
     assert used["augment"] == {"time_shift": 0.1, "mixup_alpha": 0.2}

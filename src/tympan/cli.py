@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", type=Path, help="best params YAML to write (the stage's output)")
     tune.add_argument("--trials", type=Path, help="trials CSV to write (the stage's output)")
     tune.add_argument(
+        "--summary", type=Path, help="the study's figures, a DVC metrics file (the stage's output)"
+    )
+    tune.add_argument(
         "--worker",
         action="store_true",
         help="only work on the shared study's queued trials; write nothing",
@@ -306,7 +309,8 @@ def _summary(registered: Path, metrics: Path) -> None:
     test = json.loads(metrics.read_text())
     ens, mean, std = test["ensemble"], test["seed_mean"], test["seed_std"]
     uri = reg["tracking_uri"]
-    print(f"\nRegistered model: {reg['name']} version {reg['version']} -> @{reg['alias']}")
+    alias = f"@{reg['alias']}" if reg["alias"] else "no alias"
+    print(f"\nRegistered model: {reg['name']} version {reg['version']} -> {alias}")
     print(f"  {reg['reason']}")
     print(
         f"Test metrics on {test['n_test']} clips (ensemble of {len(test['seeds'])} seeds; "
@@ -514,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
 
     run = getattr(stages, f"run_{args.command}")
     paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
-    if args.command == "tune" and not args.worker and (args.out is None or args.trials is None):
-        sys.exit("tympan tune: --out and --trials are required unless --worker")
+    if args.command == "tune" and not args.worker and None in (args.out, args.trials, args.summary):
+        sys.exit("tympan tune: --out, --trials and --summary are required unless --worker")
     try:
         run(params, **paths)
     except (

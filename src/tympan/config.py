@@ -564,7 +564,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class SearchParam:
-    """One dimension of the Optuna search space, keyed by `section.field` in `tune.space`."""
+    """One dimension of the Optuna search space: `tune.space.<section>.<field>`."""
 
     type: str = field(default="float", metadata=_choices("float", "int", "categorical"))
     # the target field's own range is checked on the values sampled at low and high
@@ -575,12 +575,15 @@ class SearchParam:
     choices: tuple[object, ...] | None = None
 
 
-def _default_space() -> dict[str, SearchParam]:
+def _default_space() -> dict[str, dict[str, SearchParam]]:
+    # train.epochs is the budget, not a dimension: with a pruner every trial runs up to it and
+    # early stopping keeps its best epoch (tympan.tuning.space.validate_space)
     return {
-        "model.dropout": SearchParam("float", 0.1, 0.6),
-        "train.batch_size": SearchParam("categorical", choices=(16, 32, 64)),
-        "train.epochs": SearchParam("int", 10, 60, step=10),
-        "train.lr": SearchParam("float", 1e-4, 3e-3, log=True),
+        "model": {"dropout": SearchParam("float", 0.1, 0.6)},
+        "train": {
+            "batch_size": SearchParam("categorical", choices=(16, 32, 64)),
+            "lr": SearchParam("float", 1e-4, 3e-3, log=True),
+        },
     }
 
 
@@ -618,7 +621,33 @@ class TuneConfig:
     storage: str = "sqlite:///optuna.db"
     study_name: str = "tympan-demo"
     heartbeat_s: int = field(default=30, metadata=_range(1))
-    space: dict[str, SearchParam] = field(default_factory=_default_space)
+    # nested by section and field (`space: {train: {lr: {...}}}`), so that every bound is a
+    # DVC param of its own: `dvc exp run -S tune.space.train.lr.high=0.01`
+    space: dict[str, dict[str, SearchParam]] = field(default_factory=_default_space)
+
+    @property
+    def dimensions(self) -> dict[str, SearchParam]:
+        """The space by param name: `{"model.dropout": SearchParam, "train.lr": ...}`."""
+        return {
+            f"{section}.{key}": spec
+            for section, fields in self.space.items()
+            for key, spec in fields.items()
+        }
+
+    @staticmethod
+    def check_raw(raw: dict[str, Any], prefix: str, source: str) -> None:
+        """The space as written, before its values are read: nested, not `train.lr:` keys."""
+        space = raw.get("space")
+        if not isinstance(space, dict):
+            return
+        for name, spec in space.items():
+            section, dot, key = str(name).partition(".")
+            if dot:
+                raise ConfigError(
+                    f"{source}: {prefix}space.{name} is written flat; write the space nested by "
+                    f"section so `dvc exp run -S {prefix}space.{name}.high=...` can reach it: "
+                    f"space: {{{section}: {{{key}: {_inline(spec)}}}}}"
+                )
 
     def __post_init__(self) -> None:
         try:
@@ -746,10 +775,18 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _inline(value: Any) -> str:
+    """`value` as one line of YAML flow style, for messages that show what to write."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    check_raw = getattr(cls, "check_raw", None)
+    if check_raw is not None:  # a section's checks of the file's form, before any value
+        check_raw(raw, prefix, source)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))

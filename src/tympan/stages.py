@@ -15,12 +15,13 @@ import shutil
 import statistics
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import yaml
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -37,6 +38,9 @@ from tympan.serving.bundle import Predictor, save_bundle
 from tympan.training import fit, predict, resolve_device
 from tympan.training.loop import task_for
 from tympan.training.used import used_params
+
+if TYPE_CHECKING:
+    from tympan.tuning.best import Tuned
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +109,30 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     )
 
 
-def _tuned(params: Params, tuned: Path | None) -> tuple[Params, dict]:
-    """Params with the tune stage's best values applied (none when tuning was off)."""
-    if tuned is None:
-        return params, {}
-    from tympan.tuning.space import apply_overrides
+def _tuned(params: Params, tuned: Path | None) -> tuple[Params, Tuned]:
+    """Params with the tune stage's best values applied over them, each one printed with the
+    params file's value it replaces (a param in tune.space is the search's)."""
+    from tympan.tuning.best import Tuned, apply_tuned, read_best_params
 
-    found = yaml.safe_load(tuned.read_text()) or {}
-    overrides = found.get("params") or {}
-    if not overrides:
-        return params, {}
-    return apply_overrides(params, overrides, source=str(tuned)), found
+    if tuned is None:
+        return params, Tuned()
+    found = read_best_params(tuned)
+    params, lines = apply_tuned(params, found, tuned)
+    if not lines:
+        print(f"train: {tuned} sets nothing (tuning off); the params file alone")
+        return params, found
+    print(
+        f"train: {len(lines)} param(s) from {tuned} ({found.describe()}) override the params "
+        "file: the search owns every param in tune.space"
+    )
+    for line in lines:
+        print(f"  {line}")
+    first = sorted(found.values)[0]
+    print(
+        "  to train with the params file's value, take it out of the search: "
+        f"dvc exp run -S '~tune.space.{first}'"
+    )
+    return params, found
 
 
 def run_train(
@@ -132,12 +149,16 @@ def run_train(
         {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
-    if tuning:
+    if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
-            {"optuna.study": tuning["study"], "optuna.best_trial": str(tuning["best_trial"])}
+            {
+                "optuna.study": str(tuning.study),
+                "optuna.best_trial": str(tuning.trial),
+                "tympan.tuned_params": ", ".join(sorted(tuning.values)),
+            }
         )
     history: list[dict] = []
-    record: dict = {"seeds": {}}
+    record: dict = {"seeds": {}, "tuned": tuning.values}
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
@@ -303,10 +324,12 @@ def run_tune(
     features: Path,
     out: Path | None,
     trials: Path | None,
+    summary: Path | None = None,
     worker: bool = False,
     wait_s: float = 0.0,
 ) -> None:
-    """The tune stage (writes `out` and `trials`) or a worker on a shared study (writes nothing)."""
+    """The tune stage (writes `out`, `trials` and `summary`) or a worker on a shared study
+    (writes nothing)."""
     from tympan.tuning.report import write_disabled, write_outputs
     from tympan.tuning.space import validate_space
     from tympan.tuning.study import (
@@ -329,7 +352,7 @@ def run_tune(
             raise TuneError(
                 "tune.enabled is false in the params file: there is no study to work on"
             )
-        write_disabled(out, trials)
+        write_disabled(out, trials, summary)
         print(f"tune: disabled (tune.enabled: false); train uses the params file as it is ({out})")
         return
     validate_space(params)
@@ -349,7 +372,8 @@ def run_tune(
         print(
             f"tune: study {study.study_name} in {masked(storage_url(params.tune))} (from "
             f"{storage_source(params.tune)}), {added} trial(s) queued, "
-            f"{params.tune.n_trials} in all"
+            f"{params.tune.n_trials} in all; searching {', '.join(params.tune.dimensions)} "
+            "(train takes their values from the best trial, not from the params file)"
         )
     objective = make_objective(params, cache, device, parent_run(study, params))
     if worker:
@@ -359,11 +383,13 @@ def run_tune(
     wait_for_study(
         study, objective, params.tune.timeout_s, poll_s=max(1.0, params.tune.heartbeat_s / 4)
     )
-    summary = write_outputs(study, params, study.user_attrs["mlflow_parent_run_id"], out, trials)
+    best = write_outputs(
+        study, params, study.user_attrs["mlflow_parent_run_id"], out, trials, summary
+    )
     print(
-        f"tune: best trial {summary['best_trial']} {summary['metric']} {summary['value']:.4f} "
-        f"+- {summary['seed_std']:.4f} with {summary['params']}; {summary['trials']}, "
-        f"{summary['epochs_trained']} seed-epochs -> {out}"
+        f"tune: best trial {best['best_trial']} {best['metric']} {best['value']:.4f} "
+        f"+- {best['seed_std']:.4f} with {best['params']}; {best['trials']}, "
+        f"{best['epochs_trained']} seed-epochs -> {out}"
     )
 
 
@@ -431,16 +457,21 @@ def run_evaluate(
     _write_json(test_set, held_out)
     ensemble, mean, std = results["ensemble"], results["seed_mean"], results["seed_std"]
 
+    # run again on the same models (DVC without its run-cache, `dvc repro -f`), evaluate
+    # logs nothing twice: each metric's history gains a point only when its value changed
     tracking.connect()
-    client = MlflowClient()
     for seed, values in results["seeds"].items():
         run_id = record["seeds"][seed]["run_id"]
-        for key, value in values.items():
-            client.log_metric(run_id, f"test_{key}", value)
+        tracking.log_metrics_once(run_id, {f"test_{k}": v for k, v in values.items()})
+    tracking.log_metrics_once(
+        record["parent_run_id"],
+        {
+            **{f"test_{k}": v for k, v in ensemble.items()},
+            **{f"test_seed_mean_{k}": v for k, v in mean.items()},
+            **{f"test_seed_std_{k}": v for k, v in std.items()},
+        },
+    )
     with mlflow.start_run(run_id=record["parent_run_id"]):
-        mlflow.log_metrics({f"test_{k}": v for k, v in ensemble.items()})
-        mlflow.log_metrics({f"test_seed_mean_{k}": v for k, v in mean.items()})
-        mlflow.log_metrics({f"test_seed_std_{k}": v for k, v in std.items()})
         mlflow.log_artifacts(str(metrics), "metrics")
         mlflow.log_artifacts(str(plots), "plots")
         mlflow.log_artifact(str(test_set), "metrics")
@@ -528,12 +559,17 @@ def run_register(
     card: Path,
 ) -> None:
     """Log and register the pyfunc; `@champion` on evidence (same test set, better by more than
-    `register.min_delta`), else `@challenger`; tags, reason and model card on the version."""
+    `register.min_delta`), else `@challenger`; tags, reason and model card on the version.
+
+    Idempotent: a model already registered under `register.name` with the same bundle (weights,
+    statistics, labels, params) and the same test set is not logged or registered again."""
     from mlflow.models import validate_serving_input
     from mlflow.models.utils import load_serving_example
 
     from tympan.evaluation.card import CardInputs, model_card, promotion
+    from tympan.serving.bundle import bundle_digest
     from tympan.serving.pyfunc import log_audio_model
+    from tympan.tuning.space import apply_overrides
 
     cfg = params.register
     record = json.loads((models / TRAIN_RECORD).read_text())
@@ -544,10 +580,17 @@ def run_register(
             f"register.metric={cfg.metric!r} is not among the test metrics "
             f"({', '.join(results['ensemble'])}) in {metrics / 'test.json'}"
         )
+    if record.get("tuned"):  # the card shows what was trained: the tuned values included
+        params = apply_overrides(params, record["tuned"], source=str(models / TRAIN_RECORD))
     value = results["ensemble"][cfg.metric]
     spread = results["seed_std"][cfg.metric]
     tracking.connect()
     client = MlflowClient()
+    digest = bundle_digest(models / BUNDLE)
+    existing = _registered(client, cfg.name, digest, held_out["hash"])
+    if existing is not None:
+        _keep_registered(client, existing, digest, held_out, out, card)
+        return
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
         info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
         tags = dict(run.data.tags)
@@ -565,6 +608,7 @@ def run_register(
         "dvc.manifest": tags.get("dvc.manifest", "unknown"),
         "dvc.features": tags.get("dvc.features", "unknown"),
         "tympan.preset": params.preset,
+        "tympan.bundle": digest,
         "tympan.test_set": held_out["hash"],
         "tympan.metric": cfg.metric,
         f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
@@ -619,9 +663,57 @@ def run_register(
         "run_id": record["parent_run_id"],
         "experiment_id": record["experiment_id"],
         "tracking_uri": tracking.tracking_uri(),
+        "new_version": True,
     }
     _write_json(out, result)
     print(f"register: {cfg.name} v{version} -> @{alias} ({reason})")
+
+
+def _registered(client: MlflowClient, name: str, bundle: str, test_set: str) -> ModelVersion | None:
+    """The first version of `name` holding this bundle, tested on this test set; else None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`tympan.bundle` = '{bundle}'")
+    same = [v for v in found if v.tags.get("tympan.test_set") == test_set]
+    if not same:
+        return None
+    first = min(same, key=lambda v: int(v.version))
+    return client.get_model_version(name, first.version)  # search results carry no aliases
+
+
+def _keep_registered(
+    client: MlflowClient,
+    version: ModelVersion,
+    bundle: str,
+    held_out: dict,
+    out: Path,
+    card: Path,
+) -> None:
+    """The register stage's outputs for a model that is already a version: its card and
+    record, and a line that says no version was added."""
+    aliases = sorted(version.aliases)
+    metric = version.tags.get("tympan.metric", "")
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(version.description or "")
+    result = {
+        "name": version.name,
+        "version": int(version.version),
+        "alias": aliases[0] if aliases else None,
+        "reason": version.tags.get("tympan.promotion", ""),
+        "metric": metric,
+        "value": float(version.tags.get(f"test_{metric}", "nan")),
+        "seed_std": float(version.tags.get(f"test_{metric}_seed_std", "nan")),
+        "test_set": held_out["hash"],
+        "model_uri": f"models:/{version.name}/{version.version}",
+        "run_id": version.run_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "new_version": False,
+    }
+    _write_json(out, result)
+    held = ", ".join(f"@{a}" for a in aliases) or "no alias"
+    print(
+        f"register: {version.name} v{version.version} ({held}) already holds this model "
+        f"(bundle sha256 {bundle[:12]}) tested on the same test set "
+        f"({held_out['hash'][:12]}); no new version, aliases unchanged"
+    )
 
 
 def _read_optional(path: Path) -> dict:

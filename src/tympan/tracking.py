@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import register_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 from mlflow.types import Schema, TensorSpec
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -62,6 +64,18 @@ def finite(values: dict[str, float]) -> dict[str, float]:
     """The entries MLflow accepts: it refuses NaN (a classical baseline has no train loss or
     learning rate)."""
     return {k: float(v) for k, v in values.items() if v == v}
+
+
+def log_metrics_once(run_id: str, values: dict[str, float]) -> dict[str, float]:
+    """Log to `run_id` each metric whose latest value there is not already this one, so a
+    stage run again on the same inputs adds no point to any metric's history; -> the logged."""
+    client = mlflow.MlflowClient()
+    latest = client.get_run(run_id).data.metrics
+    fresh = {k: v for k, v in finite(values).items() if latest.get(k) != v}
+    if fresh:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in fresh.items()])
+    return fresh
 
 
 def end_stale_runs(experiment_id: str, checkpoints: str) -> list[str]:

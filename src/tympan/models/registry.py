@@ -44,28 +44,31 @@ FAMILIES: dict[str, Builder] = {
     "knn": Classical,
 }
 
-_RECURRENT = ("units", "head", "batch_norm", "dropout")
-_VISION = ("weights", "freeze", "head", "batch_norm", "dropout")
+_HEAD = ("head", "batch_norm", "dropout", "head_dropout")
+_RECURRENT = ("units", "steps", *_HEAD)
+_VISION = ("weights", "freeze", "pooling", *_HEAD)
 # The `model.*` fields each family reads beyond `name` (tests/test_models.py records what the
 # builders really read); `side_attributes` and `side_dim` count when side attributes are set.
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "s3_cnn": ("channels", "kernel", "pool", "hidden", "dropout_conv", "dropout"),
-    "s1_mlp": ("head", "dropout"),
-    "resnet18": ("init", "head", "batch_norm", "dropout"),
+    "s1_mlp": ("head", "dropout", "head_dropout"),
+    "resnet18": ("init", *_HEAD),
     "lstm": _RECURRENT,
     "bilstm": _RECURRENT,
     "gru": _RECURRENT,
     "bigru": _RECURRENT,
-    "crnn": ("channels", "kernel", "dropout_conv", *_RECURRENT),
-    "parallel_cnn": ("filters", "kernels", "pool", "dropout_conv", "head", "batch_norm", "dropout"),
+    "crnn": ("channels", "kernel", "dropout_conv", "units", *_HEAD),
+    "parallel_cnn": ("filters", "kernels", "pool", "dropout_conv", *_HEAD),
     "alexnet": _VISION,
+    "alexnet2012": ("weights", *_HEAD),
     "vgg16": _VISION,
     "resnet50": _VISION,
     "densenet121": _VISION,
-    "densenet_bigru_attention": ("units", *_VISION),
+    "densenet_bigru_attention": ("units", "steps", "weights", "freeze", *_HEAD),
     "logreg": ("classical_input", "c"),
     "random_forest": ("classical_input", "n_estimators"),
     "linear_svm": ("classical_input", "c"),
+    "svc": ("classical_input", "c"),
     "knn": ("classical_input", "n_neighbors"),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -121,6 +122,32 @@ def save_bundle(
         },
         path,
     )
+
+
+def bundle_digest(path: Path) -> str:
+    """sha256 of what a bundle holds (every member's weights, statistics, labels, params),
+    read value by value, so it names the model whatever bytes torch wrote around it."""
+    digest = hashlib.sha256()
+    _feed(digest, torch.load(path, map_location="cpu", weights_only=True))
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {flat.dtype} {tuple(value.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"dict {len(value)}:".encode())
+        for key in sorted(value, key=str):
+            _feed(digest, str(key))
+            _feed(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"list {len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
 @dataclass(frozen=True)

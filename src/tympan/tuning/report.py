@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -10,11 +11,11 @@ import matplotlib.pyplot as plt
 import mlflow
 import optuna
 import pandas as pd
-import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tympan.config import Params, masked
+from tympan.tuning.best import write_best_params, write_untuned
 from tympan.tuning.study import TuneError, count_trials, direction, storage_url
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def write_outputs(
-    study: optuna.Study, params: Params, parent_run_id: str, out: Path, trials_csv: Path
+    study: optuna.Study,
+    params: Params,
+    parent_run_id: str,
+    out: Path,
+    trials_csv: Path,
+    summary_json: Path,
 ) -> dict:
-    """Best params for train, the trials table, and the study's summary in MLflow."""
+    """Best params for train (a DVC params file), the trials table, the study's figures (a
+    DVC metrics file) and its summary in MLflow; -> the summary."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise TuneError(
@@ -55,7 +62,6 @@ def write_outputs(
     table = trials_table(study)
     epochs = int(table["epochs_trained"].sum())
     summary = {
-        "tuned": True,
         "study": study.study_name,
         "storage": masked(storage_url(params.tune)),
         "metric": params.tune.metric,
@@ -68,8 +74,15 @@ def write_outputs(
         "epochs_trained": epochs,
         "params": dict(best.params),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(summary, sort_keys=False))
+    write_best_params(out, best.params, study.study_name, best.number)
+    figures = {
+        f"best_{params.tune.metric}": best.value,
+        f"best_{params.tune.metric}_seed_std": summary["seed_std"],
+        **{f"trials_{state}": n for state, n in counts.items()},
+        "seed_epochs": epochs,
+    }
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
+    summary_json.write_text(json.dumps(figures, indent=2) + "\n")
     table.to_csv(trials_csv, index=False)
 
     client = MlflowClient()
@@ -118,8 +131,9 @@ def _log_plot(plot, study: optuna.Study, name: str) -> None:
     plt.close(figure)
 
 
-def write_disabled(out: Path, trials_csv: Path) -> None:
+def write_disabled(out: Path, trials_csv: Path, summary_json: Path) -> None:
     """`tune.enabled: false`: train uses params.yaml as it is."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump({"tuned": False, "params": {}}, sort_keys=False))
+    write_untuned(out)
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(columns=["number", "state", "value"]).to_csv(trials_csv, index=False)
+    summary_json.write_text("{}\n")

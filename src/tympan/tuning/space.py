@@ -41,10 +41,10 @@ def apply_overrides(params: Params, overrides: dict[str, Any], source: str) -> P
 
 def _check_one(name: str, spec: SearchParam, where: str) -> None:
     section, _, key = name.partition(".")
-    if section not in TUNABLE or not key:
+    if section not in TUNABLE:
         raise ConfigError(
-            f"{where}: tune.space key {name!r} must be model.<field>, train.<field> "
-            "or augment.<field>"
+            f"{where}: tune.space.{section} is not a section the search can set "
+            f"(tune.space.<section>.<field>, sections: {', '.join(TUNABLE)})"
         )
     fields = {f.name for f in dataclasses.fields(TUNABLE[section])}
     if key not in fields or name in NOT_TUNABLE:
@@ -52,6 +52,7 @@ def _check_one(name: str, spec: SearchParam, where: str) -> None:
         raise ConfigError(
             f"{where}: tune.space.{name} is not a tunable param (known: {', '.join(tunable)})"
         )
+    _check_kind(name, spec, where)
     if spec.type == "categorical":
         if not spec.choices or len(set(spec.choices)) < 2:
             raise ConfigError(
@@ -78,6 +79,25 @@ def _check_one(name: str, spec: SearchParam, where: str) -> None:
         raise ConfigError(f"{where}: tune.space.{name} is int, so low/high/step must be integers")
 
 
+def _check_kind(name: str, spec: SearchParam, where: str) -> None:
+    """A categorical dimension has only choices; a float or int one only low/high/step/log.
+
+    A stray key is what `dvc exp run -S tune.space.X={type: categorical, ...}` leaves when X was
+    a range (Hydra merges mappings), so the message shows the form that replaces a dimension.
+    """
+    if spec.type == "categorical":
+        stray = [k for k in ("low", "high", "step") if getattr(spec, k) is not None]
+        stray += ["log"] if spec.log else []
+    else:
+        stray = ["choices"] if spec.choices is not None else []
+    if stray:
+        raise ConfigError(
+            f"{where}: tune.space.{name} is {spec.type} but also has {', '.join(stray)}; "
+            f"to replace a dimension from the command line, drop it first: dvc exp run "
+            f"-S '~tune.space.{name}' -S '+tune.space.{name}={{type: ..., ...}}'"
+        )
+
+
 def _corners(spec: SearchParam) -> dict[str, Any]:
     """The extreme values a trial can sample, by the space key that sets them."""
     if spec.type == "categorical":
@@ -93,13 +113,22 @@ def validate_space(params: Params, where: str = "params.yaml") -> None:
     The extremes of each dimension are loaded into the target field, so they must fit its type
     and declared range (e.g. `train.lr: {low: -1}` fails as train.lr=-1.0 would).
     """
-    space = params.tune.space
+    space = params.tune.dimensions
     if not space:
         raise ConfigError(f"{where}: tune.space is empty; list at least one param to search")
     for name, spec in space.items():
         _check_one(name, spec, where)
         for corner, value in _corners(spec).items():
             apply_overrides(params, {name: value}, source=f"{where}: tune.space.{name}.{corner}")
+    if "train.epochs" in space and params.tune.pruner != "none":
+        raise ConfigError(
+            f"{where}: tune.space.train.epochs with tune.pruner={params.tune.pruner}: the pruner "
+            "compares trials epoch by epoch, and a trial given fewer epochs would be judged "
+            "against longer ones at unequal budgets. train.epochs is the budget: every trial "
+            "runs up to it and early stopping (train.patience) keeps its best epoch. Drop the "
+            "dimension (dvc exp run -S '~tune.space.train.epochs'), or set tune.pruner: none "
+            "to search epochs as a plain parameter (S5's grid)"
+        )
     if params.tune.sampler == "grid":
         grid_values(params)
 
@@ -107,7 +136,7 @@ def validate_space(params: Params, where: str = "params.yaml") -> None:
 def grid_values(params: Params) -> dict[str, list[Any]]:
     """The grid for GridSampler: categorical choices, or low..high by step."""
     grid: dict[str, list[Any]] = {}
-    for name, spec in params.tune.space.items():
+    for name, spec in params.tune.dimensions.items():
         if spec.type == "categorical":
             grid[name] = list(spec.choices or ())
         elif spec.step is not None:
@@ -124,7 +153,7 @@ def grid_values(params: Params) -> dict[str, list[Any]]:
 def sample(trial: optuna.Trial, params: Params) -> dict[str, Any]:
     """Ask the trial for every dimension of the space; -> `{"train.lr": 0.001, ...}`."""
     values: dict[str, Any] = {}
-    for name, spec in params.tune.space.items():
+    for name, spec in params.tune.dimensions.items():
         if spec.type == "categorical":
             values[name] = trial.suggest_categorical(name, list(spec.choices or ()))
         elif spec.type == "int":

@@ -149,35 +149,32 @@ def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     if params.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    if params.tune.pruner == "hyperband":
-        max_epochs = params.train.epochs
-        spec = params.tune.space.get("train.epochs")
-        if spec is not None:
-            max_epochs = int(max(spec.high or 0, *(spec.choices or (0,))))
-        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max_epochs)
+    if params.tune.pruner == "hyperband":  # train.epochs is never searched with a pruner
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=params.train.epochs)
     return optuna.pruners.NopPruner()
 
 
 def study_name(params: Params, feature_key: str) -> str:
-    """`tune.study_name` plus a hash of all that decides a trial's result.
+    """`tune.study_name` plus a hash of all that decides a trial's result: the name the
+    dashboard lists, the MLflow runs carry (`optuna.study`) and train records.
 
     The base model/train params, the space, seeds, metric, sampler, pruner and the feature
-    cache key go in; `n_trials`, `timeout_s`, storage and heartbeat do not. The same config
-    therefore resumes its study (also with a larger n_trials), and a changed one starts anew
-    instead of reusing trials trained on something else.
+    cache key go in; `n_trials`, `timeout_s`, storage and heartbeat do not, nor the params.yaml
+    values of searched params (every trial sets its own). The same config therefore resumes
+    its study (also with a larger n_trials or another value of a searched param), and a
+    changed one starts anew instead of reusing trials trained on something else.
     """
     tune = to_dict(params.tune)
     for volatile in ("enabled", "n_trials", "timeout_s", "storage", "heartbeat_s", "study_name"):
         tune.pop(volatile)
-    identity = {
-        "model": to_dict(params.model),
-        "train": to_dict(params.train),
-        "tune": tune,
-        "features": feature_key,
-    }
-    # kept out when off, so studies from before augment resume
-    if params.augment.enabled or params.augment.copies:
-        identity["augment"] = to_dict(params.augment)
+    base = {"model": to_dict(params.model), "train": to_dict(params.train)}
+    # kept out when off (studies from before augment resume), in when on or searched
+    if params.augment.enabled or params.augment.copies or "augment" in params.tune.space:
+        base["augment"] = to_dict(params.augment)
+    for name in params.tune.dimensions:
+        section, key = name.split(".", 1)
+        base.get(section, {}).pop(key, None)
+    identity = {**base, "tune": tune, "features": feature_key}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.tune.study_name}-{digest}"
 
@@ -198,6 +195,8 @@ def open_study(params: Params, storage: RDBStorage, name: str) -> optuna.Study:
             f"{study.direction.name.lower()}, but tune.metric={cfg.metric} needs "
             f"{direction(cfg.metric)}; choose another tune.study_name"
         )
+    if study.metric_names != [cfg.metric]:  # the dashboard's and trials table's value column
+        study.set_metric_names([cfg.metric])
     return study
 
 
@@ -291,9 +290,9 @@ def parent_run(study: optuna.Study, params: Params) -> str:
             )
     storage = masked(storage_url(params.tune))  # the one in use, never its password
     tags = tracking.run_tags("tune", params.preset)
-    tags.update({"optuna.study": params.tune.study_name, "optuna.storage": storage})
+    tags.update({"optuna.study": study.study_name, "optuna.storage": storage})
     tune = {**to_dict(params.tune), "storage": storage}
-    with mlflow.start_run(run_name=f"tune-{params.tune.study_name}", tags=tags) as run:
+    with mlflow.start_run(run_name=f"tune-{study.study_name}", tags=tags) as run:
         mlflow.log_params({f"tune.{k}": v for k, v in tune.items() if k != "space"})
         mlflow.log_dict(tune["space"], "search_space.json")
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
@@ -323,7 +322,7 @@ def make_objective(
             "tympan.stage": "tune",
             "tympan.preset": params.preset,
             "optuna.trial": str(trial.number),
-            "optuna.study": cfg.study_name,
+            "optuna.study": trial.study.study_name,
         }
         with mlflow.start_run(
             run_name=f"trial-{trial.number}",
