@@ -34,7 +34,7 @@ import torchaudio
 from tympan.audio import load_waveform
 from tympan.config import FeatureConfig, StackConfig, load_params, to_dict
 from tympan.features.logmel import LogMel, n_samples
-from tympan.features.stack import TORCH_KINDS, FeatureStack
+from tympan.features.stack import TORCH_KINDS, FeatureStack, output_shape
 
 from conftest import FSDD, REPO
 
@@ -221,3 +221,58 @@ def test_the_defaults_are_torchaudios_conventions():
     parts = FeatureStack(cfg, cfg.stack).parts(wave)
     torch.testing.assert_close(parts["logmel"], db, rtol=0, atol=1e-3)
     torch.testing.assert_close(parts["mfcc"], mfcc(wave.unsqueeze(1))[:, 0], rtol=0, atol=2e-3)
+
+
+LIBROSA = {"mel_scale": "slaney", "mel_norm": "slaney", "pad_mode": "constant", "top_db": 80.0}
+# What each study computed (SEEDS.md), as FeatureConfig fields, and its `(bins, frames)` per
+# clip where the study states it. S2, S4 and S5 do not state their dB reference: librosa's
+# usual power_to_db(ref=np.max) is assumed, and said so in their presets.
+STUDIES = {
+    "s1": (
+        {
+            **LIBROSA,
+            "sample_rate": 44100,
+            "n_fft": 2048,
+            "hop_length": 512,
+            "n_mels": 128,
+            "db_ref": "max",
+        },
+        (128, 256),
+    ),
+    "s2": ({**LIBROSA, "db_ref": "max"}, None),
+    "s3": (
+        {
+            **LIBROSA,
+            "sample_rate": 16000,
+            "seconds": 2.0,
+            "n_fft": 2048,
+            "hop_length": 512,
+            "n_mels": 128,
+        },
+        (40, 63),
+    ),
+    "s4": ({**LIBROSA, "sample_rate": 44100, "n_mels": 128, "db_ref": "max"}, None),
+    "s5": (
+        {
+            **LIBROSA,
+            "sample_rate": 8000,
+            "n_fft": 2048,
+            "hop_length": 512,
+            "n_mels": 128,
+            "db_ref": "max",
+        },
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "pipelines").glob("s[1-5]_*.yaml")), ids=lambda p: p.stem
+)
+def test_every_study_preset_uses_its_studys_front_end(path):
+    features = load_params(path).features
+    fields, shape = STUDIES[path.stem[:2]]
+    assert {key: getattr(features, key) for key in fields} == fields
+    if shape is not None:
+        stack = replace(features.stack, image=None)
+        assert output_shape(features, stack)[1:] == shape
