@@ -48,7 +48,8 @@ def spectrogram(cfg: FeatureConfig) -> torchaudio.transforms.Spectrogram:
 
 
 def mel_filters(cfg: FeatureConfig) -> torch.Tensor:
-    """`(n_mels, n_fft // 2 + 1)` float32 mel filter bank, `cfg.mel_scale` and `cfg.mel_norm`.
+    """`(n_fft // 2 + 1, n_mels)` float32 mel filter bank, `cfg.mel_scale` and `cfg.mel_norm`
+    (one filter per column, as torchaudio lays it out).
 
     Built by librosa.filters.mel itself, the reference the studies used. torchaudio's
     melscale_fbanks defines the same triangles but places its frequency grid up to
@@ -64,7 +65,7 @@ def mel_filters(cfg: FeatureConfig) -> torch.Tensor:
         norm=None if cfg.mel_norm == "none" else cfg.mel_norm,
         dtype=np.float32,
     )
-    return torch.from_numpy(bank)
+    return torch.from_numpy(bank.T.copy())
 
 
 def power_to_db(power: torch.Tensor, top_db: float) -> torch.Tensor:
@@ -99,8 +100,10 @@ class LogMel(nn.Module):
         self.requires_grad_(False)
 
     def power(self, wave: torch.Tensor) -> torch.Tensor:
-        """`(batch, samples)` -> `(batch, n_mels, frames)` mel power."""
-        return torch.matmul(self.filters, self.spectrogram(wave))
+        """`(batch, samples)` -> `(batch, n_mels, frames)` mel power (a transposed view: one
+        matrix product over all frames of the batch, as torchaudio's MelScale does it)."""
+        spec = self.spectrogram(wave)  # (batch, n_freqs, frames)
+        return torch.matmul(spec.transpose(-1, -2), self.filters).transpose(-1, -2)
 
     def db(self, wave: torch.Tensor) -> torch.Tensor:
         """`(batch, samples)` -> `(batch, n_mels, frames)` mel power in dB re 1, floored."""

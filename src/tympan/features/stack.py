@@ -255,10 +255,10 @@ class FeatureStack(nn.Module):
         self.stack = stack
         self.bins = bins_per_kind(cfg, stack)
         self.torch_kinds = [kind for kind in stack.kinds if kind in TORCH_KINDS]
-        # log-mel and MFCC share one mel spectrogram; MFCC adds its (n_mfcc, n_mels) DCT
+        # log-mel and MFCC share one mel spectrogram; MFCC adds its DCT, `(n_mels, n_mfcc)`
         needs_mel = "logmel" in stack.kinds or "mfcc" in stack.kinds
         self.mel = LogMel(cfg) if needs_mel else None
-        dct = dct_matrix(stack.n_mfcc, cfg.n_mels) if "mfcc" in stack.kinds else None
+        dct = dct_matrix(stack.n_mfcc, cfg.n_mels).T.contiguous() if "mfcc" in stack.kinds else None
         self.register_buffer("dct", dct)
         self.stft = spectrogram(cfg) if "stft" in stack.kinds else None
         self.requires_grad_(False)
@@ -306,7 +306,7 @@ class FeatureStack(nn.Module):
             if "logmel" in self.torch_kinds:
                 parts["logmel"] = reference(db, cfg.db_ref)
             if self.dct is not None:  # librosa.feature.mfcc: dB re 1, whatever db_ref says
-                parts["mfcc"] = torch.matmul(self.dct, db)
+                parts["mfcc"] = torch.matmul(db.transpose(-1, -2), self.dct).transpose(-1, -2)
         if self.stft is not None:
             parts["stft"] = reference(power_to_db(self.stft(wave), cfg.top_db), cfg.db_ref)
         return parts
