@@ -28,12 +28,13 @@ import librosa
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.fft
 import torch
 import torchaudio
 
 from tympan.audio import load_waveform
 from tympan.config import FeatureConfig, StackConfig, load_params, to_dict
-from tympan.features.logmel import LogMel, n_samples
+from tympan.features.logmel import LogMel, dct_matrix, n_samples
 from tympan.features.stack import TORCH_KINDS, FeatureStack, output_shape
 
 from conftest import FSDD, REPO
@@ -194,6 +195,14 @@ def test_every_convention_matches_librosa(mel_scale, mel_norm, pad_mode, db_ref)
         stack=StackConfig(kinds=("logmel", "mfcc", "stft"), n_mfcc=20),
     )
     assert_parity(parity(cfg, fsdd_clips(cfg)[:3] + generated(cfg)))
+
+
+@pytest.mark.parametrize(("n_mfcc", "n_mels"), [(40, 128), (13, 40), (1, 1)])
+def test_the_dct_is_scipys_orthonormal_dct_ii(n_mfcc, n_mels):
+    x = np.random.default_rng(0).normal(-40.0, 15.0, (n_mels, 7))
+    expected = scipy.fft.dct(x, type=2, norm="ortho", axis=0)[:n_mfcc]
+    ours = dct_matrix(n_mfcc, n_mels).double() @ torch.from_numpy(x)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-4)
 
 
 def test_log_mel_referenced_to_max_peaks_at_zero_db_per_clip():
