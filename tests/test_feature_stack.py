@@ -214,9 +214,15 @@ def test_bins_per_kind_for_the_fsdd_config():
 
 def test_torch_kinds_are_registered_for_to_device():
     frontend = FeatureStack(CFG, StackConfig(kinds=("logmel", "mfcc", "stft", "zcr")))
-    names = {name.split(".")[1] for name, _ in frontend.named_buffers()}
-    assert names == {"logmel", "mfcc", "stft"}
+    names = {name for name, _ in frontend.named_buffers()}
+    assert names == {"mel.filters", "mel.spectrogram.window", "dct", "stft.window"}
     assert not any(p.requires_grad for p in frontend.parameters())
+    alone = FeatureStack(CFG, StackConfig(kinds=("mfcc",)))
+    assert {name for name, _ in alone.named_buffers()} == {
+        "mel.filters",
+        "mel.spectrogram.window",
+        "dct",
+    }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -285,7 +285,17 @@ class StackConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Log-mel front end: resample, mono, fixed length, mel power in dB."""
+    """Log-mel front end: resample, mono, fixed length, mel power in dB.
+
+    The STFT (Hann window of `n_fft`, centred frames every `hop_length`, power 2) is padded by
+    `pad_mode`; the mel filters follow `mel_scale` and `mel_norm`; dB is 10 log10(power) either
+    `absolute` (re 1) or re each clip's `max`, floored `top_db` below that clip's maximum. The
+    defaults are torchaudio's conventions; `mel_scale: slaney`, `mel_norm: slaney`,
+    `pad_mode: constant` are librosa's (`melspectrogram`, `mfcc`), and `db_ref: max` is
+    `power_to_db(S, ref=np.max)`. MFCC is always librosa's `mfcc`: DCT-II (ortho) of the
+    `absolute` dB mel spectrogram (`db_ref` applies to log-mel and STFT only; a per-clip
+    reference would shift the 0th coefficient alone).
+    """
 
     sample_rate: int = field(default=16000, metadata=_SAMPLE_RATE)
     seconds: float = field(default=1.0, metadata=_POSITIVE)
@@ -296,6 +306,10 @@ class FeatureConfig:
     f_min: float = field(default=0.0, metadata=_range(0))
     f_max: float | None = field(default=None, metadata=_POSITIVE)
     top_db: float = field(default=80.0, metadata=_POSITIVE)
+    mel_scale: str = field(default="htk", metadata=_choices("htk", "slaney"))
+    mel_norm: str = field(default="none", metadata=_choices("none", "slaney"))
+    pad_mode: str = field(default="reflect", metadata=_choices("reflect", "constant"))
+    db_ref: str = field(default="absolute", metadata=_choices("absolute", "max"))
     dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
     batch_size: int = field(default=64, metadata=_range(1))
     # featurize processes (decode + features, one torch thread each): 0 = one per CPU when

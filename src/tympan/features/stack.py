@@ -6,10 +6,12 @@ contrast for a ResNet; S4 resizes spectrograms to images for torchvision backbon
 
 Every kind uses `cfg.hop_length` and centred frames, so a clip of `samples` gives
 `samples // hop_length + 1` frames (`n_frames(cfg)` for fixed-length clips). The torch kinds
-(logmel, mfcc, stft) run batched on the module's device; the librosa and numpy kinds (lpc, lsf,
-f0, contrast, centroid, zcr) run on CPU and come back on the input's device. Scales differ a lot
-between kinds and nothing is normalised here: tympan standardises per bin with train-split
-statistics later. Every value is finite, silence included.
+(logmel, mfcc, stft) run batched on the module's device, log-mel and MFCC from one mel
+spectrogram (MFCC is librosa's: the DCT-II of the dB mel bands, `logmel.dct_matrix`), with
+the conventions `FeatureConfig` names (librosa's or torchaudio's); the librosa and numpy kinds
+(lpc, lsf, f0, contrast, centroid, zcr) run on CPU and come back on the input's device. Scales
+differ a lot between kinds and nothing is normalised here: tympan standardises per bin with
+train-split statistics later. Every value is finite, silence included.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ from typing import TypeVar
 import librosa
 import numpy as np
 import torch
-import torchaudio
 from torch import nn
 from torch.nn import functional as F
 
 from tympan.config import FeatureConfig, StackConfig
-from tympan.features.logmel import LogMel, n_frames
+from tympan.features.logmel import (
+    LogMel,
+    dct_matrix,
+    n_frames,
+    power_to_db,
+    reference,
+    spectrogram,
+)
 
 TORCH_KINDS = ("logmel", "mfcc", "stft")
 LIBROSA_KINDS = ("f0", "contrast", "centroid", "zcr")
@@ -115,11 +123,19 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
             "kind": kind,
             **{k: v for k, v in common.items() if k in ("sample_rate", "seconds", "crop")},
         }
-    mel = {"n_mels": cfg.n_mels, "f_min": cfg.f_min, "f_max": cfg.f_max}
+    stft = {"pad_mode": cfg.pad_mode, "top_db": cfg.top_db}
+    mel = {
+        **stft,
+        "n_mels": cfg.n_mels,
+        "f_min": cfg.f_min,
+        "f_max": cfg.f_max,
+        "mel_scale": cfg.mel_scale,
+        "mel_norm": cfg.mel_norm,
+    }
     own = {
-        "logmel": {**mel, "top_db": cfg.top_db},
-        "mfcc": {**mel, "top_db": cfg.top_db, "n_mfcc": stack.n_mfcc},
-        "stft": {"top_db": cfg.top_db},
+        "logmel": {**mel, "db_ref": cfg.db_ref},
+        "mfcc": {**mel, "n_mfcc": stack.n_mfcc},
+        "stft": {**stft, "db_ref": cfg.db_ref},
         "lpc": {"lpc_order": stack.lpc_order},
         "lsf": {"lpc_order": stack.lpc_order},
         "f0": {
@@ -169,12 +185,6 @@ def fit_frames(x: Array, frames: int) -> Array:
     if isinstance(x, torch.Tensor):
         return torch.cat([x, last.expand(*x.shape[:-1], frames - have)], dim=-1)
     return np.concatenate([x, np.repeat(last, frames - have, axis=-1)], axis=-1)
-
-
-def _db(power: torch.Tensor, top_db: float) -> torch.Tensor:
-    """`(batch, bins, frames)` power -> dB, per-clip max reference, floored `top_db` below."""
-    db = 10.0 * torch.log10(power.clamp_min(1e-10))
-    return torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - top_db)
 
 
 def lpc(wave: np.ndarray, n_fft: int, hop_length: int, order: int) -> np.ndarray:
@@ -244,28 +254,13 @@ class FeatureStack(nn.Module):
         self.cfg = cfg
         self.stack = stack
         self.bins = bins_per_kind(cfg, stack)
-        torch_kinds: dict[str, nn.Module] = {}
-        if "logmel" in stack.kinds:
-            torch_kinds["logmel"] = LogMel(cfg)
-        if "mfcc" in stack.kinds:
-            mfcc = torchaudio.transforms.MFCC(
-                sample_rate=cfg.sample_rate,
-                n_mfcc=stack.n_mfcc,
-                melkwargs={
-                    "n_fft": cfg.n_fft,
-                    "hop_length": cfg.hop_length,
-                    "n_mels": cfg.n_mels,
-                    "f_min": cfg.f_min,
-                    "f_max": cfg.f_max,
-                },
-            )
-            mfcc.amplitude_to_DB.top_db = cfg.top_db
-            torch_kinds["mfcc"] = mfcc
-        if "stft" in stack.kinds:
-            torch_kinds["stft"] = torchaudio.transforms.Spectrogram(
-                n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=2.0
-            )
-        self.torch_kinds = nn.ModuleDict(torch_kinds)
+        self.torch_kinds = [kind for kind in stack.kinds if kind in TORCH_KINDS]
+        # log-mel and MFCC share one mel spectrogram; MFCC adds its DCT, `(n_mels, n_mfcc)`
+        needs_mel = "logmel" in stack.kinds or "mfcc" in stack.kinds
+        self.mel = LogMel(cfg) if needs_mel else None
+        dct = dct_matrix(stack.n_mfcc, cfg.n_mels).T.contiguous() if "mfcc" in stack.kinds else None
+        self.register_buffer("dct", dct)
+        self.stft = spectrogram(cfg) if "stft" in stack.kinds else None
         self.requires_grad_(False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -304,15 +299,16 @@ class FeatureStack(nn.Module):
         return self._torch_batch(wave)
 
     def _torch_batch(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         parts = {}
-        for kind, module in self.torch_kinds.items():
-            if kind == "logmel":
-                parts[kind] = module(wave).squeeze(1)
-            elif kind == "mfcc":
-                # 4-D input: torchaudio applies top_db per clip (3-D would use one batch max)
-                parts[kind] = module(wave.unsqueeze(1)).squeeze(1)
-            else:
-                parts[kind] = _db(module(wave), self.cfg.top_db)
+        if self.mel is not None:
+            db = self.mel.db(wave)  # (batch, n_mels, frames) re 1, floored per clip
+            if "logmel" in self.torch_kinds:
+                parts["logmel"] = reference(db, cfg.db_ref)
+            if self.dct is not None:  # librosa.feature.mfcc: dB re 1, whatever db_ref says
+                parts["mfcc"] = torch.matmul(db.transpose(-1, -2), self.dct).transpose(-1, -2)
+        if self.stft is not None:
+            parts["stft"] = reference(power_to_db(self.stft(wave), cfg.top_db), cfg.db_ref)
         return parts
 
     def _numpy_parts(self, wave: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
