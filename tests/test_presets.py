@@ -164,7 +164,25 @@ def test_every_study_has_a_preset():
     assert expected <= set(PRESETS)
 
 
-@pytest.mark.parametrize("name", [p for p in PRESETS if p != "demo"])
+# Variants whose smoke test takes minutes on two cores and whose family another preset already
+# runs here (their layer sizes are checked in test_study_models): `pytest -m slow`.
+SLOW_PRESETS = {
+    "s3_accent_cnn_augmented",
+    "s4_esc50_alexnet",
+    "s4_esc50_final_sequence",
+    "s4_esc50_resnet50",
+    "s4_esc50_vgg16",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PRESETS else p
+        for p in PRESETS
+        if p != "demo"
+    ],
+)
 def test_preset_runs_end_to_end(name, tmp_path, mlflow_store, fsdd_root):
     preset = load_params(REPO / "pipelines" / f"{name}.yaml")
     assert preset.preset == name
