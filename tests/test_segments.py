@@ -122,7 +122,9 @@ def test_validation_scores_recordings_not_windows(windowed_cache):
         targets = cache.targets()[cache.rows("val")[first]]
         assert len(targets) == 4  # recordings, each of 5 windows
         expected = classification_metrics(targets, combined["v"])
-        assert val == {f"val_{k}": v for k, v in expected.items()}
+        # approx: validation and `predict` may batch differently, and a thread count another
+        # test left changes float summation order
+        assert val == pytest.approx({f"val_{k}": v for k, v in expected.items()}, rel=1e-5)
         assert loss == pytest.approx(_nll(combined["v"], targets, trainer.weight))
 
 
