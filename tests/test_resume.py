@@ -25,6 +25,20 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
+def _manifest(cache_dir: Path) -> Path:
+    """A manifest for the cache's recordings (train logs it as the run's dataset)."""
+    import pandas as pd
+
+    path = cache_dir.parent / f"{cache_dir.name}-manifest.csv"
+    if not path.exists():
+        index = pd.read_csv(cache_dir / "index.csv")
+        manifest = index[["path", "label", "group", "sha256"]].assign(
+            duration_s=0.5, sample_rate=8000, channels=1
+        )
+        manifest.to_csv(path, index=False)
+    return path
+
+
 def _train(params_file: Path, cache_dir: Path, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [
@@ -35,7 +49,7 @@ def _train(params_file: Path, cache_dir: Path, out: Path, env: dict) -> subproce
             "--features",
             str(cache_dir),
             "--manifest",
-            str(params_file),  # only hashed for the run's tags
+            str(_manifest(cache_dir)),
             "--out",
             str(out),
         ],
