@@ -448,11 +448,11 @@ def run_evaluate(
             f"out-of-fold ensemble of {len(members)} members "
             f"({len(cache.folds)} folds x {len(members) // len(cache.folds)} seeds)"
         )
-        per_member = "per member (fold x seed)"
+        spread_over = "per member (fold x seed)"
     else:
-        ensemble_of, per_member = f"ensemble of {len(members)} seeds", "per seed"
+        ensemble_of, spread_over = f"ensemble of {len(members)} seeds", "per seed"
     print(
-        f"evaluate: test {shown} {ensemble[shown]:.4f} ({ensemble_of}), {per_member} "
+        f"evaluate: test {shown} {ensemble[shown]:.4f} ({ensemble_of}), {spread_over} "
         f"{mean[shown]:.4f} +- {std[shown]:.4f}, on {len(rows)} clips; "
         f"worst {params.evaluate.worst_k} in {plots / 'worst.csv'}"
     )
