@@ -84,8 +84,9 @@ def test_cv_params_are_checked(tmp_path):
 
 
 @pytest.mark.integration
-def test_cv_trains_and_evaluates_once_per_fold(tmp_path, mlflow_store, repo_params):
+def test_cv_trains_and_evaluates_once_per_fold(tmp_path, mlflow_store, repo_params, capsys):
     from tympan import stages
+    from tympan.cli import main
 
     params = replace(
         repo_params,
@@ -130,6 +131,32 @@ def test_cv_trains_and_evaluates_once_per_fold(tmp_path, mlflow_store, repo_para
         assert "test_accuracy" in run.data.metrics
     held_out = json.loads((d / "test_set.json").read_text())
     assert held_out["clips"] == len(cache.index)
+
+    # what each stage says: which fold and member of how many, and that figures are per member
+    said = capsys.readouterr()
+    assert "featurize: CV fold 2 (3 of 3): normalisation statistics" in said.out
+    assert "train member 6 of 6 (fold 2, seed 1): 2/2 epochs (100%)" in said.err
+    assert "train: 6 members (3 folds x 2 seeds)" in said.out
+    assert "(out-of-fold ensemble of 6 members (3 folds x 2 seeds)), per member (fold x seed)" in (
+        said.out
+    )
+    registered = {"name": "m", "version": 1, "alias": "champion", "reason": "first"}
+    registered["metric"] = "accuracy"
+    (d / "registered.json").write_text(json.dumps({**registered, "tracking_uri": mlflow_store}))
+    main(
+        [
+            "summary",
+            "--registered",
+            str(d / "registered.json"),
+            "--metrics",
+            str(d / "metrics/test.json"),
+        ]
+    )
+    summary = capsys.readouterr().out
+    assert "out of fold (ensemble of 6 members (3 folds x 2 seeds); per-member mean +- std)" in (
+        summary
+    )
+    assert "  accuracy  " in summary and " members " in summary and " seeds " not in summary
 
 
 def test_fold_number_is_in_the_test_set_hash():

@@ -114,19 +114,27 @@ def test_classification_report_writes_metrics_and_plots(tmp_path):
         tmp_path / "plots",
     )
     metrics, plots = tmp_path / "metrics", tmp_path / "plots"
+    # the DVC metrics: a handful of short keys, not one per class or attribute value
     headline = json.loads((metrics / "headline.json").read_text())
+    assert list(headline) == ["test_accuracy", "seed_mean", "seed_std", "test_f1_macro", "n_test"]
     assert headline["test_accuracy"] == results["ensemble"]["accuracy"]
-    assert headline["test_accuracy_seed_std"] == pytest.approx(
+    assert headline["test_f1_macro"] == results["ensemble"]["f1_macro"]
+    assert headline["seed_std"] == pytest.approx(
         np.std([m.classification_metrics(TARGETS, p)["accuracy"] for p in per_seed.values()])
     )
     assert json.loads((metrics / "classes.json").read_text())["a"]["support"] == 2
     by_language = json.loads((metrics / "breakdown.json").read_text())["language"]
     assert by_language["en"]["n"] == 4 and by_language["fr"]["n"] == 2
     assert set(json.loads((metrics / "test.json").read_text())["seeds"]) == {"0", "1"}
-    for name in LABELS:
-        roc = pd.read_csv(plots / "roc" / f"{name}.csv")
-        assert list(roc.columns) == ["fpr", "tpr", "threshold"]
-        assert (plots / "pr" / f"{name}.csv").exists()
+    bars = pd.read_csv(plots / "breakdown.csv")
+    assert bars["slice"].tolist() == ["language=en", "language=fr"]
+    assert bars.loc[0, "n"] == 4 and bars.loc[0, "accuracy"] == by_language["en"]["accuracy"]
+    # every class's curve in one table per kind: one DVC plot each
+    for name, x, y in (("roc", "fpr", "tpr"), ("pr", "recall", "precision")):
+        table = pd.read_csv(plots / f"{name}.csv")
+        assert list(table.columns) == ["class", x, y, "threshold"]
+        assert set(table["class"]) == set(LABELS)
+    assert not (plots / "roc").exists() and not (plots / "pr").exists()
     worst = pd.read_csv(plots / "worst.csv")
     assert worst["rank"].tolist() == [1, 2, 3]
     assert worst["path"].iloc[0] == "audio/clip 1.wav"  # p(true) 0.2 (and 0.24 for seed 1)
@@ -166,9 +174,9 @@ def test_regression_report(tmp_path):
     # averaged prediction: exact but for d (4.5 for 4.0)
     assert results["ensemble"]["mae"] == pytest.approx(0.5 / 4)
     assert results["seed_mean"]["mae"] == 0.5 and results["seed_std"]["mae"] == 0.0
-    assert json.loads((tmp_path / "metrics" / "headline.json").read_text())["test_mae"] == (
-        pytest.approx(0.125)
-    )
+    headline = json.loads((tmp_path / "metrics" / "headline.json").read_text())
+    assert list(headline) == ["test_mae", "seed_mean", "seed_std", "test_r2", "n_test"]
+    assert headline["test_mae"] == pytest.approx(0.125) and headline["seed_mean"] == 0.5
     scatter = pd.read_csv(tmp_path / "plots" / "scatter.csv")
     assert list(scatter.columns) == ["path", "actual", "predicted", "residual"]
     levels = json.loads((tmp_path / "metrics" / "classes.json").read_text())
@@ -179,7 +187,13 @@ def test_regression_report(tmp_path):
     assert worst["path"].tolist()[0] == "d" and len(worst) == 2
     for name in ("curves.png", "confusion.png", "confusion.csv", "classes.csv", "confusion.txt"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
-    assert (tmp_path / "plots" / "roc").is_dir() and not any((tmp_path / "plots" / "roc").iterdir())
+    assert by_speaker["x"]["accuracy"] == 1.0  # within 0.5, as per level
+    assert pd.read_csv(tmp_path / "plots" / "breakdown.csv")["slice"].tolist() == [
+        "speaker=x",
+        "speaker=y",
+    ]
+    for name in ("roc", "pr"):  # no curves, but the files DVC's plots name
+        assert pd.read_csv(tmp_path / "plots" / f"{name}.csv").empty
 
 
 CHAMPION = {"version": "3", "test_accuracy": "0.85", "tympan.test_set": "abc"}

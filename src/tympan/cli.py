@@ -312,12 +312,22 @@ def _summary(registered: Path, metrics: Path) -> None:
     alias = f"@{reg['alias']}" if reg["alias"] else "no alias"
     print(f"\nRegistered model: {reg['name']} version {reg['version']} -> {alias}")
     print(f"  {reg['reason']}")
-    print(
-        f"Test metrics on {test['n_test']} clips (ensemble of {len(test['seeds'])} seeds; "
-        "per-seed mean +- std):"
-    )
+    members = len(test["seeds"])
+    if "cv" in test:
+        folds = test["cv"]["folds"]
+        print(
+            f"Test metrics on {test['n_test']} clips, out of fold (ensemble of {members} members "
+            f"({folds} folds x {members // folds} seeds); per-member mean +- std):"
+        )
+        column = "members"
+    else:
+        print(
+            f"Test metrics on {test['n_test']} clips (ensemble of {members} seeds; "
+            "per-seed mean +- std):"
+        )
+        column = "seeds"
     for key in ens:
-        print(f"  {key:<18} {ens[key]:.4f}   seeds {mean[key]:.4f} +- {std[key]:.4f}")
+        print(f"  {key:<18} {ens[key]:.4f}   {column} {mean[key]:.4f} +- {std[key]:.4f}")
     card = registered.parent / "model_card.md"
     if card.exists():
         print(f"Model card: {card} (also the version's description in mlflow ui)")
@@ -330,7 +340,8 @@ def _summary(registered: Path, metrics: Path) -> None:
 
         print(f"    then open {ui_url('http://127.0.0.1:5001', reg['experiment_id'])}")
     print("  dvc metrics show      dvc plots show   (then open dvc_plots/index.html)")
-    print("  dvc exp show --drop '.*' --keep 'Experiment|Created|test_|train\\.(lr|epochs)$'")
+    keep = f"Experiment|test_{reg['metric']}|seed_|train\\.(lr|epochs)$"
+    print(f"  dvc exp show --drop '.*' --keep '{keep}'")
     print(f"  MLFLOW_TRACKING_URI={uri} tympan serve -m models:/{reg['name']}@champion -p 5000")
     print(
         "  python -m tympan.serving.client data/demo/audio/tone_0000.wav "
@@ -459,6 +470,19 @@ def _with_root(text: str, root: str) -> str:
     return replaced if (yaml.safe_load(replaced) or {})["data"]["root"] == root else ""
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines off, and its artifact-download bars outside a terminal.
+
+    MLflow configures its logger when it is first imported (level `MLFLOW_LOGGING_LEVEL`,
+    default INFO), after this module set it, so the level goes through the environment, as
+    does the bar switch (read at each download): child processes such as `tympan serve`'s
+    workers follow. Either variable set by the user wins. Warnings stay.
+    """
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -467,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_mlflow()
     if args.command == "summary":
         _summary(args.registered, args.metrics)
         return

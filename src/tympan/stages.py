@@ -195,9 +195,11 @@ def run_train(
         record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
         # without CV one member per seed, named by the seed; with CV one per fold and seed
         plan = [(None, cache)] if not cache.folds else [(k, cache.for_fold(k)) for k in cache.folds]
+        n_members = len(plan) * len(params.train.seeds)
         for fold, fold_cache in plan:
             for seed in params.train.seeds:
                 name = str(seed) if fold is None else f"fold{fold}-seed{seed}"
+                which = f"seed {seed}" if fold is None else f"fold {fold}, seed {seed}"
                 member_tags = {**tags, "tympan.seed": str(seed)}
                 if fold is not None:
                     member_tags["tympan.fold"] = str(fold)
@@ -229,6 +231,7 @@ def run_train(
                         checkpoint=checkpoints / f"{name}.pt",
                         fingerprint=name,
                         aggregate=params.segment.aggregate,
+                        desc=f"train member {len(members) + 1} of {n_members} ({which})",
                     )
                     if result.resumed_at:
                         mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))
@@ -289,10 +292,14 @@ def run_train(
     )
     _write_json(out / TRAIN_RECORD, record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
+    shape = (
+        f"{len(cache.folds)} folds x {len(params.train.seeds)} seeds"
+        if cache.folds
+        else "one per seed"
+    )
     print(
-        f"train: {len(members)} member(s) ({len(cache.folds) or 'no'} CV folds) on {device}; "
-        f"{primary.replace('_', ' ')} "
-        f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f}; "
+        f"train: {len(members)} members ({shape}) on {device}; {primary.replace('_', ' ')} "
+        f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f} over the members; "
         f"MLflow run {record['parent_run_id']}"
     )
 
@@ -477,9 +484,17 @@ def run_evaluate(
         mlflow.log_artifact(str(test_set), "metrics")
         mlflow.set_tag("tympan.test_set", held_out["hash"])
     shown = "mae" if regression else "accuracy"
+    if cache.folds:
+        ensemble_of = (
+            f"out-of-fold ensemble of {len(members)} members "
+            f"({len(cache.folds)} folds x {len(members) // len(cache.folds)} seeds)"
+        )
+        spread_over = "per member (fold x seed)"
+    else:
+        ensemble_of, spread_over = f"ensemble of {len(members)} seeds", "per seed"
     print(
-        f"evaluate: test {shown} ensemble {ensemble[shown]:.4f}, per seed "
-        f"{mean[shown]:.4f} +- {std[shown]:.4f} on {len(rows)} clips; "
+        f"evaluate: test {shown} {ensemble[shown]:.4f} ({ensemble_of}), {spread_over} "
+        f"{mean[shown]:.4f} +- {std[shown]:.4f}, on {len(rows)} clips; "
         f"worst {params.evaluate.worst_k} in {plots / 'worst.csv'}"
     )
 
@@ -592,7 +607,7 @@ def run_register(
         _keep_registered(client, existing, digest, held_out, out, card)
         return
     with mlflow.start_run(run_id=record["parent_run_id"]) as run:
-        info = log_audio_model(models / BUNDLE, params.features.sample_rate, cfg.name)
+        info = log_audio_model(models / BUNDLE, params.features.sample_rate)
         tags = dict(run.data.tags)
     # The example logged with the model must go through the scoring path as a server gets it.
     with warnings.catch_warnings():
@@ -601,7 +616,7 @@ def run_register(
         warnings.simplefilter("ignore", FutureWarning)
         validate_serving_input(info.model_uri, load_serving_example(info.model_uri))
 
-    version = str(info.registered_model_version)
+    version = tracking.register_model(info.model_uri, cfg.name)
     version_tags = {
         "git.commit": tags.get("git.commit", "unknown"),
         "dvc.data": tags.get("dvc.data", "unknown"),

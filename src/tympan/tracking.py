@@ -226,6 +226,24 @@ def _md5(path: Path) -> str | None:
     return None
 
 
+def register_model(model_uri: str, name: str) -> str:
+    """Register `model_uri` as a new version of the registered model `name`; -> the version.
+
+    MLflow announces a registration on stderr (`Successfully registered model ...`, `Registered
+    model ... already exists`, `Created version ...`) with `print`, not its logger, so no log
+    level hides it; `tympan register` says the same in its own line. MLflow's event stream is
+    off for this one call, which would also hold back a warning of its own.
+    """
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    was = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        return str(mlflow.register_model(model_uri, name).version)
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"

@@ -8,12 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from tympan.audio import AudioError, probe
 from tympan.config import DataConfig
 from tympan.data.adapters import list_recordings
 from tympan.data.manifest import REJECT_COLUMNS
+from tympan.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def ingest(
     candidates, rejects = list_recordings(cfg.adapter, Path(cfg.root), cfg.group_by, cfg)
     accepted = []
     seen: dict[str, str] = {}
-    for row in tqdm(candidates.to_dict("records"), desc="ingest", unit="file"):
+    for row in track(candidates.to_dict("records"), len(candidates), "ingest", "file"):
         try:
             info = probe(row["path"], cfg.silence_dbfs, cfg.max_duration_s)
         except FileNotFoundError:

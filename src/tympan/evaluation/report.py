@@ -1,19 +1,22 @@
 """The evaluate stage's outputs: metrics JSON for DVC and MLflow, plot data, figures.
 
 `classification_report` takes every seed's test probabilities and writes, under `metrics/`:
+    headline.json   the one DVC metrics file: the registry metric for the ensemble with its
+                    seed mean and std, two companion metrics and the test size (what
+                    `dvc metrics show`, `dvc metrics diff` and `dvc exp show` compare)
     test.json       every metric per seed, seed mean and std, and the probability-averaged
                     ensemble (S1's method)
-    headline.json   the registry metric for the ensemble and its seed spread (what
-                    `dvc exp show` is read by)
     classes.json    per-class accuracy, precision, F1 and support of the ensemble
     breakdown.json  accuracy and macro F1 per value of each `evaluate.breakdown` column
-and under `plots/`: confusion.csv (DVC confusion template) and confusion.txt, roc/<class>.csv
-and pr/<class>.csv (DVC linear plots, one file per class), classes.csv (bar), worst.csv with
-worst/*.png (the k worst predictions with their spectrograms), test_predictions.csv, and the
-figures confusion.png and curves.png.
-`regression_report` writes the same files for a regression model: mae/rmse/r2, scatter.csv,
+(the last three are tables, not DVC metrics: one column per class or attribute value would
+make `dvc metrics show` and `dvc exp show` unreadable; their plots are classes.csv and
+breakdown.csv) and under `plots/`: confusion.csv (DVC confusion template) and confusion.txt,
+roc.csv and pr.csv (every class's one-vs-rest curve in one table, one DVC plot each),
+classes.csv and breakdown.csv (bars), worst.csv with worst/*.png (the k worst predictions with
+their spectrograms), test_predictions.csv, and the figures confusion.png and curves.png.
+`regression_report` is the same for a regression model: mae/rmse/r2, scatter.csv,
 and in curves.png the predicted-vs-true and residual plot (dvc.yaml declares one set of
-evaluate outputs for every task, so the file keeps its name; roc/ and pr/ stay empty).
+evaluate outputs for every task, so the file keeps its name; roc.csv and pr.csv hold a header).
 """
 
 from __future__ import annotations
@@ -118,19 +121,44 @@ def summarise(per_seed: dict[str, dict[str, float]], ensemble: dict[str, float],
     }
 
 
+# The metric that accompanies the registry metric in headline.json: the first of these that
+# is not the registry metric and was computed.
+COMPANIONS = ("accuracy", "f1_macro", "mae", "r2")
+
+
 def headline(results: dict, metric: str) -> dict[str, float]:
-    """`{test_<metric>, test_<metric>_seed_mean, test_<metric>_seed_std, n_test}`."""
-    if metric not in results["ensemble"]:
+    """headline.json: the registry metric of the ensemble (`test_<metric>`), its mean and
+    std over the members (`seed_mean`, `seed_std`: seeds, or folds x seeds with CV), one
+    companion metric of the ensemble (`COMPANIONS`) and `n_test`.
+
+    Few keys with short names on purpose: `dvc metrics show` and `dvc exp show` print one
+    column per key, and these stay under 100 characters wide.
+    """
+    ensemble = results["ensemble"]
+    if metric not in ensemble:
         raise EvaluationError(
             f"register.metric={metric!r} was not computed for this test set "
-            f"(have: {', '.join(results['ensemble'])})"
+            f"(have: {', '.join(ensemble)})"
         )
+    companions = [k for k in COMPANIONS if k in ensemble and k != metric][:1]
     return {
-        f"test_{metric}": results["ensemble"][metric],
-        f"test_{metric}_seed_mean": results["seed_mean"][metric],
-        f"test_{metric}_seed_std": results["seed_std"][metric],
+        f"test_{metric}": ensemble[metric],
+        "seed_mean": results["seed_mean"][metric],
+        "seed_std": results["seed_std"][metric],
+        **{f"test_{k}": ensemble[k] for k in companions},
         "n_test": results["n_test"],
     }
+
+
+def breakdown_table(by_attribute: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """breakdown.json as one bar-chart table: a row per attribute value, named
+    `attribute=value` (`slice`), then `attribute`, `value` and the value's metrics."""
+    rows = [
+        {"slice": f"{attribute}={value}", "attribute": attribute, "value": value, **scores}
+        for attribute, values in by_attribute.items()
+        for value, scores in values.items()
+    ]
+    return pd.DataFrame(rows, columns=None if rows else ["slice", "attribute", "value"])
 
 
 def classification_report(
@@ -196,13 +224,10 @@ def classification_report(
         f"test, ensemble of {len(per_seed_probs)}{' per fold, out of fold' if members else ''} "
         f"(accuracy {results['ensemble']['accuracy']:.3f})",
     )
+    breakdown_table(by_attribute).to_csv(plots / "breakdown.csv", index=False)
     roc, pr = m.roc_curves(targets, probs, labels), m.pr_curves(targets, probs, labels)
-    for folder, frame in (("roc", roc), ("pr", pr)):
-        _replace_dir(plots / folder)
-        for name, rows in frame.groupby("class", sort=False):
-            rows.drop(columns="class").to_csv(
-                plots / folder / f"{safe_name(str(name))}.csv", index=False
-            )
+    roc.to_csv(plots / "roc.csv", index=False)
+    pr.to_csv(plots / "pr.csv", index=False)
     auc = results["ensemble"].get("roc_auc")
     curves_plot(
         roc,
@@ -287,10 +312,10 @@ def regression_report(
     headline.json). Scored by level (the true value rounded to an integer, as S5's 1-5
     valence): classes.json and classes.csv give per level the MAE, the share predicted within
     0.5 (`accuracy`) and the support; confusion.csv/.txt/.png cross the rounded true and
-    predicted levels. breakdown.json: MAE, RMSE and n per attribute value. worst.csv and
-    worst/*.png: the largest absolute errors with their spectrograms (S5's error analysis).
-    curves.png is the predicted-vs-true and residual plot, scatter.csv its data; roc/ and pr/
-    stay empty.
+    predicted levels. breakdown.json and breakdown.csv: n, the share within 0.5, MAE, RMSE
+    and R^2 per attribute value. worst.csv and worst/*.png: the largest absolute errors with
+    their spectrograms (S5's error analysis). curves.png is the predicted-vs-true and residual
+    plot, scatter.csv its data; roc.csv and pr.csv hold their header only.
     """
     missing = [c for c in breakdown_by if c not in test.index.columns]
     if missing:
@@ -323,6 +348,7 @@ def regression_report(
         by_attribute[column] = {
             value: {
                 "n": int((values == value).sum()),
+                "accuracy": float((errors[values == value] <= 0.5).mean()),
                 **m.regression_metrics(targets[values == value], predicted[values == value]),
             }
             for value in sorted(set(values))
@@ -358,8 +384,12 @@ def regression_report(
     confusion_matrix_plot(
         matrix, labels, plots / "confusion.png", "test, rounded true vs predicted value"
     )
-    for folder in ("roc", "pr"):
-        _replace_dir(plots / folder)
+    breakdown_table(by_attribute).to_csv(plots / "breakdown.csv", index=False)
+    for name, x, y in (("roc", "fpr", "tpr"), ("pr", "recall", "precision")):
+        # no curves for a regression model; the files exist because the DVC plots name them
+        pd.DataFrame(columns=["class", x, y, "threshold"]).to_csv(
+            plots / f"{name}.csv", index=False
+        )
     regression_plots(
         targets,
         predicted,

@@ -47,7 +47,6 @@ import pandas as pd
 import soundfile as sf
 import torch
 import yaml
-from tqdm import tqdm
 
 from tympan.audio import AudioError, decode, resample, resampled_length, to_mono
 from tympan.config import FeatureConfig, SegmentConfig, StackConfig, params_from_dict, to_dict
@@ -60,6 +59,7 @@ from tympan.features.stack import (
     output_shape,
     set_params,
 )
+from tympan.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def _fill(
         job = _Job(cfg, segment, tuple(todo), device)
         written = 0
         unit = "recording" if segment is not None else "clip"
-        with tqdm(total=len(paths), desc="featurize", unit=unit) as bar:
+        with progress(len(paths), "featurize", unit) as bar:
             for (chunk, _), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
                 end = written + len(next(iter(parts.values())))
                 for kind, part in parts.items():
@@ -692,8 +692,12 @@ def _finish(
     folds = fold_numbers(index)
     if folds:
         stats["folds"] = []
-        for fold in folds:
+        for k, fold in enumerate(folds, start=1):
             fold_rows = np.flatnonzero(index[f"split_{fold}"].to_numpy() == "train")
+            print(
+                f"featurize: CV fold {fold} ({k} of {len(folds)}): normalisation statistics "
+                f"from its {len(fold_rows)} train rows"
+            )
             fold_mean, fold_std = train_stats(features, fold_rows)
             stats["folds"].append(
                 {"fold": fold, "rows": len(fold_rows), "mean": fold_mean, "std": fold_std}

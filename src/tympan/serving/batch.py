@@ -14,8 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from tqdm import tqdm
-
+from tympan.progress import track
 from tympan.serving.client import audio_files
 
 
@@ -34,7 +33,7 @@ def predict_files(
     out: Path,
     side: Mapping[str, str] | None = None,
     table: Mapping[str, Mapping[str, str]] | None = None,
-    progress: bool | None = None,
+    progress: bool = True,
 ) -> tuple[int, int]:
     """Score `files` with the model at `model_uri`; write `out`; -> (scored, failed).
 
@@ -62,10 +61,7 @@ def predict_files(
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        bar = tqdm(
-            files, desc="predict", unit="file", disable=None if progress is None else not progress
-        )
-        for path in bar:
+        for path in track(files, len(files), "predict", "file", enabled=progress):
             row: dict[str, object] = {"path": str(path)}
             values = {**(side or {}), **_row_of(table, path)}
             attributes = {name: [values.get(name)] for name in predictor.side_vocab}

@@ -27,6 +27,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModelContext
 from mlflow.types.schema import ColSpec, Map, Schema
 
 import tympan
@@ -59,12 +60,22 @@ class RequestRefused(MlflowException):
 
 
 class AudioModel(mlflow.pyfunc.PythonModel):
-    """pyfunc model: raw audio in, ensemble label and probabilities out."""
+    """pyfunc model: raw audio in, ensemble label and probabilities out.
 
-    def load_context(self, context) -> None:
+    `predict`'s type hints are a DataFrame in and out: MLflow reads them when the model is
+    logged and loaded, infers no schema from a DataFrame (the logged `signature` stays the
+    contract) and adds no conversion, and without hints it warns at every logging and load.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
         self.predictor = Predictor.load(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise RequestRefused(
                 f"expected a table with an '{INPUT_COLUMN}' column of base64 audio, e.g. "
@@ -166,8 +177,6 @@ def model_spec(bundle: Path, sample_rate: int) -> dict[str, Any]:
     }
 
 
-def log_audio_model(bundle: Path, sample_rate: int, registered_name: str | None):
-    """Log the pyfunc in the active run (and register it); -> ModelInfo."""
-    return mlflow.pyfunc.log_model(
-        name="model", registered_model_name=registered_name, **model_spec(bundle, sample_rate)
-    )
+def log_audio_model(bundle: Path, sample_rate: int):
+    """Log the pyfunc in the active run; -> ModelInfo (register its `model_uri`)."""
+    return mlflow.pyfunc.log_model(name="model", **model_spec(bundle, sample_rate))

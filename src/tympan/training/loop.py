@@ -26,12 +26,12 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from tympan.config import AugmentConfig, ModelConfig, TrainConfig, params_from_dict
 from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
+from tympan.progress import progress as show_progress
 from tympan.training.augment import (
     AugmentedInputs,
     Augmenter,
@@ -542,6 +542,7 @@ def fit(
     checkpoint: Path | None = None,
     fingerprint: str = "",
     aggregate: str = "mean",
+    desc: str | None = None,
 ) -> SeedResult:
     """Train one seed for `cfg.epochs`, or until `cfg.patience` epochs without a lower val
     loss with `cfg.early_stopping`.
@@ -550,7 +551,7 @@ def fit(
     epoch `cfg.keep` names. Validation scores recordings, a segmented recording's windows
     combined by `aggregate` (`segment.aggregate`). With `checkpoint`, see `SeedTrainer`;
     `on_epoch` is called for the epochs restored from it too, so a resumed run logs its whole
-    curve.
+    curve. `desc` names the member on the progress display (default `seed <seed>`).
     """
     if model_cfg.classical:
         return fit_classical(cache, model_cfg, cfg, seed, aggregate)
@@ -560,17 +561,18 @@ def fit(
     if on_epoch is not None:
         for entry in trainer.result.history:
             on_epoch(entry)
-    with tqdm(
-        total=cfg.epochs,
+    with show_progress(
+        cfg.epochs,
+        desc or f"seed {seed}",
+        "epoch",
         initial=len(trainer.result.history),
-        desc=f"seed {seed}",
-        unit="epoch",
-        disable=not progress,
+        step_percent=25,
+        enabled=progress,
     ) as bar:
         while not trainer.done:
             entry = trainer.step()
+            bar.set_postfix(_postfix(entry))  # first: a line-per-step display prints on update
             bar.update(1)
-            bar.set_postfix(_postfix(entry))
             if on_epoch is not None:
                 on_epoch(entry)
     return trainer.finish()
