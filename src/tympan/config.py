@@ -588,6 +588,10 @@ class EvaluateConfig:
 
     breakdown: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     worst_k: int = field(default=10, metadata=_range(0))
+    # a class whose own F1, precision and recall join every metric set as positive_f1,
+    # positive_precision, positive_recall, and head metrics/headline.json beside the macro ones
+    # (S1 reports the deceptive class's)
+    positive_class: str | None = None
 
 
 HEADLINE_METRICS = (
@@ -598,6 +602,9 @@ HEADLINE_METRICS = (
     "precision",
     "recall",
     "roc_auc",
+    "positive_f1",
+    "positive_precision",
+    "positive_recall",
     "mae",
     "rmse",
     "r2",

@@ -379,9 +379,11 @@ def run_evaluate(
     side = cache.side_codes(predictor.side_vocab) if predictor.side_vocab else None
     members = dict(zip(record["seeds"], predictor.members, strict=True))
     aggregate = params.segment.aggregate
+    regression = head == "identity"
+    positive = None if regression else params.evaluate.positive_class
     if cache.folds:
         rows, per_seed_probs, per_member, cv = _score_folds(
-            cache, record, members, side, aggregate, head
+            cache, record, members, side, aggregate, head, positive
         )
     else:
         rows = cache.rows("test")
@@ -395,7 +397,6 @@ def run_evaluate(
             )
             rows = rows[first]
         per_member, cv = None, None
-    regression = head == "identity"
     test = HeldOut(
         index=cache.index.iloc[rows].reset_index(drop=True),
         targets=(regression_targets(cache) if regression else cache.targets())[rows],
@@ -415,6 +416,7 @@ def run_evaluate(
         plots,
         members=per_member,
         extra=cv,
+        **({} if regression else {"positive": positive}),
     )
     shutil.copyfile(models / CURVES, plots / CURVES)  # drawn by train from the same history
     held_out = fingerprint(test.index)
@@ -463,6 +465,7 @@ def _score_folds(
     side: np.ndarray | None,
     aggregate: str,
     head: str = "softmax",
+    positive: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict], dict]:
     """Score each fold's test split with that fold's members (windows combined per
     recording when segmented). -> the scored rows (every recording once, in index order),
@@ -470,16 +473,19 @@ def _score_folds(
     own fold's member of that seed), metrics per member on its fold's test split, and the
     per-fold ensemble metrics."""
     from tympan.evaluation.metrics import classification_metrics, regression_metrics
-    from tympan.evaluation.report import per_recording
+    from tympan.evaluation.report import per_recording, positive_index
     from tympan.training.loop import regression_targets
 
     device = torch.device("cpu")
     regression = head == "identity"
     targets = regression_targets(cache) if regression else cache.targets()
     n_classes = 1 if regression else len(cache.labels)
+    pos = None if regression else positive_index(cache.labels, positive)
 
     def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-        return regression_metrics(y, p[:, 0]) if regression else classification_metrics(y, p)
+        if regression:
+            return regression_metrics(y, p[:, 0])
+        return classification_metrics(y, p, pos)
 
     oof: dict[str, dict[int, np.ndarray]] = {}
     per_member: dict[str, dict] = {}
@@ -494,7 +500,7 @@ def _score_folds(
             first, probs = per_recording(cache.index.iloc[rows], probs, aggregate)
             rows = rows[first]
         for name, p in probs.items():
-            per_member[name] = classification_metrics(targets[rows], p)
+            per_member[name] = classification_metrics(targets[rows], p, pos)
             seed = str(record["seeds"][name]["seed"])
             oof.setdefault(seed, {}).update(zip(rows.tolist(), p, strict=True))
         per_fold[str(fold)] = score(targets[rows], np.mean(list(probs.values()), axis=0))

@@ -116,19 +116,49 @@ def summarise(per_seed: dict[str, dict[str, float]], ensemble: dict[str, float],
     }
 
 
+# With `evaluate.positive_class`, the headline shows that class's metrics, the macro ones beside.
+POSITIVE_HEADLINE = (
+    "positive_f1",
+    "positive_precision",
+    "positive_recall",
+    "f1_macro",
+    "precision",
+    "recall",
+)
+
+
 def headline(results: dict, metric: str) -> dict[str, float]:
-    """`{test_<metric>, test_<metric>_seed_mean, test_<metric>_seed_std, n_test}`."""
+    """`{test_<metric>, test_<metric>_seed_mean, test_<metric>_seed_std, n_test}`, and the
+    same for the positive class's F1, precision and recall and the macro ones when the
+    results have a positive class."""
     if metric not in results["ensemble"]:
         raise EvaluationError(
             f"register.metric={metric!r} was not computed for this test set "
             f"(have: {', '.join(results['ensemble'])})"
         )
-    return {
-        f"test_{metric}": results["ensemble"][metric],
-        f"test_{metric}_seed_mean": results["seed_mean"][metric],
-        f"test_{metric}_seed_std": results["seed_std"][metric],
-        "n_test": results["n_test"],
-    }
+    shown = [metric]
+    if "positive_f1" in results["ensemble"]:
+        shown += [k for k in POSITIVE_HEADLINE if k != metric]
+    out: dict[str, float] = {}
+    for key in shown:
+        out[f"test_{key}"] = results["ensemble"][key]
+        out[f"test_{key}_seed_mean"] = results["seed_mean"][key]
+        out[f"test_{key}_seed_std"] = results["seed_std"][key]
+    if "positive_class" in results:
+        out["positive_class"] = results["positive_class"]
+    return {**out, "n_test": results["n_test"]}
+
+
+def positive_index(labels: list[str], positive: str | None) -> int | None:
+    """The class index of `evaluate.positive_class` (None when unset)."""
+    if positive is None:
+        return None
+    if positive not in labels:
+        raise EvaluationError(
+            f"evaluate.positive_class={positive!r} is not a class of this model "
+            f"(classes: {', '.join(labels)})"
+        )
+    return labels.index(positive)
 
 
 def classification_report(
@@ -141,12 +171,15 @@ def classification_report(
     plots: Path,
     members: dict[str, dict[str, float]] | None = None,
     extra: dict | None = None,
+    positive: str | None = None,
 ) -> dict:
     """Write every metric file and plot (see the module docstring); -> test.json's content.
 
     The ensemble is the mean of `per_seed_probs`. `members` replaces the per-seed metrics
     when the members are not one per seed (CV: one per fold and seed, each on its own fold's
     test split, so the seed mean and std run over folds x seeds); `extra` joins test.json.
+    `positive` (`evaluate.positive_class`) adds that class's F1, precision and recall to
+    every metric set and to the headline.
     """
     missing = [c for c in breakdown_by if c not in test.index.columns]
     if missing:
@@ -155,11 +188,14 @@ def classification_report(
             f"(have: {', '.join(test.index.columns)}); add them to the manifest"
         )
     targets, labels = test.targets, test.labels
+    pos = positive_index(labels, positive)
     per_seed = members or {
-        s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()
+        s: m.classification_metrics(targets, p, pos) for s, p in per_seed_probs.items()
     }
     probs = np.mean(list(per_seed_probs.values()), axis=0)
-    results = summarise(per_seed, m.classification_metrics(targets, probs), len(targets))
+    results = summarise(per_seed, m.classification_metrics(targets, probs, pos), len(targets))
+    if positive is not None:
+        results["positive_class"] = positive
     results.update(extra or {})
     classes = m.per_class(targets, probs, labels)
     by_attribute = {c: m.breakdown(targets, probs, test.index[c]) for c in breakdown_by}
