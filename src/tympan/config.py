@@ -289,6 +289,12 @@ class FeatureConfig:
     sample_rate: int = field(default=16000, metadata=_SAMPLE_RATE)
     seconds: float = field(default=1.0, metadata=_POSITIVE)
     crop: str = field(default="center", metadata=_choices("start", "center"))
+    # set `seconds` from the recordings: this quantile of the train split's durations, computed
+    # at featurize (S5: 0.75); `seconds` is then ignored and the model records the value used
+    duration_quantile: float | None = field(default=None, metadata=_range(0, 1, low_open=True))
+    # zscore: each recording's waveform to zero mean and unit variance (after resampling,
+    # before its length is fixed or it is windowed), in training and serving alike (S5)
+    wave_norm: str = field(default="none", metadata=_choices("none", "zscore"))
     n_fft: int = field(default=512, metadata=_range(1))
     hop_length: int = field(default=256, metadata=_range(1))
     n_mels: int = field(default=40, metadata=_range(1))

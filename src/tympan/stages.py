@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -128,8 +129,10 @@ def run_train(
         tags.update(
             {"optuna.study": tuning["study"], "optuna.best_trial": str(tuning["best_trial"])}
         )
+    # the clip length featurize used (`features.duration_quantile` sets it from the data)
+    features = replace(params.features, seconds=cache.feature_config.seconds)
     history: list[dict] = []
-    record: dict = {"seeds": {}}
+    record: dict = {"seeds": {}, "seconds": features.seconds}
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
@@ -240,7 +243,7 @@ def run_train(
         )
         save_bundle(
             out / BUNDLE,
-            params.features,
+            features,
             params.model,
             cache.labels,
             tuple(cache.features.shape[1:]),
@@ -595,7 +598,10 @@ def run_register(
             classes=_read_optional(metric_files["classes"]),
             breakdown=_read_optional(metric_files["breakdown"]),
             params={
-                "features": to_dict(params.features),
+                "features": {
+                    **to_dict(params.features),
+                    "seconds": record.get("seconds", params.features.seconds),
+                },
                 "segment": to_dict(params.segment),
                 "model": to_dict(params.model),
                 "train": to_dict(params.train),

@@ -132,6 +132,12 @@ class FeatureCache:
     waves: np.ndarray | None = None
 
     @property
+    def feature_config(self) -> FeatureConfig:
+        """The feature params the sets were computed with (`seconds` as featurize resolved
+        it, see `clip_seconds`)."""
+        return params_from_dict({"features": self.meta["params"]}, source="meta.json").features
+
+    @property
     def folds(self) -> list[int]:
         """CV folds (empty without CV); `for_fold(k)` is the cache as fold k sees it."""
         return fold_numbers(self.index)
@@ -355,6 +361,7 @@ def build_cache(
     leaves the previous cache as it was; worker processes end with this one, even when it is
     killed (`_die_with`), and a killed run's partial folder is removed by the next.
     """
+    cfg = clip_seconds(cfg, table)
     _check(cfg)
     segmented = segment is not None and segment.enabled
     paths = table["path"].tolist()
@@ -566,6 +573,36 @@ class _Job:
                 {kind: part.cpu().numpy().astype(self.cfg.dtype) for kind, part in parts.items()}
             )
         return out
+
+
+def clip_seconds(cfg: FeatureConfig, table: pd.DataFrame) -> FeatureConfig:
+    """`cfg` with `seconds` set from the recordings when `duration_quantile` asks for it: that
+    quantile of the train split's durations (`duration_s`; copies aside; with CV the `split`
+    column's, fold 0), to the millisecond. Only train rows count: how long the test
+    recordings are must not shape the model."""
+    if cfg.duration_quantile is None:
+        return cfg
+    if "duration_s" not in table.columns:
+        raise FeatureError("features.duration_quantile needs the manifest's duration_s column")
+    train = table["split"].to_numpy() == "train"
+    if "copy" in table.columns:
+        train &= table["copy"].astype(int).to_numpy() == 0
+    durations = table.loc[train, "duration_s"].astype(float).to_numpy()
+    if len(durations) == 0:
+        raise FeatureError("features.duration_quantile needs train rows to take durations from")
+    seconds = round(float(np.quantile(durations, cfg.duration_quantile)), 3)
+    if seconds <= 0:
+        raise FeatureError(
+            f"features.duration_quantile={cfg.duration_quantile} of the train durations is "
+            f"{seconds} s: choose a higher quantile"
+        )
+    log.info(
+        "clip length %.3f s: the %g quantile of %d train durations",
+        seconds,
+        cfg.duration_quantile,
+        len(durations),
+    )
+    return replace(cfg, seconds=seconds)
 
 
 def _chunk_waves(

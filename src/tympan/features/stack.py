@@ -105,6 +105,7 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
         "sample_rate": cfg.sample_rate,
         "seconds": cfg.seconds,
         "crop": cfg.crop,
+        "wave_norm": cfg.wave_norm,
         "n_fft": cfg.n_fft,
         "hop_length": cfg.hop_length,
         "dtype": cfg.dtype,
@@ -113,7 +114,11 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
     if kind == "wave":  # the clip itself, before pre-emphasis
         return {
             "kind": kind,
-            **{k: v for k, v in common.items() if k in ("sample_rate", "seconds", "crop")},
+            **{
+                k: v
+                for k, v in common.items()
+                if k in ("sample_rate", "seconds", "crop", "wave_norm")
+            },
         }
     mel = {"n_mels": cfg.n_mels, "f_min": cfg.f_min, "f_max": cfg.f_max}
     own = {
