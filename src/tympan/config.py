@@ -664,7 +664,53 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return _build(Params, raw, prefix="", source=str(path))
+    return _build(Params, _extended(raw, path, ()), prefix="", source=str(path))
+
+
+# A params file may start from another in its folder (`extends: s3_accent_cnn`): a study's
+# original-protocol preset changes the protocol only and follows its honest preset otherwise.
+EXTENDS = "extends"
+
+
+def _extended(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """`raw` over the file it `extends` (resolved in `path`'s folder, recursively): mappings
+    merge key by key, any other value replaces the base's."""
+    if EXTENDS not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop(EXTENDS)
+    if not isinstance(base, str) or not re.fullmatch(r"[\w.-]+", base):
+        raise ConfigError(
+            f"{path}: {EXTENDS} must name a params file in the same folder, got {base!r}"
+        )
+    if "preset" not in raw:
+        raise ConfigError(
+            f"{path}: a file that extends {base!r} must name itself (preset: ...), or its runs "
+            f"would be labelled as {base!r}"
+        )
+    base_path = path.parent / f"{base}.yaml"
+    if path.resolve() in chain or base_path.resolve() in (*chain, path.resolve()):
+        names = " -> ".join(p.stem for p in (*chain, path.resolve(), base_path.resolve()))
+        raise ConfigError(f"{path}: {EXTENDS} goes round in a circle ({names})")
+    try:
+        base_raw = yaml.safe_load(base_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {EXTENDS}: {base_path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{base_path}: not valid YAML: {exc}") from None
+    if not isinstance(base_raw, dict):
+        raise ConfigError(f"{base_path}: expected a mapping of sections at the top level")
+    return _merged(_extended(base_raw, base_path, (*chain, path.resolve())), raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Params:
