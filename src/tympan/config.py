@@ -236,6 +236,73 @@ class CVConfig:
         return self.folds >= 2
 
 
+# The leaks a study's original protocol may reproduce on purpose (`protocol.leaks`), with what
+# each one lets into the figures; split reports, model cards and the protocol table print them.
+LEAKS = {
+    "group_in_two_splits": "same recording (group) in train and test",
+    "augmented_test_copies": "augmented copies of test clips in training",
+    "whole_set_statistics": "normalisation statistics over the whole set, test included",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Whose protocol a run follows: tympan's (`honest`) or a study's own (`original`).
+
+    An honest run fails on any leak. An original run reruns a study as it was run, for
+    comparison only: `leaks` names each leak it reproduces on purpose (see `LEAKS`), and only
+    those; the split report, featurize, MLflow tags and the model card record every one with
+    what leaked, and such a model never takes `@champion`.
+    """
+
+    kind: str = field(default="honest", metadata=_choices("honest", "original"))
+    leaks: tuple[str, ...] = field(default=(), metadata={**_choices(*LEAKS), "allow_empty": True})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaks", tuple(self.leaks))
+        if self.leaks and self.kind != "original":
+            raise ValueError(
+                f"protocol.leaks={list(self.leaks)} reproduces a study's leak on purpose, which "
+                "only a run labelled as the study's own protocol may do: set protocol.kind: "
+                "original (an honest run fails on every leak)"
+            )
+        if len(set(self.leaks)) != len(self.leaks):
+            raise ValueError(f"protocol.leaks must not repeat a leak, got {list(self.leaks)}")
+
+    def allows(self, leak: str) -> bool:
+        """Whether this run reproduces `leak` on purpose."""
+        return leak in self.leaks
+
+
+@dataclass(frozen=True)
+class CopyRecipe:
+    """One fixed augmented copy of a clip's waveform (at the feature sample rate, after its
+    length is fixed), applied in this order: a time shift uniform in `[-shift_s, shift_s]`
+    (zero-filled), a pitch shift of `pitch_semitones`, Gaussian noise of standard deviation
+    `noise_std` (full scale 1), and with `clip` the samples clipped to [-1, 1].
+    S3's augmentation: `{noise_std: 0.005}` and `{pitch_semitones: 4}`; S4's: `{shift_s: 0.1,
+    noise_std: 0.05}`."""
+
+    shift_s: float = field(default=0.0, metadata=_range(0))
+    pitch_semitones: float = field(default=0.0, metadata=_range(-24, 24))
+    noise_std: float = field(default=0.0, metadata=_range(0))
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class CopiesConfig:
+    """Fixed augmented copies added to the training split at featurize: one new train row per
+    clip and recipe, made once (not drawn anew each epoch, unlike `augment`).
+
+    Copies are made of training clips only. Copies of validation and test clips join training
+    only in a study's original protocol that declares the leak (`protocol.leaks:
+    [augmented_test_copies]`, S4's augmented set); no other setting can put them there.
+    """
+
+    recipes: tuple[CopyRecipe, ...] = field(default=(), metadata={"allow_empty": True})
+    seed: int = field(default=0, metadata=_SEED)
+
+
 KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
 F0_METHODS = ("yin", "pyin")
 
@@ -642,6 +709,8 @@ class Params:
     demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
     cv: CVConfig = CVConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    copies: CopiesConfig = CopiesConfig()
     features: FeatureConfig = FeatureConfig()
     segment: SegmentConfig = SegmentConfig()
     model: ModelConfig = ModelConfig()
@@ -651,6 +720,13 @@ class Params:
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    def __post_init__(self) -> None:
+        if self.protocol.allows("augmented_test_copies") and not self.copies.recipes:
+            raise ValueError(
+                "protocol.leaks names augmented_test_copies but copies.recipes is empty: "
+                "there are no copies to leak (add the study's recipes)"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

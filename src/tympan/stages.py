@@ -30,7 +30,8 @@ from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import split_manifest, split_report
+from tympan.data.splits import split_manifest, split_report, with_copies
+from tympan.evaluation.card import protocol_lines
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
@@ -64,11 +65,15 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     table = read_manifest(manifest)
     splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
-    # raises LeakageError before anything is written
-    checked = split_report(table, params.split, params.cv)
+    # raises LeakageError before anything is written (unless the study's own protocol
+    # declares that leak, which the report then records)
+    checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
+    for line in protocol_lines(checked["protocol"]):
+        log.warning(line)
+        print(f"split: {line}")
     if params.cv.enabled:
         print(
             f"split ({params.split.strategy}, {params.cv.folds}-fold CV): test recordings per "
@@ -76,9 +81,15 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
             "two splits of any fold, none in two test folds"
         )
         return
+    leaked = checked["checks"]["groups_in_two_splits"]
     print(
         f"split ({params.split.strategy}): recordings {checked['recordings']}, "
-        f"groups {checked['groups']}; no group or file in two splits"
+        f"groups {checked['groups']}; "
+        + (
+            f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
+            if leaked
+            else "no group or file in two splits"
+        )
     )
 
 
@@ -88,9 +99,32 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "path"].iloc[0]
         raise ValueError(f"{splits}: no split for {missing}; re-run the split stage")
+    table = with_copies(table, params.copies, params.protocol)
+    whole_set = params.protocol.allows("whole_set_statistics")
     cache = build_cache(
-        table, params.features, out, params.segment, keep_waves=params.augment.waveform
+        table,
+        params.features,
+        out,
+        params.segment,
+        keep_waves=params.augment.waveform,
+        copies=params.copies,
+        whole_set_statistics=whole_set,
     )
+    if "copy" in table.columns:
+        made = table[table["copy"] > 0]
+        leaked = int((made["copy_of_split"] != "train").sum())
+        print(
+            f"featurize: {len(made)} fixed augmented copies ({len(params.copies.recipes)} "
+            f"recipe(s)) join the train split"
+            + (f"; LEAK: {leaked} of them copy val or test clips" if leaked else "")
+        )
+    if whole_set:
+        print("featurize: LEAK: normalisation statistics over the whole set, test included")
+    if params.features.duration_quantile is not None:
+        print(
+            f"featurize: clip length {cache.feature_config.seconds} s, the "
+            f"{params.features.duration_quantile:g} quantile of the train split's durations"
+        )
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "
         f"-> {out} "
@@ -125,6 +159,9 @@ def run_train(
         {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
+    tags["tympan.protocol"] = params.protocol.kind
+    if params.protocol.leaks:
+        tags["tympan.leaks"] = ",".join(params.protocol.leaks)
     if tuning:
         tags.update(
             {"optuna.study": tuning["study"], "optuna.best_trial": str(tuning["best_trial"])}
@@ -569,6 +606,8 @@ def run_register(
         f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
         f"test_{cfg.metric}_seed_mean": repr(results["seed_mean"][cfg.metric]),
         f"test_{cfg.metric}_seed_std": repr(spread),
+        "tympan.protocol": params.protocol.kind,
+        **({"tympan.leaks": ",".join(params.protocol.leaks)} if params.protocol.leaks else {}),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
@@ -578,7 +617,10 @@ def run_register(
         champion = {"version": str(current.version), **current.tags}
     except MlflowException:
         champion = None
-    alias, reason = promotion(cfg.metric, value, held_out["hash"], champion, cfg.min_delta)
+    original = params.protocol.leaks if params.protocol.kind == "original" else None
+    alias, reason = promotion(
+        cfg.metric, value, held_out["hash"], champion, cfg.min_delta, original
+    )
     client.set_registered_model_alias(cfg.name, alias, version)
     client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio
 
+from tympan.audio.augment import pitch_shift
 from tympan.config import AugmentConfig, FeatureConfig
 from tympan.features.stack import FeatureStack, assemble
 
@@ -169,29 +168,6 @@ class Augmenter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-
-
-def pitch_shift(wave: torch.Tensor, steps: int, n_fft: int = 512) -> torch.Tensor:
-    """`(batch, samples)` shifted by `steps` semitones, same length.
-
-    Time-stretch by the phase vocoder, then resample back to the original duration. The
-    ratio 2^(steps/12) is taken as a fraction p/q with q <= 64 (within 0.01 semitone), so the
-    resampling kernel stays small: torchaudio's own `pitch_shift` resamples between
-    `int(sr / rate)` and `sr`, coprime rates whose kernel makes one call take seconds.
-    """
-    ratio = Fraction(2.0 ** (steps / 12)).limit_denominator(64)
-    up, down = ratio.numerator, ratio.denominator
-    hop = n_fft // 4
-    window = torch.hann_window(n_fft, device=wave.device, dtype=wave.dtype)
-    spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
-    advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=wave.device)[..., None]
-    stretched = torchaudio.functional.phase_vocoder(spec, down / up, advance)
-    length = round(wave.shape[-1] * up / down)
-    longer = torch.istft(stretched, n_fft, hop, window=window, length=length)
-    out = torchaudio.functional.resample(longer, up, down)
-    if out.shape[-1] >= wave.shape[-1]:
-        return out[..., : wave.shape[-1]]
-    return F.pad(out, (0, wave.shape[-1] - out.shape[-1]))
 
 
 class WaveAugmenter:
