@@ -344,3 +344,33 @@ def test_an_original_preset_end_to_end_records_its_leaks(tmp_path, mlflow_store)
         )
     )
     assert "**PROTOCOL ORIGINAL" in card and "augmented copies of test clips" in card
+
+
+@pytest.mark.integration
+def test_compare_protocols_runs_both_presets_and_tables_the_leak(tmp_path, mlflow_store, capsys):
+    from mlflow.tracking import MlflowClient
+    from test_presets import _accent
+
+    from tympan.cli import main
+
+    _accent(tmp_path / "accent", np.random.default_rng(0))
+    sets = [f"data.root={tmp_path / 'accent'}", "train.seeds=[0, 1]", "train.epochs=1"]
+    sets.append("features.workers=1")
+    main(
+        ["compare-protocols", "s3_accent_cnn", "--work", str(tmp_path / "work")]
+        + ["--dir", str(PIPELINES)]
+        + [arg for text in sets for arg in ("--set", text)]
+    )
+    rows = json.loads((tmp_path / "work" / "s3_accent_cnn" / "protocols.json").read_text())
+    honest, original = rows
+    assert (honest["protocol"], original["protocol"]) == ("honest", "original")
+    assert honest["leaks"] == [] and original["leaks"][0]["leak"] == "group_in_two_splits"
+    assert original["seeds"] == 2 and original["seed_std"] >= 0
+    printed = capsys.readouterr().out
+    assert "same recording (group) in train and test" in printed
+    assert "none (split checked)" in printed and "accuracy 0.95" in printed
+    client = MlflowClient()
+    for r in rows:  # each run tracked as any run is, with its protocol
+        assert client.get_run(r["mlflow_run"]).data.tags["tympan.protocol"] == r["protocol"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["compare-protocols", "s3_accent_cnn", "--set", "train.epochs"])

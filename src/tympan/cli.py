@@ -111,6 +111,25 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--side-table", type=Path, help="CSV with a 'path' column and one column per attribute"
     )
+    compare = sub.add_parser(
+        "compare-protocols",
+        help="run a study's honest preset and its _original variant; print one table",
+        description="Run pipelines/STUDY.yaml and pipelines/STUDY_original.yaml end to end "
+        "(ingest .. evaluate, tracked in MLflow), each in a folder of its own under --work, "
+        "and print the test metric of both with its seed spread and the leaks the original "
+        "protocol reproduces.",
+    )
+    compare.add_argument("study", help="an honest preset with an _original variant")
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="for both runs, e.g. data.root=/data/accent or train.seeds=[0,1] (YAML values)",
+    )
+    compare.add_argument("--work", type=Path, default=Path(".tympan/protocols"))
+    compare.add_argument("--dir", type=Path, default=Path("pipelines"))
     summary = sub.add_parser("summary", help="print the registered model, metrics, next commands")
     summary.add_argument("--registered", type=Path, default=Path("reports/registered.json"))
     summary.add_argument("--metrics", type=Path, default=Path("metrics/test.json"))
@@ -155,6 +174,26 @@ def _summary(registered: Path, metrics: Path) -> None:
     )
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from tympan.compare import compare, log_table, parse_override, study_runs, table
+
+    study = args.study.removesuffix("_original")
+    try:
+        common = dict(parse_override(text) for text in args.overrides)
+    except ValueError as exc:
+        sys.exit(f"tympan compare-protocols: --set {exc}")
+    try:
+        rows = compare(study_runs(study), args.dir, args.work / study, common, study)
+    except _stage_errors() as exc:
+        sys.exit(f"tympan compare-protocols: {exc}")
+    text = table(rows)
+    (args.work / study / "protocols.md").write_text(text)
+    run_id = log_table(
+        rows, text, load_params(args.dir / f"{study}.yaml").tracking.experiment, f"compare-{study}"
+    )
+    print(f"\n{text}\n(table: {args.work / study / 'protocols.md'}; MLflow run {run_id})")
+
+
 def _use_preset(folder: Path, name: str, target: Path) -> None:
     source = folder / f"{name}.yaml"
     if not source.exists():
@@ -195,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "preset":
         _use_preset(args.dir, args.name, args.params)
         return
+    if args.command == "compare-protocols":
+        _compare(args)
+        return
     if args.command == "predict":
         from tympan.serving.batch import main as predict_main
 
@@ -213,6 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"tympan {args.command}: {exc}")
     from tympan import stages
+
+    run = getattr(stages, f"run_{args.command}")
+    paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
+    if args.command == "tune" and not args.worker and (args.out is None or args.trials is None):
+        sys.exit("tympan tune: --out and --trials are required unless --worker")
+    try:
+        run(params, **paths)
+    except _stage_errors() as exc:
+        sys.exit(f"tympan {args.command}: {exc}")
+
+
+def _stage_errors() -> tuple[type[Exception], ...]:
+    """The errors a stage reports as a one-line message (a traceback is for bugs)."""
     from tympan.data.adapters import AdapterError
     from tympan.data.ingest import IngestError
     from tympan.data.manifest import ManifestError
@@ -221,13 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     from tympan.features.cache import FeatureError
     from tympan.tuning.study import TuneError
 
-    run = getattr(stages, f"run_{args.command}")
-    paths = {k: v for k, v in vars(args).items() if k not in ("params", "verbose", "command")}
-    if args.command == "tune" and not args.worker and (args.out is None or args.trials is None):
-        sys.exit("tympan tune: --out and --trials are required unless --worker")
-    try:
-        run(params, **paths)
-    except (
+    return (
         AdapterError,
         IngestError,
         ManifestError,
@@ -237,8 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         EvaluationError,
         TuneError,
         ConfigError,
-    ) as exc:
-        sys.exit(f"tympan {args.command}: {exc}")
+    )
 
 
 if __name__ == "__main__":
