@@ -154,7 +154,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         leaks = "; ".join(f"{x['what']}: {x['detail']}" for x in r["leaks"]) or (
             "none known" if r["protocol"] == "original" else "none (split checked)"
         )
-        protocol = r["protocol"] if r["run"] == r["protocol"] else f"{r['protocol']}: {r['run']}"
+        protocol = (
+            r["run"] if r["run"].startswith(r["protocol"]) else f"{r['protocol']}: {r['run']}"
+        )
         lines.append(
             f"| {r['study']} | {protocol} | {r['metric']} | {r['ensemble']:.3f} | "
             f"{r['seed_mean']:.3f} +- {r['seed_std']:.3f} ({r['seeds']}) | {r['n_test']} | "
