@@ -88,6 +88,25 @@ def test_every_study_has_an_original_preset_that_extends_its_honest_one():
         assert original.register.name != base.register.name
 
 
+def test_tympan_preset_writes_an_original_out_whole(tmp_path):
+    """DVC reads params.yaml alone: the written file holds every key, its base's included."""
+    import dataclasses
+
+    from tympan.cli import main
+    from tympan.config import Params
+
+    target = tmp_path / "params.yaml"
+    main(["--params", str(target), "preset", "s4_esc50_bigru_original", "--dir", str(PIPELINES)])
+    written = yaml.safe_load(target.read_text())
+    assert set(written) == {f.name for f in dataclasses.fields(Params)}
+    assert load_params(target) == load_params(PIPELINES / "s4_esc50_bigru_original.yaml")
+    assert target.read_text().startswith(
+        "# preset s4_esc50_bigru_original: "
+        + str(PIPELINES / "s4_esc50_bigru_original.yaml")
+        + " over s4_esc50_bigru"
+    )
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
