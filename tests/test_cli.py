@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -27,7 +28,7 @@ def test_every_command_and_argument_is_explained_with_its_default(capsys):
         main(["--help"])
     top = capsys.readouterr().out
     for name in _subcommands():
-        assert f"    {name} " in top, name  # listed with its summary
+        assert re.search(rf"^    {name}\s+\S", top, re.M), name  # listed with its summary
     assert "dvc repro register" in top  # where to start
 
     for name, parser in _subcommands().items():

@@ -237,6 +237,73 @@ class CVConfig:
         return self.folds >= 2
 
 
+# The leaks a study's original protocol may reproduce on purpose (`protocol.leaks`), with what
+# each one lets into the figures; split reports, model cards and the protocol table print them.
+LEAKS = {
+    "group_in_two_splits": "same recording (group) in train and test",
+    "augmented_test_copies": "augmented copies of test clips in training",
+    "whole_set_statistics": "normalisation statistics over the whole set, test included",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Whose protocol a run follows: tympan's (`honest`) or a study's own (`original`).
+
+    An honest run fails on any leak. An original run reruns a study as it was run, for
+    comparison only: `leaks` names each leak it reproduces on purpose (see `LEAKS`), and only
+    those; the split report, featurize, MLflow tags and the model card record every one with
+    what leaked, and such a model never takes `@champion`.
+    """
+
+    kind: str = field(default="honest", metadata=_choices("honest", "original"))
+    leaks: tuple[str, ...] = field(default=(), metadata={**_choices(*LEAKS), "allow_empty": True})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaks", tuple(self.leaks))
+        if self.leaks and self.kind != "original":
+            raise ValueError(
+                f"protocol.leaks={list(self.leaks)} reproduces a study's leak on purpose, which "
+                "only a run labelled as the study's own protocol may do: set protocol.kind: "
+                "original (an honest run fails on every leak)"
+            )
+        if len(set(self.leaks)) != len(self.leaks):
+            raise ValueError(f"protocol.leaks must not repeat a leak, got {list(self.leaks)}")
+
+    def allows(self, leak: str) -> bool:
+        """Whether this run reproduces `leak` on purpose."""
+        return leak in self.leaks
+
+
+@dataclass(frozen=True)
+class CopyRecipe:
+    """One fixed augmented copy of a clip's waveform (at the feature sample rate, after its
+    length is fixed), applied in this order: a time shift uniform in `[-shift_s, shift_s]`
+    (zero-filled), a pitch shift of `pitch_semitones`, Gaussian noise of standard deviation
+    `noise_std` (full scale 1), and with `clip` the samples clipped to [-1, 1].
+    S3's augmentation: `{noise_std: 0.005}` and `{pitch_semitones: 4}`; S4's: `{shift_s: 0.1,
+    noise_std: 0.05}`."""
+
+    shift_s: float = field(default=0.0, metadata=_range(0))
+    pitch_semitones: float = field(default=0.0, metadata=_range(-24, 24))
+    noise_std: float = field(default=0.0, metadata=_range(0))
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class CopiesConfig:
+    """Fixed augmented copies added to the training split at featurize: one new train row per
+    clip and recipe, made once (not drawn anew each epoch, unlike `augment`).
+
+    Copies are made of training clips only. Copies of validation and test clips join training
+    only in a study's original protocol that declares the leak (`protocol.leaks:
+    [augmented_test_copies]`, S4's augmented set); no other setting can put them there.
+    """
+
+    recipes: tuple[CopyRecipe, ...] = field(default=(), metadata={"allow_empty": True})
+    seed: int = field(default=0, metadata=_SEED)
+
+
 KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
 F0_METHODS = ("yin", "pyin")
 
@@ -300,6 +367,12 @@ class FeatureConfig:
     sample_rate: int = field(default=16000, metadata=_SAMPLE_RATE)
     seconds: float = field(default=1.0, metadata=_POSITIVE)
     crop: str = field(default="center", metadata=_choices("start", "center"))
+    # set `seconds` from the recordings: this quantile of the train split's durations, computed
+    # at featurize (S5: 0.75); `seconds` is then ignored and the model records the value used
+    duration_quantile: float | None = field(default=None, metadata=_range(0, 1, low_open=True))
+    # zscore: each recording's waveform to zero mean and unit variance (after resampling,
+    # before its length is fixed or it is windowed), in training and serving alike (S5)
+    wave_norm: str = field(default="none", metadata=_choices("none", "zscore"))
     n_fft: int = field(default=512, metadata=_range(1))
     hop_length: int = field(default=256, metadata=_range(1))
     n_mels: int = field(default=40, metadata=_range(1))
@@ -517,12 +590,6 @@ class AugmentConfig:
     wave_snr_db: tuple[float, ...] = field(default=(), metadata={**_range(), "allow_empty": True})
     wave_pitch: int = field(default=0, metadata=_range(0))
     wave_p: float = field(default=0.5, metadata=_FRACTION)
-    # Fixed copies (S3's augmentation experiment): every TRAINING clip once more with Gaussian
-    # noise of standard deviation copy_noise (full scale is 1), and once more shifted by
-    # copy_pitch semitones (librosa's pitch_shift), added to the training rows. Made once per
-    # member from the training split only; val, test and serving never see a copy.
-    copy_noise: float = field(default=0.0, metadata=_FRACTION)
-    copy_pitch: int = field(default=0, metadata=_range(-24, 24))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "wave_snr_db", tuple(self.wave_snr_db))
@@ -550,17 +617,6 @@ class AugmentConfig:
     def waveform(self) -> bool:
         """Whether on-the-fly waveform augmentation is on."""
         return self.wave_p > 0 and (bool(self.wave_snr_db) or self.wave_pitch > 0)
-
-    @property
-    def copies(self) -> bool:
-        """Whether fixed augmented copies of the training clips are added."""
-        return self.copy_noise > 0 or self.copy_pitch != 0
-
-    @property
-    def keeps_waves(self) -> bool:
-        """Whether featurize must keep the fixed-length waveforms (waveform augmentation or
-        copies are made from them)."""
-        return self.waveform or self.copies
 
     @property
     def enabled(self) -> bool:
@@ -686,6 +742,10 @@ class EvaluateConfig:
 
     breakdown: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     worst_k: int = field(default=10, metadata=_range(0))
+    # a class whose own F1, precision and recall join every metric set as positive_f1,
+    # positive_precision, positive_recall, and head metrics/headline.json beside the macro ones
+    # (S1 reports the deceptive class's)
+    positive_class: str | None = None
 
 
 HEADLINE_METRICS = (
@@ -696,6 +756,9 @@ HEADLINE_METRICS = (
     "precision",
     "recall",
     "roc_auc",
+    "positive_f1",
+    "positive_precision",
+    "positive_recall",
     "mae",
     "rmse",
     "r2",
@@ -727,6 +790,8 @@ class Params:
     demo: DemoConfig = DemoConfig()
     split: SplitConfig = SplitConfig()
     cv: CVConfig = CVConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    copies: CopiesConfig = CopiesConfig()
     features: FeatureConfig = FeatureConfig()
     segment: SegmentConfig = SegmentConfig()
     model: ModelConfig = ModelConfig()
@@ -743,6 +808,11 @@ class Params:
                 f"augment.time_shift={self.augment.time_shift} s is longer than the "
                 f"features.seconds={self.features.seconds} s window it rolls"
             )
+        if self.protocol.allows("augmented_test_copies") and not self.copies.recipes:
+            raise ValueError(
+                "protocol.leaks names augmented_test_copies but copies.recipes is empty: "
+                "there are no copies to leak (add the study's recipes)"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -756,7 +826,53 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return _build(Params, raw, prefix="", source=str(path))
+    return _build(Params, _extended(raw, path, ()), prefix="", source=str(path))
+
+
+# A params file may start from another in its folder (`extends: s3_accent_cnn`): a study's
+# original-protocol preset changes the protocol only and follows its honest preset otherwise.
+EXTENDS = "extends"
+
+
+def _extended(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """`raw` over the file it `extends` (resolved in `path`'s folder, recursively): mappings
+    merge key by key, any other value replaces the base's."""
+    if EXTENDS not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop(EXTENDS)
+    if not isinstance(base, str) or not re.fullmatch(r"[\w.-]+", base):
+        raise ConfigError(
+            f"{path}: {EXTENDS} must name a params file in the same folder, got {base!r}"
+        )
+    if "preset" not in raw:
+        raise ConfigError(
+            f"{path}: a file that extends {base!r} must name itself (preset: ...), or its runs "
+            f"would be labelled as {base!r}"
+        )
+    base_path = path.parent / f"{base}.yaml"
+    if path.resolve() in chain or base_path.resolve() in (*chain, path.resolve()):
+        names = " -> ".join(p.stem for p in (*chain, path.resolve(), base_path.resolve()))
+        raise ConfigError(f"{path}: {EXTENDS} goes round in a circle ({names})")
+    try:
+        base_raw = yaml.safe_load(base_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {EXTENDS}: {base_path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{base_path}: not valid YAML: {exc}") from None
+    if not isinstance(base_raw, dict):
+        raise ConfigError(f"{base_path}: expected a mapping of sections at the top level")
+    return _merged(_extended(base_raw, base_path, (*chain, path.resolve())), raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Params:
@@ -887,11 +1003,16 @@ def json_schema() -> dict[str, Any]:
     """params.yaml's JSON Schema (draft 2020-12), read off the dataclasses above: each key's
     type, range, choices, default and section description, and no unknown keys. Editors that
     speak yaml-language-server check and complete params files with it (`tympan schema`)."""
-    return {
+    schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "tympan params",
         **_schema(Params, {}),
     }
+    schema["properties"][EXTENDS] = {
+        "type": "string",
+        "description": "a preset in the same folder this file starts from (its keys over it)",
+    }
+    return schema
 
 
 def _schema(hint: Any, meta: Any, default: Any = dataclasses.MISSING) -> dict[str, Any]:

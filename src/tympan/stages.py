@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,8 @@ from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import breakdown_values, split_manifest, split_report
+from tympan.data.splits import breakdown_values, split_manifest, split_report, with_copies
+from tympan.evaluation.card import protocol_lines
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
@@ -71,12 +73,16 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     table = read_manifest(manifest)
     splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
-    # raise LeakageError or SplitError before anything is written
-    checked = split_report(table, params.split, params.cv)
+    # raises LeakageError or SplitError before anything is written (unless the study's own
+    # protocol declares that leak, which the report then records)
+    checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
     checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
+    for line in protocol_lines(checked["protocol"]):
+        log.warning(line)
+        print(f"split: {line}")
     if params.cv.enabled:
         print(
             f"split ({params.split.strategy}, {params.cv.folds}-fold CV): test recordings per "
@@ -84,9 +90,15 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
             "two splits of any fold, none in two test folds"
         )
         return
+    leaked = checked["checks"]["groups_in_two_splits"]
     print(
         f"split ({params.split.strategy}): recordings {checked['recordings']}, "
-        f"groups {checked['groups']}; no group or file in two splits"
+        f"groups {checked['groups']}; "
+        + (
+            f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
+            if leaked
+            else "no group or file in two splits"
+        )
     )
 
 
@@ -99,9 +111,32 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     cfg = params.features
     for warning in feature_fit(table, cfg.seconds, cfg.sample_rate, params.segment.enabled):
         log.warning("featurize: %s", warning)
+    table = with_copies(table, params.copies, params.protocol)
+    whole_set = params.protocol.allows("whole_set_statistics")
     cache = build_cache(
-        table, params.features, out, params.segment, keep_waves=params.augment.keeps_waves
+        table,
+        params.features,
+        out,
+        params.segment,
+        keep_waves=params.augment.waveform,
+        copies=params.copies,
+        whole_set_statistics=whole_set,
     )
+    if "copy" in table.columns:
+        made = table[table["copy"] > 0]
+        leaked = int((made["copy_of_split"] != "train").sum())
+        print(
+            f"featurize: {len(made)} fixed augmented copies ({len(params.copies.recipes)} "
+            f"recipe(s)) join the train split"
+            + (f"; LEAK: {leaked} of them copy val or test clips" if leaked else "")
+        )
+    if whole_set:
+        print("featurize: LEAK: normalisation statistics over the whole set, test included")
+    if params.features.duration_quantile is not None:
+        print(
+            f"featurize: clip length {cache.feature_config.seconds} s, the "
+            f"{params.features.duration_quantile:g} quantile of the train split's durations"
+        )
     print(
         f"featurize: {cache.features.shape} {cache.features.dtype} from {len(table)} recordings "
         f"-> {out} "
@@ -149,6 +184,9 @@ def run_train(
         {"data": Path(params.data.root), "manifest": manifest, "features": features},
     )
     tags["device"] = tracking.device_name(device)
+    tags["tympan.protocol"] = params.protocol.kind
+    if params.protocol.leaks:
+        tags["tympan.leaks"] = ",".join(params.protocol.leaks)
     if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
             {
@@ -157,8 +195,12 @@ def run_train(
                 "tympan.tuned_params": ", ".join(sorted(tuning.values)),
             }
         )
+    # the clip length featurize used (`features.duration_quantile` sets it from the data)
+    params = replace(
+        params, features=replace(params.features, seconds=cache.feature_config.seconds)
+    )
     history: list[dict] = []
-    record: dict = {"seeds": {}, "tuned": tuning.values}
+    record: dict = {"seeds": {}, "tuned": tuning.values, "seconds": params.features.seconds}
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
@@ -422,9 +464,11 @@ def run_evaluate(
     side = cache.side_codes(predictor.side_vocab) if predictor.side_vocab else None
     members = dict(zip(record["seeds"], predictor.members, strict=True))
     aggregate = params.segment.aggregate
+    regression = head == "identity"
+    positive = None if regression else params.evaluate.positive_class
     if cache.folds:
         rows, per_seed_probs, per_member, cv = _score_folds(
-            cache, record, members, side, aggregate, head
+            cache, record, members, side, aggregate, head, positive
         )
     else:
         rows = cache.rows("test")
@@ -438,7 +482,6 @@ def run_evaluate(
             )
             rows = rows[first]
         per_member, cv = None, None
-    regression = head == "identity"
     test = HeldOut(
         index=cache.index.iloc[rows].reset_index(drop=True),
         targets=(regression_targets(cache) if regression else cache.targets())[rows],
@@ -458,6 +501,7 @@ def run_evaluate(
         plots,
         members=per_member,
         extra=cv,
+        **({} if regression else {"positive": positive}),
     )
     shutil.copyfile(models / CURVES, plots / CURVES)  # drawn by train from the same history
     held_out = fingerprint(test.index)
@@ -519,6 +563,7 @@ def _score_folds(
     side: np.ndarray | None,
     aggregate: str,
     head: str = "softmax",
+    positive: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict], dict]:
     """Score each fold's test split with that fold's members (windows combined per
     recording when segmented). -> the scored rows (every recording once, in index order),
@@ -526,16 +571,19 @@ def _score_folds(
     own fold's member of that seed), metrics per member on its fold's test split, and the
     per-fold ensemble metrics."""
     from tympan.evaluation.metrics import classification_metrics, regression_metrics
-    from tympan.evaluation.report import per_recording
+    from tympan.evaluation.report import per_recording, positive_index
     from tympan.training.loop import regression_targets
 
     device = torch.device("cpu")
     regression = head == "identity"
     targets = regression_targets(cache) if regression else cache.targets()
     n_classes = 1 if regression else len(cache.labels)
+    pos = None if regression else positive_index(cache.labels, positive)
 
     def score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-        return regression_metrics(y, p[:, 0]) if regression else classification_metrics(y, p)
+        if regression:
+            return regression_metrics(y, p[:, 0])
+        return classification_metrics(y, p, pos)
 
     oof: dict[str, dict[int, np.ndarray]] = {}
     per_member: dict[str, dict] = {}
@@ -550,7 +598,7 @@ def _score_folds(
             first, probs = per_recording(cache.index.iloc[rows], probs, aggregate)
             rows = rows[first]
         for name, p in probs.items():
-            per_member[name] = classification_metrics(targets[rows], p)
+            per_member[name] = classification_metrics(targets[rows], p, pos)
             seed = str(record["seeds"][name]["seed"])
             oof.setdefault(seed, {}).update(zip(rows.tolist(), p, strict=True))
         per_fold[str(fold)] = score(targets[rows], np.mean(list(probs.values()), axis=0))
@@ -629,6 +677,8 @@ def run_register(
         f"test_{cfg.metric}": repr(value),  # exact: the next version is compared against it
         f"test_{cfg.metric}_seed_mean": repr(results["seed_mean"][cfg.metric]),
         f"test_{cfg.metric}_seed_std": repr(spread),
+        "tympan.protocol": params.protocol.kind,
+        **({"tympan.leaks": ",".join(params.protocol.leaks)} if params.protocol.leaks else {}),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
@@ -638,7 +688,10 @@ def run_register(
         champion = {"version": str(current.version), **current.tags}
     except MlflowException:
         champion = None
-    alias, reason = promotion(cfg.metric, value, held_out["hash"], champion, cfg.min_delta)
+    original = params.protocol.leaks if params.protocol.kind == "original" else None
+    alias, reason = promotion(
+        cfg.metric, value, held_out["hash"], champion, cfg.min_delta, original
+    )
     client.set_registered_model_alias(cfg.name, alias, version)
     client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
 

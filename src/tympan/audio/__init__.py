@@ -19,6 +19,7 @@ from tympan.audio.io import (
     resample_ratio,
     resampled_length,
     to_mono,
+    zscore,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "resample_ratio",
     "resampled_length",
     "to_mono",
+    "zscore",
 ]

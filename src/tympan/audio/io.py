@@ -258,9 +258,22 @@ def fix_length(wave: torch.Tensor, n_samples: int, crop: str) -> torch.Tensor:
     return wave[..., offset : offset + n_samples]
 
 
-def load_waveform(source: Source, sample_rate: int, n_samples: int, crop: str) -> torch.Tensor:
-    """Decode, downmix, resample and fix the length of one clip: -> `(n_samples,)` float32."""
+def zscore(wave: torch.Tensor) -> torch.Tensor:
+    """`(samples,)` to zero mean and unit variance (a silent clip to zeros), in float64 sums."""
+    mean = wave.double().mean()
+    std = wave.double().std(correction=0)
+    centred = wave - mean.to(wave.dtype)
+    return centred if std < 1e-8 else centred / std.to(wave.dtype)
+
+
+def load_waveform(
+    source: Source, sample_rate: int, n_samples: int, crop: str, zscored: bool = False
+) -> torch.Tensor:
+    """Decode, downmix, resample (`zscored`: normalise, see `zscore`) and fix the length of
+    one clip: -> `(n_samples,)` float32."""
     data, rate = decode(source)
     wave = to_mono(torch.from_numpy(data))
     wave = resample(wave, rate, sample_rate)
+    if zscored:
+        wave = zscore(wave)
     return fix_length(wave, n_samples, crop)

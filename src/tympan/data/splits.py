@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from tympan.config import CVConfig, SplitConfig
+from tympan.config import LEAKS, CopiesConfig, CVConfig, ProtocolConfig, SplitConfig
 
 SPLITS = ("train", "val", "test")
+# A fixed augmented copy's split where its clip is not in the train split: it is not used.
+EXCLUDED = "excluded"
 
 
 class SplitError(ValueError):
@@ -219,10 +222,47 @@ def _number(text: str) -> float:
     return float(text) if _is_number(text) else 0.0
 
 
-def check_leakage(table: pd.DataFrame) -> dict:
+def split_columns(table: pd.DataFrame) -> list[str]:
+    """`split` and, with CV, every fold's `split_<k>`."""
+    return [c for c in table.columns if c == "split" or re.fullmatch(r"split_\d+", c)]
+
+
+def with_copies(
+    table: pd.DataFrame, copies: CopiesConfig, protocol: ProtocolConfig
+) -> pd.DataFrame:
+    """`table` (manifest joined with its splits) plus one row per clip and copy recipe: the
+    clip's row with `copy` = k (1-based; the recordings themselves get 0) and `copy_of_split`
+    = the clip's own split. Without recipes, `table` as it is.
+
+    A copy is in the train split wherever its clip is, and nowhere else: a copy of a val or
+    test clip is `excluded` (never used), so it cannot join training. Only a study's original
+    protocol that declares `augmented_test_copies` puts every copy in training (S4 augmented
+    the whole set before splitting it); `ProtocolConfig` refuses that leak in any other run.
+    """
+    if not copies.recipes:
+        return table
+    table = table.assign(copy=0)
+    leak = protocol.allows("augmented_test_copies")
+    columns = split_columns(table)
+    frames = [table]
+    for k in range(1, len(copies.recipes) + 1):
+        made = table.assign(copy=k, copy_of_split=table["split"])
+        for column in columns:
+            source = made[column].to_numpy()
+            made[column] = np.where((source == "train") | leak, "train", EXCLUDED)
+        used = (made[columns] != EXCLUDED).any(axis=1)
+        frames.append(made[used])
+    out = pd.concat(frames, ignore_index=True)
+    out["copy_of_split"] = out["copy_of_split"].fillna("")
+    return out
+
+
+def check_leakage(table: pd.DataFrame, allow_groups: bool = False) -> dict:
     """Fail if any group or sha256 appears in two splits; return what was checked.
 
-    `table` has at least `path, group, split, sha256`.
+    `table` has at least `path, group, split, sha256`. `allow_groups` (a study's original
+    protocol declaring `group_in_two_splits`) counts the groups in two splits instead of
+    failing on them; identical files in two splits fail always.
     """
     found: dict[str, list[str]] = {}
     for key in ("group", "sha256"):
@@ -230,7 +270,7 @@ def check_leakage(table: pd.DataFrame) -> dict:
         leaked = spread.index[spread > 1].tolist()
         if leaked:
             found[key] = leaked
-    if found:
+    if "sha256" in found or ("group" in found and not allow_groups):
         parts = [
             f"{len(v)} {k} value(s) in more than one split, e.g. {v[:3]}" for k, v in found.items()
         ]
@@ -238,21 +278,83 @@ def check_leakage(table: pd.DataFrame) -> dict:
     return {
         "groups_checked": int(table["group"].nunique()),
         "sha256_checked": int(table["sha256"].nunique()),
-        "groups_in_two_splits": 0,
+        "groups_in_two_splits": len(found.get("group", [])),
         "identical_files_in_two_splits": 0,
     }
 
 
-def split_report(table: pd.DataFrame, cfg: SplitConfig, cv: CVConfig | None = None) -> dict:
+def group_leak(table: pd.DataFrame) -> dict:
+    """How far groups straddle splits in `table` (`group, split`): the groups in two splits
+    (with examples) and the val and test recordings whose group is also in train."""
+    spread = table.groupby("group")["split"].nunique()
+    leaked = spread.index[spread > 1].tolist()
+    in_train = set(table.loc[table["split"] == "train", "group"])
+    shared = {
+        name: int(((table["split"] == name) & table["group"].isin(in_train)).sum())
+        for name in ("val", "test")
+    }
+    return {
+        "groups_in_two_splits": len(leaked),
+        "groups": int(table["group"].nunique()),
+        "examples": [str(g) for g in leaked[:5]],
+        "val_recordings_with_group_in_train": shared["val"],
+        "test_recordings_with_group_in_train": shared["test"],
+        "test_recordings": int((table["split"] == "test").sum()),
+    }
+
+
+def protocol_report(
+    table: pd.DataFrame,
+    protocol: ProtocolConfig,
+    copies: CopiesConfig,
+    cv: CVConfig | None = None,
+) -> dict:
+    """`{kind, leaks}`: each leak the protocol reproduces on purpose, with what leaked in this
+    split (`table`: `group, split`, and with CV `split_<k>`; counts for fold 0 with CV, whose
+    split the top level of the report describes)."""
+    leaks = []
+    held_out = int(table["split"].isin(("val", "test")).sum())
+    for name in protocol.leaks:
+        entry: dict = {"leak": name, "what": LEAKS[name]}
+        if name == "group_in_two_splits":
+            entry.update(group_leak(table))
+            if cv is not None and cv.enabled:
+                entry["per_fold"] = [
+                    group_leak(table.assign(split=table[f"split_{k}"]))["groups_in_two_splits"]
+                    for k in range(cv.folds)
+                ]
+        elif name == "augmented_test_copies":
+            entry.update(
+                copies_of_val_and_test=held_out * len(copies.recipes),
+                val_and_test_recordings=held_out,
+                recipes=len(copies.recipes),
+            )
+        elif name == "whole_set_statistics":
+            entry.update(val_and_test_recordings_in_statistics=held_out)
+        leaks.append(entry)
+    return {"kind": protocol.kind, "leaks": leaks}
+
+
+def split_report(
+    table: pd.DataFrame,
+    cfg: SplitConfig,
+    cv: CVConfig | None = None,
+    protocol: ProtocolConfig | None = None,
+    copies: CopiesConfig | None = None,
+) -> dict:
     """Sizes per class per split and groups per split, plus the leakage checks (and the same
-    for every fold with CV, the top level then describing fold 0)."""
+    for every fold with CV, the top level then describing fold 0), and `protocol`: the leaks
+    a study's original protocol reproduces on purpose, with what leaked (none when honest)."""
+    protocol = protocol or ProtocolConfig()
+    allow_groups = protocol.allows("group_in_two_splits")
+    leaks = {"protocol": protocol_report(table, protocol, copies or CopiesConfig(), cv)}
     if cv is not None and cv.enabled:
         folds = []
         for k in range(cv.folds):
-            one = _one_report(table.assign(split=table[f"split_{k}"]), cfg)
+            one = _one_report(table.assign(split=table[f"split_{k}"]), cfg, allow_groups)
             folds.append({"fold": k, **one})
         spread = table.groupby("group")["cv_fold"].nunique()
-        if (spread > 1).any():
+        if (spread > 1).any() and not allow_groups:
             raise LeakageError(
                 f"leakage: {int((spread > 1).sum())} group(s) in more than one test fold, "
                 f"e.g. {spread.index[spread > 1][:3].tolist()}"
@@ -261,11 +363,12 @@ def split_report(table: pd.DataFrame, cfg: SplitConfig, cv: CVConfig | None = No
             **folds[0],
             "cv": {"folds": cv.folds, "column": cv.column},
             "folds": folds,
+            **leaks,
         }
-    return _one_report(table, cfg)
+    return {**_one_report(table, cfg, allow_groups), **leaks}
 
 
-def _one_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
+def _one_report(table: pd.DataFrame, cfg: SplitConfig, allow_groups: bool = False) -> dict:
     per_class: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), count in table.groupby(["split", "label"]).size().items():
         per_class[split][str(label)] = int(count)
@@ -283,7 +386,7 @@ def _one_report(table: pd.DataFrame, cfg: SplitConfig) -> dict:
         "recordings": {s: int((table["split"] == s).sum()) for s in SPLITS},
         "groups": {s: int(table.loc[table["split"] == s, "group"].nunique()) for s in SPLITS},
         "per_class": {s: per_class.get(s, {}) for s in SPLITS},
-        "checks": check_leakage(table),
+        "checks": check_leakage(table, allow_groups),
     }
 
 

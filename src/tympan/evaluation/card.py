@@ -46,14 +46,22 @@ def promotion(
     test_hash: str,
     champion: dict[str, str] | None,
     min_delta: float,
+    original: tuple[str, ...] | None = None,
 ) -> tuple[str, str]:
     """-> (`champion` or `challenger`, the reason). Pure: the registry is read by the caller.
 
     `champion` holds the current champion's version and tags (`version`, `test_<metric>`,
     `tympan.test_set`). A new version takes `champion` only when there is none, or when both
     were tested on the same test set and it beats the champion by more than `min_delta`
-    (lower is better for MAE and RMSE).
+    (lower is better for MAE and RMSE). A model run under a study's original protocol
+    (`original`: the leaks it reproduces, perhaps none) is never champion.
     """
+    if original is not None:
+        leaks = ", ".join(original) or "no known leak"
+        return "challenger", (
+            f"run under the study's original protocol ({leaks}), for comparison only: "
+            "never champion"
+        )
     if champion is None:
         return "champion", "no champion yet"
     version = champion["version"]
@@ -84,6 +92,39 @@ def promotion(
     )
 
 
+def leak_detail(leak: dict[str, Any]) -> str:
+    """What one leak of a split report's `protocol.leaks` let through, in numbers."""
+    name = leak["leak"]
+    if name == "group_in_two_splits":
+        return (
+            f"{leak['groups_in_two_splits']} of {leak['groups']} groups in two splits; "
+            f"{leak['test_recordings_with_group_in_train']} of {leak['test_recordings']} test "
+            "recordings share their group with training"
+        )
+    if name == "augmented_test_copies":
+        copies, clips = leak["copies_of_val_and_test"], leak["val_and_test_recordings"]
+        return f"{copies} augmented copies of {clips} val and test recordings in training"
+    if name == "whole_set_statistics":
+        return (
+            f"{leak['val_and_test_recordings_in_statistics']} val and test recordings in the "
+            "normalisation statistics"
+        )
+    return leak.get("what", name)
+
+
+def protocol_lines(protocol: dict[str, Any] | None) -> list[str]:
+    """A split report's `protocol` block, loudly: nothing for an honest run; for a study's
+    original protocol, that it is one and each leak it reproduces with what leaked."""
+    if not protocol or protocol.get("kind") != "original":
+        return []
+    lines = ["PROTOCOL ORIGINAL: the study's own protocol, rerun for comparison only"]
+    for leak in protocol["leaks"]:
+        lines.append(f"LEAK {leak['leak']} ({leak['what']}): {leak_detail(leak)}")
+    if not protocol["leaks"]:
+        lines.append("no known leak: the study's own split and settings")
+    return lines
+
+
 @dataclass
 class CardInputs:
     """What the card is written from (all read from pipeline outputs)."""
@@ -112,6 +153,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def known_limits(card: CardInputs) -> list[str]:
     """Limits read off the evidence: sample size, split kind, weakest class and subgroup."""
     limits = []
+    protocol = card.split.get("protocol") or {}
+    if protocol.get("kind") == "original":
+        leaks = ", ".join(leak["what"] for leak in protocol["leaks"]) or "none known"
+        limits.append(
+            f"Run under the study's original protocol (leaks: {leaks}): its figures show what "
+            "the study measured, not how the model does on unseen recordings, and are not "
+            "comparable with an honest run's."
+        )
     n = card.test_set["clips"]
     value = card.results["ensemble"].get(card.metric)
     regression = "mae" in card.results["ensemble"]
@@ -222,6 +271,8 @@ def model_card(card: CardInputs) -> str:
         "",
         f"Promotion: {card.reason}.",
         "",
+        *(f"**{line}**" for line in protocol_lines(card.split.get("protocol"))),
+        *([""] if protocol_lines(card.split.get("protocol")) else []),
         "## Data",
         "",
         f"- Preset: `{card.preset}`; git commit `{tag('git.commit', 'unknown')}`",

@@ -21,11 +21,15 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro precision/recall/F1, weighted F1, and ROC AUC.
+def classification_metrics(
+    targets: np.ndarray, probs: np.ndarray, positive: int | None = None
+) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro precision/recall/F1, weighted F1, and ROC AUC; with
+    `positive` (a class index) also that class's own F1, precision and recall
+    (`positive_f1`, `positive_precision`, `positive_recall`, as S1 reports its deceptive class).
 
     `targets`: `(clips,)` class indices; `probs`: `(clips, n_classes)`. ROC AUC is the
-    positive class's when binary and the macro one-vs-rest AUC otherwise; it is left out when a
+    class 1's when binary and the macro one-vs-rest AUC otherwise; it is left out when a
     class is missing from `targets` (undefined there).
     """
     n_classes = probs.shape[1]
@@ -45,6 +49,15 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict[str, 
         "precision": float(precision),
         "recall": float(recall),
     }
+    if positive is not None:
+        one_p, one_r, one_f1, _ = precision_recall_fscore_support(
+            targets, predicted, labels=[positive], average=None, zero_division=0
+        )
+        out.update(
+            positive_f1=float(one_f1[0]),
+            positive_precision=float(one_p[0]),
+            positive_recall=float(one_r[0]),
+        )
     if len(np.unique(targets)) == n_classes and n_classes >= 2:
         if n_classes == 2:
             out["roc_auc"] = float(roc_auc_score(targets, probs[:, 1]))

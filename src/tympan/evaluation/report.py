@@ -124,12 +124,23 @@ def summarise(per_seed: dict[str, dict[str, float]], ensemble: dict[str, float],
 # The metric that accompanies the registry metric in headline.json: the first of these that
 # is not the registry metric and was computed.
 COMPANIONS = ("accuracy", "f1_macro", "mae", "r2")
+# With `evaluate.positive_class` (S1), that class's F1, precision and recall head the headline,
+# the macro ones beside them.
+POSITIVE_HEADLINE = (
+    "positive_f1",
+    "positive_precision",
+    "positive_recall",
+    "f1_macro",
+    "precision",
+    "recall",
+)
 
 
 def headline(results: dict, metric: str) -> dict[str, float]:
     """headline.json: the registry metric of the ensemble (`test_<metric>`), its mean and
     std over the members (`seed_mean`, `seed_std`: seeds, or folds x seeds with CV), one
-    companion metric of the ensemble (`COMPANIONS`) and `n_test`.
+    companion metric of the ensemble (`COMPANIONS`), or with a positive class the
+    `POSITIVE_HEADLINE` metrics, and `n_test`.
 
     Few keys with short names on purpose: `dvc metrics show` and `dvc exp show` print one
     column per key, and these stay under 100 characters wide.
@@ -140,7 +151,10 @@ def headline(results: dict, metric: str) -> dict[str, float]:
             f"register.metric={metric!r} was not computed for this test set "
             f"(have: {', '.join(ensemble)})"
         )
-    companions = [k for k in COMPANIONS if k in ensemble and k != metric][:1]
+    if "positive_f1" in ensemble:
+        companions = [k for k in POSITIVE_HEADLINE if k != metric]
+    else:
+        companions = [k for k in COMPANIONS if k in ensemble and k != metric][:1]
     return {
         f"test_{metric}": ensemble[metric],
         "seed_mean": results["seed_mean"][metric],
@@ -148,6 +162,18 @@ def headline(results: dict, metric: str) -> dict[str, float]:
         **{f"test_{k}": ensemble[k] for k in companions},
         "n_test": results["n_test"],
     }
+
+
+def positive_index(labels: list[str], positive: str | None) -> int | None:
+    """The class index of `evaluate.positive_class` (None when unset)."""
+    if positive is None:
+        return None
+    if positive not in labels:
+        raise EvaluationError(
+            f"evaluate.positive_class={positive!r} is not a class of this model "
+            f"(classes: {', '.join(labels)})"
+        )
+    return labels.index(positive)
 
 
 def breakdown_table(by_attribute: dict[str, dict[str, dict]]) -> pd.DataFrame:
@@ -171,12 +197,15 @@ def classification_report(
     plots: Path,
     members: dict[str, dict[str, float]] | None = None,
     extra: dict | None = None,
+    positive: str | None = None,
 ) -> dict:
     """Write every metric file and plot (see the module docstring); -> test.json's content.
 
     The ensemble is the mean of `per_seed_probs`. `members` replaces the per-seed metrics
     when the members are not one per seed (CV: one per fold and seed, each on its own fold's
     test split, so the seed mean and std run over folds x seeds); `extra` joins test.json.
+    `positive` (`evaluate.positive_class`) adds that class's F1, precision and recall to
+    every metric set and to the headline.
     """
     missing = [c for c in breakdown_by if c not in test.index.columns]
     if missing:
@@ -185,11 +214,14 @@ def classification_report(
             f"(have: {', '.join(test.index.columns)}); add them to the manifest"
         )
     targets, labels = test.targets, test.labels
+    pos = positive_index(labels, positive)
     per_seed = members or {
-        s: m.classification_metrics(targets, p) for s, p in per_seed_probs.items()
+        s: m.classification_metrics(targets, p, pos) for s, p in per_seed_probs.items()
     }
     probs = np.mean(list(per_seed_probs.values()), axis=0)
-    results = summarise(per_seed, m.classification_metrics(targets, probs), len(targets))
+    results = summarise(per_seed, m.classification_metrics(targets, probs, pos), len(targets))
+    if positive is not None:
+        results["positive_class"] = positive
     results.update(extra or {})
     classes = m.per_class(targets, probs, labels)
     by_attribute = {c: m.breakdown(targets, probs, test.index[c]) for c in breakdown_by}

@@ -49,7 +49,16 @@ import torch
 import yaml
 
 from tympan.audio import AudioError, decode, resample, resampled_length, to_mono
-from tympan.config import FeatureConfig, SegmentConfig, StackConfig, params_from_dict, to_dict
+from tympan.audio.augment import augmented_copy, copy_seed
+from tympan.config import (
+    CopiesConfig,
+    CopyRecipe,
+    FeatureConfig,
+    SegmentConfig,
+    StackConfig,
+    params_from_dict,
+    to_dict,
+)
 from tympan.features.logmel import n_samples, waveform_batch, window_starts, windows
 from tympan.features.stack import (
     FeatureStack,
@@ -71,6 +80,9 @@ SETS = "sets"
 WAVE = "wave"
 # Rows read at once when statistics stream over the cache.
 STATS_CHUNK = 512
+# The splits whose rows are used; a fixed augmented copy of a clip that is not in the train
+# split of a fold is `excluded` there (see `tympan.data.splits.with_copies`).
+USED_SPLITS = ("train", "val", "test")
 
 
 class FeatureError(RuntimeError):
@@ -132,6 +144,12 @@ class FeatureCache:
     waves: np.ndarray | None = None
 
     @property
+    def feature_config(self) -> FeatureConfig:
+        """The feature params the sets were computed with (`seconds` as featurize resolved
+        it, see `clip_seconds`)."""
+        return params_from_dict({"features": self.meta["params"]}, source="meta.json").features
+
+    @property
     def folds(self) -> list[int]:
         """CV folds (empty without CV); `for_fold(k)` is the cache as fold k sees it."""
         return fold_numbers(self.index)
@@ -182,13 +200,22 @@ class FeatureCache:
         return self.index["label"].map(lookup).to_numpy(dtype=np.int64)
 
 
-def cache_key(sha256s: list[str], cfg: FeatureConfig, segment: SegmentConfig | None = None) -> str:
+def cache_key(
+    sha256s: list[str],
+    cfg: FeatureConfig,
+    segment: SegmentConfig | None = None,
+    extra: dict | None = None,
+) -> str:
+    """`extra`: what else shapes the cache's rows or statistics (fixed copies, whole-set
+    statistics); absent when there is none, so keys without them stay as they were."""
     params = to_dict(cfg)
     # how it was computed changes no value (beyond float rounding on a GPU)
     for how in ("batch_size", "workers", "device"):
         params.pop(how)
     if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
         params["segment"] = to_dict(segment)
+    if extra:
+        params["extra"] = extra
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for sha in sorted(sha256s):
         digest.update(sha.encode())
@@ -211,9 +238,11 @@ def set_keys(
     cfg: FeatureConfig,
     segment: SegmentConfig | None = None,
     waves: bool = False,
+    copies: CopiesConfig | None = None,
 ) -> dict[str, str]:
     """`{kind: key}` for every kind of `cfg.stack` (and `wave` with `waves`); `sha256s` in row
-    order (one per recording)."""
+    order (one per recording; a fixed copy's is its clip's with `#copy<k>`), `copies` when
+    there are copy rows."""
     rows = hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
     seg = to_dict(segment) if segment is not None and segment.enabled else None
     if seg is not None:
@@ -222,6 +251,8 @@ def set_keys(
     keys = {}
     for kind in (*cfg.stack.kinds, *((WAVE,) if waves else ())):
         params = {"set": set_params(kind, cfg, cfg.stack), "segment": seg, "code": code}
+        if copies is not None:
+            params["copies"] = to_dict(copies)
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
         digest.update(rows.encode())
         keys[kind] = digest.hexdigest()[:16]
@@ -341,11 +372,17 @@ def build_cache(
     out_dir: Path,
     segment: SegmentConfig | None = None,
     keep_waves: bool = False,
+    copies: CopiesConfig | None = None,
+    whole_set_statistics: bool = False,
 ) -> FeatureCache:
     """Compute the feature sets for every row of `table` (manifest joined with splits).
 
     `keep_waves` also stores the fixed-length waveforms the features were computed from (for
-    waveform-domain augmentation, `augment.wave_*`) as the `wave` set.
+    waveform-domain augmentation, `augment.wave_*`) as the `wave` set. Rows with a `copy`
+    column above 0 are fixed augmented copies of their clip by recipe `copies.recipes[copy -
+    1]` (`tympan.data.splits.with_copies` adds them). `whole_set_statistics` (only a study's
+    original protocol that declares the leak) takes the normalisation statistics from every
+    row, val and test included, instead of the train split's.
 
     Sets whose key was computed before are copied (`reusable_sets`); the others are computed
     in batches of `cfg.batch_size`, clips decoded one by one (they may differ in rate and
@@ -355,20 +392,31 @@ def build_cache(
     leaves the previous cache as it was; worker processes end with this one, even when it is
     killed (`_die_with`), and a killed run's partial folder is removed by the next.
     """
+    cfg = clip_seconds(cfg, table)
     _check(cfg)
     segmented = segment is not None and segment.enabled
     paths = table["path"].tolist()
     counts = window_counts(paths, cfg, segment) if segmented else None
     rows = sum(counts) if counts is not None else len(paths)
-    keys = set_keys(table["sha256"].tolist(), cfg, segment, waves=keep_waves)
+    made = _copy_plan(table, copies)
+    ids = [
+        sha if not plan else f"{sha}#copy{plan[0]}"
+        for sha, plan in zip(table["sha256"], made, strict=True)
+    ]
+    used = copies if any(made) else None
+    keys = set_keys(ids, cfg, segment, waves=keep_waves, copies=used)
+    extra = {
+        **({"copies": to_dict(used)} if used is not None else {}),
+        **({"statistics": "whole set"} if whole_set_statistics else {}),
+    }
     found = reusable_sets(out_dir)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / SETS).mkdir(parents=True)
 
     try:
-        _fill(partial, paths, counts, rows, keys, found, cfg, segment if segmented else None)
-        _finish(_index(table, counts), cfg, partial, keys, segment)
+        _fill(partial, paths, counts, rows, keys, found, cfg, segment if segmented else None, made)
+        _finish(_index(table, counts), cfg, partial, keys, segment, extra, whole_set_statistics)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # the previous cache stays as it was
         raise
@@ -393,8 +441,10 @@ def _fill(
     found: dict[str, Reusable],
     cfg: FeatureConfig,
     segment: SegmentConfig | None,
+    made: list[tuple[int, int, CopyRecipe] | None] | None = None,
 ) -> None:
-    """Copy the reusable sets into `partial/sets` and compute the others."""
+    """Copy the reusable sets into `partial/sets` and compute the others (`made`: per
+    recording, the copy it is, see `_copy_plan`)."""
     frames = output_shape(cfg, replace(cfg.stack, image=None))[2]
     shapes = {kind: (rows, bins, frames) for kind, bins in bins_per_kind(cfg, cfg.stack).items()}
     if WAVE in keys:
@@ -429,12 +479,12 @@ def _fill(
         arrays = {k: np.load(partial / SETS / f"{k}.npy", mmap_mode="r+") for k in todo}
         # several chunks per process, so the last ones finish together
         size = min(cfg.batch_size, max(1, -(-len(paths) // (4 * workers)))) if workers > 1 else 0
-        jobs = _jobs(paths, counts, size or cfg.batch_size)
+        jobs = _jobs(paths, counts, size or cfg.batch_size, made)
         job = _Job(cfg, segment, tuple(todo), device)
         written = 0
         unit = "recording" if segment is not None else "clip"
         with progress(len(paths), "featurize", unit) as bar:
-            for (chunk, _), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
+            for (chunk, *_), parts in zip(jobs, _run_jobs(job, jobs, workers), strict=True):
                 end = written + len(next(iter(parts.values())))
                 for kind, part in parts.items():
                     files.check(kind, part, written, CHANGED_SINCE_INGEST)
@@ -520,10 +570,15 @@ def _workers(cfg: FeatureConfig, recordings: int) -> int:
     return (os.cpu_count() or 1) if recordings >= PARALLEL_MIN else 1
 
 
+Chunk = tuple[list[str], list[int] | None, list | None]
+
+
 def _jobs(
-    paths: list[str], counts: list[int] | None, batch_size: int
-) -> list[tuple[list[str], list[int] | None]]:
-    """Chunks of recordings, about `batch_size` clips or windows each, in order."""
+    paths: list[str], counts: list[int] | None, batch_size: int, made: list | None = None
+) -> list[Chunk]:
+    """Chunks of recordings, about `batch_size` clips or windows each, in order: paths, window
+    counts (None unsegmented), and the copy each recording is (None when there are no copies;
+    see `_copy_plan`)."""
     jobs, start = [], 0
     while start < len(paths):
         if counts is None:
@@ -533,7 +588,13 @@ def _jobs(
             while end < len(paths) and (end == start or windows + counts[end] <= batch_size):
                 windows += counts[end]
                 end += 1
-        jobs.append((paths[start:end], None if counts is None else counts[start:end]))
+        jobs.append(
+            (
+                paths[start:end],
+                None if counts is None else counts[start:end],
+                None if made is None or not any(made) else made[start:end],
+            )
+        )
         start = end
     return jobs
 
@@ -553,11 +614,11 @@ class _Job:
             return None
         return FeatureStack(self.cfg, replace(self.cfg.stack, kinds=kinds)).to(self.device)
 
-    def __call__(
-        self, chunk: tuple[list[str], list[int] | None], frontend: FeatureStack | None
-    ) -> dict[str, np.ndarray]:
-        paths, counts = chunk
+    def __call__(self, chunk: Chunk, frontend: FeatureStack | None) -> dict[str, np.ndarray]:
+        paths, counts, made = chunk
         waves = _chunk_waves(paths, counts, self.cfg, self.segment)
+        if made is not None:
+            waves = _with_copies(waves, counts, made, self.cfg.sample_rate)
         out = {WAVE: waves.numpy()} if WAVE in self.kinds else {}
         if frontend is not None:
             with torch.no_grad():
@@ -566,6 +627,74 @@ class _Job:
                 {kind: part.cpu().numpy().astype(self.cfg.dtype) for kind, part in parts.items()}
             )
         return out
+
+
+def clip_seconds(cfg: FeatureConfig, table: pd.DataFrame) -> FeatureConfig:
+    """`cfg` with `seconds` set from the recordings when `duration_quantile` asks for it: that
+    quantile of the train split's durations (`duration_s`; copies aside; with CV the `split`
+    column's, fold 0), to the millisecond. Only train rows count: how long the test
+    recordings are must not shape the model."""
+    if cfg.duration_quantile is None:
+        return cfg
+    if "duration_s" not in table.columns:
+        raise FeatureError("features.duration_quantile needs the manifest's duration_s column")
+    train = table["split"].to_numpy() == "train"
+    if "copy" in table.columns:
+        train &= table["copy"].astype(int).to_numpy() == 0
+    durations = table.loc[train, "duration_s"].astype(float).to_numpy()
+    if len(durations) == 0:
+        raise FeatureError("features.duration_quantile needs train rows to take durations from")
+    seconds = round(float(np.quantile(durations, cfg.duration_quantile)), 3)
+    if seconds <= 0:
+        raise FeatureError(
+            f"features.duration_quantile={cfg.duration_quantile} of the train durations is "
+            f"{seconds} s: choose a higher quantile"
+        )
+    log.info(
+        "clip length %.3f s: the %g quantile of %d train durations",
+        seconds,
+        cfg.duration_quantile,
+        len(durations),
+    )
+    return replace(cfg, seconds=seconds)
+
+
+def _copy_plan(
+    table: pd.DataFrame, copies: CopiesConfig | None
+) -> list[tuple[int, int, CopyRecipe] | None]:
+    """Per row of `table`: None for a recording itself, or `(k, seed, recipe)` for its fixed
+    copy by recipe k (1-based, the `copy` column), seeded by `copies.seed` and its audio."""
+    numbers = table["copy"].astype(int).tolist() if "copy" in table.columns else []
+    if not any(numbers):
+        return [None] * len(table)
+    recipes = copies.recipes if copies is not None else ()
+    if max(numbers) > len(recipes):
+        raise FeatureError(
+            f"copy rows up to recipe {max(numbers)}, but {len(recipes)} recipe(s) given"
+        )
+    seed = copies.seed if copies is not None else 0
+    return [
+        None if k == 0 else (k, copy_seed(seed, sha, k), recipes[k - 1])
+        for k, sha in zip(numbers, table["sha256"], strict=True)
+    ]
+
+
+def _with_copies(
+    waves: torch.Tensor, counts: list[int] | None, made: list, sample_rate: int
+) -> torch.Tensor:
+    """`waves` `(clips or windows, samples)` with each copy's rows replaced by its augmented
+    copy (a recording's windows together)."""
+    out = waves.clone()
+    sizes = counts if counts is not None else [1] * len(made)
+    start = 0
+    for size, plan in zip(sizes, made, strict=True):
+        if plan is not None:
+            _, seed, recipe = plan
+            out[start : start + size] = augmented_copy(
+                waves[start : start + size], recipe, sample_rate, seed
+            )
+        start += size
+    return out
 
 
 def _chunk_waves(
@@ -639,13 +768,11 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_run(chunk: tuple[list[str], list[int] | None]) -> dict[str, np.ndarray]:
+def _worker_run(chunk: Chunk) -> dict[str, np.ndarray]:
     return _WORKER["job"](chunk, _WORKER["frontend"])
 
 
-def _run_jobs(
-    job: _Job, jobs: list[tuple[list[str], list[int] | None]], workers: int
-) -> Iterator[dict[str, np.ndarray]]:
+def _run_jobs(job: _Job, jobs: list[Chunk], workers: int) -> Iterator[dict[str, np.ndarray]]:
     """Each chunk's arrays, in order: in this process, or in `workers` processes, forked where
     the platform can (as torch's DataLoader workers are: starting takes milliseconds instead
     of the seconds a spawned interpreter spends importing torch and librosa)."""
@@ -679,24 +806,34 @@ def _finish(
     out_dir: Path,
     keys: dict[str, str],
     segment: SegmentConfig | None = None,
+    extra: dict | None = None,
+    whole_set_statistics: bool = False,
 ) -> None:
-    """Write the index, train-split statistics and meta beside the sets."""
+    """Write the index, train-split statistics (every used row's with `whole_set_statistics`)
+    and meta beside the sets."""
     labels = sorted(index["label"].astype(str).unique())
     index.to_csv(out_dir / "index.csv", index=False)
     features = _open_sets(out_dir, [k for k in keys if k != WAVE], cfg)
-    train_rows = np.flatnonzero(index["split"].to_numpy() == "train")
+
+    def stats_rows(split: np.ndarray) -> np.ndarray:
+        if whole_set_statistics:  # a study's leak, reproduced on purpose
+            return np.flatnonzero(np.isin(split, USED_SPLITS))
+        return np.flatnonzero(split == "train")
+
+    train_rows = stats_rows(index["split"].to_numpy())
     if len(train_rows) == 0:
         raise FeatureError("no train rows: normalisation statistics need the train split")
     mean, std = train_stats(features, train_rows)
-    stats = {"source": "train split", "rows": len(train_rows), "mean": mean, "std": std}
+    source = "whole set (val and test included)" if whole_set_statistics else "train split"
+    stats = {"source": source, "rows": len(train_rows), "mean": mean, "std": std}
     folds = fold_numbers(index)
     if folds:
         stats["folds"] = []
         for k, fold in enumerate(folds, start=1):
-            fold_rows = np.flatnonzero(index[f"split_{fold}"].to_numpy() == "train")
+            fold_rows = stats_rows(index[f"split_{fold}"].to_numpy())
             print(
                 f"featurize: CV fold {fold} ({k} of {len(folds)}): normalisation statistics "
-                f"from its {len(fold_rows)} train rows"
+                f"from its {len(fold_rows)} rows"
             )
             fold_mean, fold_std = train_stats(features, fold_rows)
             stats["folds"].append(
@@ -705,7 +842,8 @@ def _finish(
     (out_dir / "stats.json").write_text(json.dumps(_listed(stats), indent=1))
     segmented = segment is not None and segment.enabled
     meta = {
-        "key": cache_key(index["sha256"].unique().tolist(), cfg, segment),
+        "key": cache_key(index["sha256"].unique().tolist(), cfg, segment, extra),
+        **(extra or {}),
         "feature": "+".join(cfg.stack.kinds),
         "params": to_dict(cfg),
         **({"segment": to_dict(segment)} if segmented else {}),

@@ -17,7 +17,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from tympan.audio import Source, fix_length, load_waveform
+from tympan.audio import Source, fix_length, load_waveform, zscore
 from tympan.config import FeatureConfig
 
 # power_to_db's floor on power (librosa's and torchaudio's `amin`): silence is -100 dB re 1
@@ -141,8 +141,10 @@ class Normalizer(nn.Module):
 
 def waveform_batch(sources: Sequence[Source], cfg: FeatureConfig) -> torch.Tensor:
     """Decode, downmix, resample and fix the length of several clips: -> `(batch, samples)`."""
-    length = n_samples(cfg)
-    return torch.stack([load_waveform(s, cfg.sample_rate, length, cfg.crop) for s in sources])
+    length, zscored = n_samples(cfg), cfg.wave_norm == "zscore"
+    return torch.stack(
+        [load_waveform(s, cfg.sample_rate, length, cfg.crop, zscored) for s in sources]
+    )
 
 
 def window_starts(length: int, window: int, hop: int, min_last: float) -> list[int]:
@@ -163,7 +165,10 @@ def window_starts(length: int, window: int, hop: int, min_last: float) -> list[i
 
 
 def windows(wave: torch.Tensor, cfg: FeatureConfig, hop_s: float, min_last: float) -> torch.Tensor:
-    """`(samples,)` at `cfg.sample_rate` -> `(n_windows, window)` (see `window_starts`)."""
+    """`(samples,)` at `cfg.sample_rate` -> `(n_windows, window)` (see `window_starts`); with
+    `wave_norm: zscore` the whole recording is normalised first, as `waveform_batch` does."""
+    if cfg.wave_norm == "zscore":
+        wave = zscore(wave)
     window = n_samples(cfg)
     hop = max(1, round(hop_s * cfg.sample_rate))
     starts = window_starts(wave.shape[-1], window, hop, min_last)

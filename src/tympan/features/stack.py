@@ -113,6 +113,7 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
         "sample_rate": cfg.sample_rate,
         "seconds": cfg.seconds,
         "crop": cfg.crop,
+        "wave_norm": cfg.wave_norm,
         "n_fft": cfg.n_fft,
         "hop_length": cfg.hop_length,
         "dtype": cfg.dtype,
@@ -121,7 +122,11 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
     if kind == "wave":  # the clip itself, before pre-emphasis
         return {
             "kind": kind,
-            **{k: v for k, v in common.items() if k in ("sample_rate", "seconds", "crop")},
+            **{
+                k: v
+                for k, v in common.items()
+                if k in ("sample_rate", "seconds", "crop", "wave_norm")
+            },
         }
     stft = {"pad_mode": cfg.pad_mode, "top_db": cfg.top_db}
     mel = {

@@ -24,11 +24,8 @@ per clip, and a true pitch shift by whole semitones (torchaudio's phase vocoder 
 duration kept). `AugmentedInputs` then recomputes the batch's features with the same
 `FeatureStack` featurize and serving use, so the spectral operations above apply on top.
 
-Fixed copies (`fixed_copies`, `augment.copy_*`, S3's experiment) are not drawn per batch:
-every training clip is copied once with Gaussian noise and once pitch-shifted (librosa's
-`pitch_shift`, S3's own function), featurized with the same `FeatureStack`, and the copies
-join the training rows (`WithCopies`). They are made by the trainer from its training rows
-alone, so a val or test clip is never copied into training.
+Fixed copies (`copies.recipes`, S3's and S4's augmented sets) are not drawn per batch: they
+are made once at featurize (`tympan.audio.augment.augmented_copy`) and join the train split.
 
 The on-the-fly operations are applied in that order (mixup last); "the clip's floor" is the
 minimum of the clip as read from the cache, before any noise. Every random draw comes from
@@ -40,16 +37,14 @@ when augmentation is switched on), and CPU and CUDA runs draw the same numbers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio
 
+from tympan.audio.augment import pitch_shift
 from tympan.config import AugmentConfig, FeatureConfig
 from tympan.features.stack import FeatureStack, assemble
 
@@ -189,29 +184,6 @@ class Augmenter:
         self.rng.bit_generator.state = state["rng"]
 
 
-def pitch_shift(wave: torch.Tensor, steps: int, n_fft: int = 512) -> torch.Tensor:
-    """`(batch, samples)` shifted by `steps` semitones, same length.
-
-    Time-stretch by the phase vocoder, then resample back to the original duration. The
-    ratio 2^(steps/12) is taken as a fraction p/q with q <= 64 (within 0.01 semitone), so the
-    resampling kernel stays small: torchaudio's own `pitch_shift` resamples between
-    `int(sr / rate)` and `sr`, coprime rates whose kernel makes one call take seconds.
-    """
-    ratio = Fraction(2.0 ** (steps / 12)).limit_denominator(64)
-    up, down = ratio.numerator, ratio.denominator
-    hop = n_fft // 4
-    window = torch.hann_window(n_fft, device=wave.device, dtype=wave.dtype)
-    spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
-    advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=wave.device)[..., None]
-    stretched = torchaudio.functional.phase_vocoder(spec, down / up, advance)
-    length = round(wave.shape[-1] * up / down)
-    longer = torch.istft(stretched, n_fft, hop, window=window, length=length)
-    out = torchaudio.functional.resample(longer, up, down)
-    if out.shape[-1] >= wave.shape[-1]:
-        return out[..., : wave.shape[-1]]
-    return F.pad(out, (0, wave.shape[-1] - out.shape[-1]))
-
-
 class WaveAugmenter:
     """Noise at an SNR and pitch shift on `(batch, samples)` float32 waveforms.
 
@@ -265,63 +237,6 @@ class WaveAugmenter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-
-
-def fixed_copies(
-    waves: np.ndarray,
-    rows: np.ndarray,
-    features: FeatureConfig,
-    cfg: AugmentConfig,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features of fixed augmented copies of `rows` (training rows) from their waveforms
-    `waves[rows]` `(len(rows), samples)`: one copy with Gaussian noise of standard deviation
-    `cfg.copy_noise` (drawn from `seed`), one shifted by `cfg.copy_pitch` semitones, each
-    when set. -> features `(copies, C, bins, frames)` in the cache's dtype, and the source
-    row of each copy `(copies,)`."""
-    import librosa
-
-    wave = np.asarray(waves[rows], dtype=np.float32)
-    made: list[np.ndarray] = []
-    if cfg.copy_noise > 0:
-        noise = np.random.default_rng(seed).standard_normal(wave.shape, dtype=np.float32)
-        made.append(wave + np.float32(cfg.copy_noise) * noise)
-    if cfg.copy_pitch != 0:
-        rate, steps = features.sample_rate, cfg.copy_pitch
-        made.append(
-            np.stack([librosa.effects.pitch_shift(w, sr=rate, n_steps=steps) for w in wave])
-        )
-    if not made:
-        raise ValueError("fixed_copies: augment.copy_noise and augment.copy_pitch are both off")
-    frontend = FeatureStack(features, replace(features.stack, image=None))
-    audio = torch.from_numpy(np.concatenate(made).astype(np.float32))
-    with torch.no_grad():
-        out = [
-            assemble(frontend.parts(audio[i : i + features.batch_size]), features.stack)
-            for i in range(0, len(audio), features.batch_size)
-        ]
-    return torch.cat(out).numpy().astype(features.dtype), np.tile(rows, len(made))
-
-
-class WithCopies:
-    """The cache's features `(rows, C, bins, frames)` followed by the copies' features:
-    row `len(features) + i` is copy `i`. Indexed with an array of rows, like the cache."""
-
-    def __init__(self, features: Any, copies: np.ndarray) -> None:
-        self.features, self.copies = features, copies
-
-    def __len__(self) -> int:
-        return len(self.features) + len(self.copies)
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows)
-        own = rows < len(self.features)
-        out = np.empty((len(rows), *self.copies.shape[1:]), dtype=self.copies.dtype)
-        if own.any():
-            out[own] = self.features[rows[own]]
-        if not own.all():
-            out[~own] = self.copies[rows[~own] - len(self.features)]
-        return out
 
 
 class AugmentedInputs:

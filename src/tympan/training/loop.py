@@ -32,13 +32,7 @@ from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
 from tympan.progress import progress as show_progress
-from tympan.training.augment import (
-    AugmentedInputs,
-    Augmenter,
-    WithCopies,
-    fixed_copies,
-    soft_cross_entropy,
-)
+from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
 
 
 class TrainingError(ValueError):
@@ -256,8 +250,6 @@ class SeedTrainer:
         vocab = cache.side_vocab(model_cfg.side_attributes)
         self.side = cache.side_codes(vocab) if vocab else None
         self.inputs: Any = cache.features
-        if augment is not None and augment.copies:
-            self._add_copies(augment, seed)
         self.model = build_model(
             model_cfg,
             tuple(cache.features.shape[1:]),
@@ -309,25 +301,6 @@ class SeedTrainer:
         self.checkpoint, self.fingerprint = checkpoint, fingerprint
         if checkpoint is not None and checkpoint.exists():
             self._resume(checkpoint)
-
-    def _add_copies(self, augment: AugmentConfig, seed: int) -> None:
-        """Fixed augmented copies of the training rows join them as rows `len(cache)...`,
-        with their sources' labels, targets and side attributes (S3's experiment)."""
-        if augment.waveform:
-            raise TrainingError(
-                "augment.copy_* (fixed copies) and augment.wave_* (drawn per batch) cannot be "
-                "combined; choose one"
-            )
-        copies, sources = fixed_copies(
-            _waves(self.cache, "copy"), self.train_rows, _cache_features(self.cache), augment, seed
-        )
-        self.inputs = WithCopies(self.cache.features, copies)
-        added = len(self.cache.index) + np.arange(len(sources))
-        self.labels = np.concatenate([self.labels, self.labels[sources]])
-        self.targets = np.concatenate([self.targets, self.targets[sources]])
-        if self.side is not None:
-            self.side = np.concatenate([self.side, self.side[sources]])
-        self.train_rows = np.concatenate([self.train_rows, added])
 
     @property
     def done(self) -> bool:

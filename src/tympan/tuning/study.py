@@ -169,7 +169,7 @@ def study_name(params: Params, feature_key: str) -> str:
         tune.pop(volatile)
     base = {"model": to_dict(params.model), "train": to_dict(params.train)}
     # kept out when off (studies from before augment resume), in when on or searched
-    if params.augment.enabled or params.augment.copies or "augment" in params.tune.space:
+    if params.augment.enabled or "augment" in params.tune.space:
         base["augment"] = to_dict(params.augment)
     for name in params.tune.dimensions:
         section, key = name.split(".", 1)
