@@ -31,7 +31,13 @@ from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import breakdown_values, split_manifest, split_report, with_copies
+from tympan.data.splits import (
+    breakdown_values,
+    split_manifest,
+    split_report,
+    tuning_protocol,
+    with_copies,
+)
 from tympan.evaluation.card import protocol_lines
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
@@ -77,12 +83,14 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     # protocol declares that leak, which the report then records)
     checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
     checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
+    checked["tuning"] = tuning_protocol(params.tune.enabled, params.cv)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
     for line in protocol_lines(checked["protocol"]):
         log.warning(line)
         print(f"split: {line}")
+    print(f"split: {checked['tuning']['text']}")
     if params.cv.enabled:
         print(
             f"split ({params.split.strategy}, {params.cv.folds}-fold CV): test recordings per "
@@ -821,6 +829,9 @@ def run_register(
         f"test_{cfg.metric}_seed_std": repr(spread),
         "tympan.protocol": params.protocol.kind,
         **({"tympan.leaks": ",".join(params.protocol.leaks)} if params.protocol.leaks else {}),
+        "tympan.tuning": record.get("tuning", {}).get(
+            "protocol", "val_split" if record.get("tuned") else "none"
+        ),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
@@ -853,6 +864,7 @@ def run_register(
             classes=_read_optional(metric_files["classes"]),
             breakdown=_read_optional(metric_files["breakdown"]),
             params=record["params"],  # what trained the model, tuned values included
+            tuning=record.get("tuning", {}),
         )
     )
     card.parent.mkdir(parents=True, exist_ok=True)
