@@ -175,6 +175,7 @@ def test_mlflow_runs_tags_and_registry(repo):
     assert float(versions[2].tags["test_accuracy_seed_std"]) >= 0.0
 
 
+@pytest.mark.slow  # test_dvc_state and test_tuning_nested cover tuned values in the default run
 def test_enabled_tune_feeds_its_best_params_to_train(repo):
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["tune"].update(
