@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tympan.compare import run_stages
 from tympan.config import FeatureConfig, ModelConfig, Params, TrainConfig, load_params
@@ -83,6 +88,107 @@ def copy_project(dest: Path) -> Path:
         REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
     )
     return dest
+
+
+# The demo project the DVC tests share: params shrunk to seconds of work, two seeds (so
+# ensembles, per-member lines and seed spreads are real) of two epochs (so curves have a slope)
+DEMO_PARAMS = {
+    "demo": {"clips_per_class": 10, "groups": 5},
+    "split": {"val": 0.2, "test": 0.2},
+    "train": {"seeds": [0, 1], "epochs": 2, "batch_size": 16},
+}
+
+
+def run_tool(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """`cmd` as `make run` runs it: this venv's tools first on PATH, MLflow's settings left to
+    the project (its SQLite store beside dvc.yaml); output through pipes; must succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
+    return done
+
+
+@dataclass(frozen=True)
+class DemoBuild:
+    """The demo project after its first `dvc repro`, committed. `home` holds `project/` and,
+    once something is pushed, this machine's default remote beside it (`make remote`).
+    Tests never touch it: each module works in its own `copy_demo`."""
+
+    home: Path
+    log: str  # the first `dvc repro`'s stdout and stderr, through pipes as in CI
+    status: str  # `git status --porcelain --untracked-files=all` before that run was committed
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory) -> DemoBuild:
+    """Built once a session (the first `dvc repro` is most of what the DVC tests cost): the
+    real dvc.yaml, .gitignore, DVC config and plot templates, DEMO_PARAMS, git + DVC."""
+    home = tmp_path_factory.mktemp("demo")
+    root = copy_project(home / "project")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in DEMO_PARAMS.items():
+        raw[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "t"],
+        ["dvc", "init", "-q"],
+        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],
+        ["cp", str(REPO / ".gitignore"), ".gitignore"],  # MLflow's and Optuna's stores
+        ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],  # the plot templates
+        ["make", "-s", "-f", str(REPO / "Makefile"), "remote"],  # this machine's default remote
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        run_tool(root, *cmd)
+    repro = run_tool(root, "dvc", "repro")
+    status = run_tool(root, "git", "status", "--porcelain", "--untracked-files=all").stdout
+    run_tool(root, "git", "add", "-A")
+    run_tool(root, "git", "commit", "-qm", "first repro")
+    return DemoBuild(home=home, log=repro.stdout + repro.stderr, status=status)
+
+
+def copy_demo(build: DemoBuild, home: Path) -> Path:
+    """A copy of the built demo project in `home/project`, its own in every way: git, DVC cache
+    and remote (relative paths), MLflow store and artifacts. MLflow records absolute paths
+    (artifact locations, the dataset's repo), so those are moved to the copy as a moved
+    project would have them; DVC's lock and state files are left behind (paths of the
+    original). Returns the copy's root."""
+    old, new = str(build.home), str(home)
+    shutil.copytree(
+        build.home, home, symlinks=True, dirs_exist_ok=True, ignore=_dvc_tmp(build.home)
+    )
+    root = home / "project"
+    db = sqlite3.connect(root / "mlruns.db")
+    try:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        with db:
+            for (table,) in tables:
+                for column in [row[1] for row in db.execute(f"PRAGMA table_info('{table}')")]:
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                        f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0',
+                        (old, new, old),
+                    )
+        db.execute("VACUUM")  # no old value left in a free page
+    finally:
+        db.close()
+    for mlmodel in (root / "mlartifacts").rglob("MLmodel"):
+        mlmodel.write_text(mlmodel.read_text().replace(old, new))
+    named = [p for p in home.rglob("*") if p.is_file() and old.encode() in p.read_bytes()]
+    assert not named, f"the copy still names the original's folder: {named}"
+    return root
+
+
+def _dvc_tmp(home: Path):
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder) == home / "project" / ".dvc" else []
+
+    return ignore
 
 
 TONE_FEATURES = FeatureConfig(

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, copy_project
+from conftest import copy_demo
 
 pytestmark = pytest.mark.integration
 
@@ -44,32 +44,14 @@ def _set(params_file: Path, section: str, key: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    params = root / "params.yaml"
-    raw = yaml.safe_load(params.read_text())
-    raw["demo"].update(clips_per_class=10, groups=5)
-    raw["split"].update(val=0.2, test=0.2)
-    raw["train"].update(seeds=[0, 1], epochs=2, batch_size=16)
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "t@example.com"],
-        ["git", "config", "user.name", "t"],
-        ["dvc", "init", "-q"],
-        ["cp", str(REPO / ".dvc" / "config"), ".dvc/config"],
-        ["make", "-s", "-f", str(REPO / "Makefile"), "remote"],  # this machine's default remote
-        ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],  # its plot templates
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "init"],
-    ):
-        _run(root, *cmd)
-    return root
+def repo(demo_build, tmp_path_factory) -> Path:
+    """This module's copy of the demo project after its first `dvc repro` (seeds 0 and 1, two
+    epochs; this machine's remote set as `make run` sets it), committed."""
+    return copy_demo(demo_build, tmp_path_factory.mktemp("pipeline"))
 
 
-def test_repro_runs_every_stage_then_nothing(repo):
-    first = _run(repo, "dvc", "repro")
-    assert _ran(first) == {
+def test_repro_runs_every_stage_then_nothing(repo, demo_build):
+    assert _ran(demo_build.log) == {  # the first `dvc repro`, in the project this one copies
         "demo",
         "ingest",
         "split",
@@ -108,8 +90,7 @@ def test_repro_runs_every_stage_then_nothing(repo):
 
 
 def test_changing_train_lr_reruns_only_downstream(repo, tmp_path):
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "first repro")
+    assert _run(repo, "git", "status", "--porcelain") == ""  # the first repro is committed
     _set(repo / "params.yaml", "train", "lr", 0.0005)
     output = _run(repo, "dvc", "repro")
     # tune reads the train params as its base (it does no work while disabled)

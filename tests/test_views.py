@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import REPO, copy_project, free_port
+from conftest import REPO, copy_demo, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -52,31 +52,11 @@ def _run(cwd: Path, *cmd: str, env: dict[str, str] | None = None) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> SimpleNamespace:
-    """The demo project with two seeds of two epochs, after `dvc repro`: -> root, the repro's
-    output, and `git status` before the results were committed."""
-    root = copy_project(tmp_path_factory.mktemp("views"))
-    (root / ".gitignore").write_text((REPO / ".gitignore").read_text())
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["demo"].update(clips_per_class=10, groups=5)
-    raw["split"].update(val=0.2, test=0.2)
-    raw["train"].update(seeds=[0, 1], epochs=2, batch_size=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "t@example.com"],
-        ["git", "config", "user.name", "t"],
-        ["dvc", "init", "-q"],
-        ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "init"],
-    ):
-        _run(root, *cmd)
-    repro = _run(root, "dvc", "repro")
-    status = _run(root, "git", "status", "--porcelain", "--untracked-files=all").stdout
-    _run(root, "git", "add", "-A")
-    _run(root, "git", "commit", "-qm", "first run")
-    return SimpleNamespace(root=root, log=repro.stdout + repro.stderr, status=status)
+def project(demo_build, tmp_path_factory) -> SimpleNamespace:
+    """The demo project with two seeds of two epochs, after `dvc repro`: -> root (this
+    module's copy), the repro's output, and `git status` before the results were committed."""
+    root = copy_demo(demo_build, tmp_path_factory.mktemp("views"))
+    return SimpleNamespace(root=root, log=demo_build.log, status=demo_build.status)
 
 
 def test_the_log_is_whole_lines_without_library_noise(project):
