@@ -213,12 +213,27 @@ class SplitConfig:
     test_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     val_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     move_straddling: bool = True
+    # Recordings in different groups that are the same sound (one recording under two names,
+    # after a gain change or resampling, or overlapping excerpts of one recording), found from
+    # the audio (tympan.data.similar) with a similarity >= similar_threshold. none: not looked
+    # for; report: listed in the split report with their similarity and printed; merge: each
+    # such pair's groups become one group before splitting (with predefined folds that group
+    # then moves as move_straddling says); fail: the stage fails if such a pair lands in two
+    # splits (in any fold).
+    similar: str = field(default="report", metadata=_choices("none", "report", "merge", "fail"))
+    similar_threshold: float = field(default=0.4, metadata=_range(0, 1, low_open=True))
 
     def __post_init__(self) -> None:
         if self.val + self.test >= 1:
             raise ValueError(
                 f"split.val + split.test must be below 1 (the rest is train), got "
                 f"{self.val} + {self.test}"
+            )
+        if self.similar == "merge" and self.strategy == "stratified":
+            raise ValueError(
+                "split.similar: merge puts recordings that sound the same into one group, but "
+                "split.strategy: stratified deals recordings one by one and ignores groups; use "
+                "strategy: group (or predefined), or similar: report or fail"
             )
 
 

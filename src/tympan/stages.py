@@ -31,7 +31,14 @@ from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import breakdown_values, split_manifest, split_report, with_copies
+from tympan.data.splits import (
+    breakdown_values,
+    content_check,
+    similar_line,
+    split_manifest,
+    split_report,
+    with_copies,
+)
 from tympan.evaluation.card import protocol_lines
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
@@ -69,13 +76,15 @@ def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> 
     )
 
 
-def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
-    table = read_manifest(manifest)
+def run_split(
+    params: Params, manifest: Path, out: Path, report: Path, fingerprints: Path | None = None
+) -> None:
+    table, similar = content_check(read_manifest(manifest), params.split, fingerprints)
     splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
     # raises LeakageError or SplitError before anything is written (unless the study's own
     # protocol declares that leak, which the report then records)
-    checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
+    checked = split_report(table, params.split, params.cv, params.protocol, params.copies, similar)
     checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
@@ -89,17 +98,26 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
             f"fold {[f['recordings']['test'] for f in checked['folds']]}; no group or file in "
             "two splits of any fold, none in two test folds"
         )
-        return
-    leaked = checked["checks"]["groups_in_two_splits"]
-    print(
-        f"split ({params.split.strategy}): recordings {checked['recordings']}, "
-        f"groups {checked['groups']}; "
-        + (
-            f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
-            if leaked
-            else "no group or file in two splits"
+    else:
+        leaked = checked["checks"]["groups_in_two_splits"]
+        print(
+            f"split ({params.split.strategy}): recordings {checked['recordings']}, "
+            f"groups {checked['groups']}; "
+            + (
+                f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
+                if leaked
+                else "no group or file in two splits"
+            )
         )
-    )
+    if similar is not None:
+        print(f"split: {similar_line(checked['similar'], similar)}")
+        section = checked["similar"]
+        if any(section.get("pairs_in_two_splits_per_fold", [section["pairs_in_two_splits"]])):
+            log.warning(
+                "split: recordings that sound the same are in two splits (%s, similar."
+                "in_two_splits); split.similar: merge keeps each pair in one group, fail stops",
+                report,
+            )
 
 
 def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> None:

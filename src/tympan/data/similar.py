@@ -1,0 +1,431 @@
+"""Leaks the metadata does not show: one sound under two names, or overlapping excerpts of
+one recording, found from the audio itself before a split is accepted.
+
+Each recording gets a landmark fingerprint (Wang 2003, the Shazam constellation): at a fixed
+8 kHz, the onset peaks of its log-power STFT, each paired with a few later peaks nearby, each
+pair hashed as (frequency, frequency step, time step) with the anchor's time. A gain change
+moves every peak alike and resampling keeps the band below 4 kHz, so the hashes survive both;
+an excerpt keeps the hashes of the stretch it holds, shifted in time. The STFT runs at four
+offsets of its frame grid (audfprint's `--shifts`), so an excerpt cut anywhere lines up within
+2 ms with one of them. Two recordings share a sound when many distinct hashes agree on ONE
+time offset between them; their similarity is that count over the distinct hashes lying
+wholly inside their overlap at that offset (in the one with fewer), in [0, 1].
+
+Hashes that many recordings hold (a hum, a click train) tell nothing and are dropped; each
+distinct hash votes once, and peaks are onsets, not arbitrary frames of a steady tone, so
+unrelated recordings of one steady tone do not match. Different takes of one word by one
+speaker (FSDD) stay below 0.31; copies and overlapping excerpts score 0.5 to 1 (see
+tests/test_similar.py and benchmarks/fingerprint.py).
+
+What it cannot see: excerpts of one recording that share no audio (adjacent, non-overlapping
+chunks) match only where the sound repeats itself; name such sources with `data.group_by`.
+A recording with fewer than `MIN_MATCHES` distinct hashes (silence, a short blip, steady
+noise) cannot be matched; the split report counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tympan.audio import AudioError, decode, resample, to_mono
+from tympan.data.manifest import ManifestError
+
+log = logging.getLogger(__name__)
+
+# The analysis every recording gets, whatever its own rate: 8 kHz, 32 ms Hann frames every
+# 16 ms, at PHASES offsets of that grid (a frame every TICK samples, 4 ms).
+RATE = 8000
+N_FFT = 256
+HOP = 128
+PHASES = 4
+TICK = HOP // PHASES
+TICK_S = TICK / RATE
+# A peak is the largest bin within +-PEAK_BINS (+-220 Hz) of its frame, RISE_DB above that
+# neighbourhood in each of the PEAK_FRAMES frames before it and no more than HOLD_DB below it
+# in the PEAK_FRAMES frames after: the onset of a sound, where a steady tone has no
+# well-placed maximum. It lies within FLOOR_DB of the recording's strongest bin; the
+# strongest PEAKS_PER_S per second (and phase) are kept.
+PEAK_BINS = 7
+PEAK_FRAMES = 4
+RISE_DB = 1.0
+HOLD_DB = 1.0
+FLOOR_DB = 60.0
+PEAKS_PER_S = 30
+# Each peak (anchor) pairs with its next FAN_OUT peaks 1..MAX_DT frames later and within
+# MAX_DF bins; a hash packs (anchor bin: 9 bits, bin step + 64: 7 bits, frame step: 6 bits).
+FAN_OUT = 5
+MAX_DT = 63
+MAX_DF = 63
+DT_BITS = 6
+# Two recordings match when at least MIN_MATCHES distinct hashes agree on one offset (within
+# a frame). A hash found more than COMMON_MIN times, and in more than about COMMON_SHARE of
+# the recordings, tells nothing (a hum, a click train) and is dropped: a sound copied into
+# more than COMMON_MIN recordings is not found through it.
+MIN_MATCHES = 8
+COMMON_SHARE = 0.01
+COMMON_MIN = 64
+# The fingerprint cache's key: any change to the constants above makes a new one.
+_SETTINGS = (RATE, N_FFT, HOP, PHASES, PEAK_BINS, PEAK_FRAMES, RISE_DB, HOLD_DB, FLOOR_DB)
+_SETTINGS += (PEAKS_PER_S, FAN_OUT, MAX_DT, MAX_DF, DT_BITS)
+KEY = "landmarks-" + hashlib.sha256(repr(_SETTINGS).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """One recording's landmarks: `hashes` (n,) uint32 and their anchors' times `times` (n,)
+    in ticks of `TICK_S`, sorted by time; the recording lasts `ticks`."""
+
+    hashes: np.ndarray
+    times: np.ndarray
+    ticks: int
+
+    @property
+    def distinct(self) -> int:
+        return int(np.unique(self.hashes).size)
+
+    def within(self, first: int, end: int) -> int:
+        """Distinct hashes of the landmarks lying wholly (anchor and target) in `[first, end)`
+        ticks."""
+        dt = (self.hashes & ((1 << DT_BITS) - 1)).astype(np.int64) * PHASES
+        inside = (self.times >= first) & (self.times + dt < end)
+        return int(np.unique(self.hashes[inside]).size)
+
+
+def log_spectrogram(wave: torch.Tensor) -> torch.Tensor:
+    """`(samples,)` at `RATE` -> `(frames, N_FFT // 2 + 1)` power in dB of Hann frames every
+    `TICK` samples: frame k of phase p is row `k * PHASES + p`."""
+    wave = wave.to(torch.float32)
+    if wave.numel() < N_FFT:
+        wave = torch.nn.functional.pad(wave, (0, N_FFT - wave.numel()))
+    window = torch.hann_window(N_FFT, periodic=False)
+    spec = torch.stft(wave, N_FFT, TICK, window=window, center=False, return_complex=True)
+    return (10.0 * torch.log10(spec.real**2 + spec.imag**2 + 1e-18)).T.contiguous()
+
+
+def peaks(log_spec: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Onset peaks of `(frames, bins)` dB from `log_spectrogram` -> `(phase, frame, bin)`,
+    each `(k,)`, the frame counted within its phase; sorted by phase, frame, bin."""
+    n_frames = log_spec.shape[0]
+    near = torch.nn.functional.max_pool1d(log_spec[:, None, :], 2 * PEAK_BINS + 1, 1, PEAK_BINS)
+    near = near[:, 0]
+    top = float(log_spec.max())
+    t, b = np.nonzero(((log_spec == near) & (log_spec >= top - FLOOR_DB)).numpy())
+    spec, near = log_spec.numpy(), near.numpy()
+    value = spec[t, b]
+    before = np.full(t.size, -np.inf, dtype=spec.dtype)
+    after = before.copy()
+    for step in range(PHASES, PHASES * PEAK_FRAMES + 1, PHASES):  # frames of the same phase
+        earlier, later = np.maximum(t - step, 0), np.minimum(t + step, n_frames - 1)
+        np.maximum(before, near[earlier, b], out=before, where=t >= step)
+        np.maximum(after, near[later, b], out=after, where=t + step < n_frames)
+    onset = (value > before + RISE_DB) & (value >= after - HOLD_DB)
+    t, b, value = t[onset], b[onset], value[onset]
+    phase, frame = t % PHASES, t // PHASES
+    order = np.lexsort((-value, phase))  # strongest first within each phase
+    rank = np.empty(t.size, dtype=np.int64)
+    rank[order] = np.arange(t.size) - np.searchsorted(phase[order], phase[order])
+    keep = rank < max(1, round(PEAKS_PER_S * n_frames * TICK / RATE))
+    phase, frame, b = phase[keep], frame[keep], b[keep]
+    order = np.lexsort((b, frame, phase))
+    return phase[order], frame[order], b[order]
+
+
+def landmarks(frames: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair each of `(k,)` peaks (sorted by frame) with its next `FAN_OUT` peaks 1..`MAX_DT`
+    frames later within `MAX_DF` bins -> `(hashes, anchor frames)`, each `(m,)`."""
+    n = frames.size
+    if n < 2:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+    search = 4 * FAN_OUT
+    anchor = np.repeat(np.arange(n), search)
+    target = anchor + np.tile(np.arange(1, search + 1), n)
+    inside = target < n
+    target = np.where(inside, target, 0)
+    dt = frames[target] - frames[anchor]
+    df = bins[target] - bins[anchor]
+    ok = (inside & (dt >= 1) & (dt <= MAX_DT) & (np.abs(df) <= MAX_DF)).reshape(n, search)
+    ok = (ok & (np.cumsum(ok, axis=1) <= FAN_OUT)).ravel()
+    anchor, dt, df = anchor[ok], dt[ok], df[ok]
+    hashes = bins[anchor].astype(np.uint32) << (7 + DT_BITS)
+    hashes |= (df + 64).astype(np.uint32) << DT_BITS
+    return hashes | dt.astype(np.uint32), frames[anchor]
+
+
+def fingerprint_wave(wave: torch.Tensor | np.ndarray) -> Fingerprint:
+    """`(samples,)` float at `RATE` -> its landmarks over every phase of the frame grid."""
+    wave = torch.as_tensor(wave)
+    phase, frame, bins = peaks(log_spectrogram(wave))
+    found_hashes, found_times = [], []
+    for p in range(PHASES):
+        mine = phase == p
+        hashes, anchors = landmarks(frame[mine], bins[mine])
+        found_hashes.append(hashes)
+        found_times.append(anchors * PHASES + p)
+    packed = np.concatenate(found_times).astype(np.int64) << 32 | np.concatenate(found_hashes)
+    packed = np.unique(packed)  # sorted by time, each (time, hash) once
+    return Fingerprint(
+        (packed & 0xFFFFFFFF).astype(np.uint32),
+        (packed >> 32).astype(np.int32),
+        wave.numel() // TICK,
+    )
+
+
+def fingerprint_file(path: str | Path) -> Fingerprint:
+    """Decode, downmix and resample to `RATE` (tympan.audio), then `fingerprint_wave`."""
+    data, rate = decode(path)
+    return fingerprint_wave(resample(to_mono(torch.from_numpy(data)), rate, RATE))
+
+
+class FingerprintCache:
+    """Fingerprints by sha256, in one file per `KEY` under `folder` (never a file per clip):
+    `get` computes what it lacks, `save` writes everything it holds, atomically. A cache that
+    cannot be read is ignored (and overwritten): it only ever saves time."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.path = None if folder is None else folder / f"{KEY}.npz"
+        self.prints: dict[str, Fingerprint] = {}
+        self.reused = 0
+        self.computed = 0
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            with np.load(self.path) as stored:
+                shas, start, ticks = stored["sha256"], stored["start"], stored["ticks"]
+                hashes, times = stored["hashes"], stored["times"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("split: ignoring the unreadable fingerprint cache %s (%s)", self.path, exc)
+            return
+        for i, sha in enumerate(shas):
+            span = slice(int(start[i]), int(start[i + 1]))
+            self.prints[str(sha)] = Fingerprint(hashes[span], times[span], int(ticks[i]))
+
+    def get(self, paths: list[str], shas: list[str]) -> list[Fingerprint]:
+        """Each file's fingerprint; a file that cannot be decoded any more is a ManifestError
+        (it changed since ingest probed it)."""
+        out = []
+        for path, sha in zip(paths, shas, strict=True):
+            if sha in self.prints:
+                self.reused += 1
+            else:
+                try:
+                    self.prints[sha] = fingerprint_file(path)
+                except (AudioError, OSError) as exc:
+                    raise ManifestError(
+                        f"{path}: cannot be read for the split's content check ({exc}); it "
+                        "changed since ingest: re-run ingest (`dvc repro split`)"
+                    ) from None
+                self.computed += 1
+            out.append(self.prints[sha])
+        return out
+
+    def save(self) -> None:
+        if self.path is None or not self.computed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shas = sorted(self.prints)
+        prints = [self.prints[s] for s in shas]
+        sizes = np.array([p.hashes.size for p in prints], dtype=np.int64)
+        partial = self.path.with_name(f".{self.path.stem}.{os.getpid()}.partial.npz")
+        np.savez(
+            partial,
+            sha256=np.array(shas, dtype=str),
+            start=np.concatenate([[0], np.cumsum(sizes)]),
+            ticks=np.array([p.ticks for p in prints], dtype=np.int64),
+            hashes=np.concatenate([p.hashes for p in prints]),
+            times=np.concatenate([p.times for p in prints]),
+        )
+        os.replace(partial, self.path)
+
+
+PAIR_COLUMNS = ("a", "b", "matches", "similarity", "offset_s", "overlap_s")
+
+
+def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Pairs of recordings in different `groups` that share a sound -> table `a, b` (indices
+    into `prints`, a < b), `matches` (distinct hashes agreeing on one offset, within a frame),
+    `offset_s` (a's time t is b's time t + offset_s), `overlap_s` (how long the two overlap at
+    that offset) and `similarity`: matches over the distinct hashes lying wholly inside the
+    overlap, in the recording with fewer there (1: the overlap sounds the same in both).
+    Every pair with `MIN_MATCHES` or more and `similarity >= threshold`, most similar first.
+    """
+    empty = pd.DataFrame({c: pd.Series(dtype=float) for c in PAIR_COLUMNS})
+    n = len(prints)
+    found = _candidates(prints, np.asarray(groups, dtype=str)) if n > 1 else None
+    if found is None:
+        return empty
+    a, b, off, hashed = found
+    pair_keys, pair_id = np.unique(a * n + b, return_inverse=True)
+    best: dict[int, tuple[int, int]] = {}  # pair -> (votes, offset in ticks)
+    for stagger in (0, PHASES // 2):  # offset bins one frame wide, twice, half a frame apart
+        cell = np.floor_divide(off + stagger, PHASES)
+        low = int(cell.min())
+        width = int(cell.max()) - low + 1
+        cells = pair_id.astype(np.int64) * width + (cell - low)
+        order = np.lexsort((hashed, cells))
+        cells, hashes = cells[order], hashed[order]
+        first = np.ones(cells.size, dtype=bool)  # one vote per distinct hash in a cell
+        first[1:] = (cells[1:] != cells[:-1]) | (hashes[1:] != hashes[:-1])
+        voted, votes = np.unique(cells[first], return_counts=True)
+        enough = votes >= MIN_MATCHES
+        for c, v in zip(voted[enough], votes[enough], strict=True):
+            key = int(pair_keys[c // width])
+            center = (int(c % width) + low) * PHASES - stagger + PHASES // 2
+            if v > best.get(key, (0, 0))[0]:
+                best[key] = (int(v), center)
+    rows = []
+    for key, (votes, offset) in sorted(best.items()):
+        first_print, second_print = prints[key // n], prints[key % n]
+        start = max(0, -offset)
+        end = min(first_print.ticks, second_print.ticks - offset)
+        inside = min(
+            first_print.within(start, end), second_print.within(start + offset, end + offset)
+        )
+        rows.append(
+            {
+                "a": key // n,
+                "b": key % n,
+                "matches": votes,
+                "similarity": round(min(1.0, votes / max(1, inside)), 3),
+                "offset_s": round(offset * TICK_S, 3),
+                "overlap_s": round(max(0, end - start) * TICK_S, 3),
+            }
+        )
+    out = pd.DataFrame(rows, columns=list(PAIR_COLUMNS)) if rows else empty
+    out = out[out["similarity"] >= threshold]
+    return out.sort_values(["similarity", "a", "b"], ascending=[False, True, True]).reset_index(
+        drop=True
+    )
+
+
+def _candidates(
+    prints: list[Fingerprint], groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every pair of landmarks with one hash in recordings of different groups, from an
+    inverted index (all hashes sorted together; each run of equal hashes gives its pairs) ->
+    `(a, b, offset in ticks, hash)`, each `(p,)` int64, a < b; None when there are none."""
+    n = len(prints)
+    hashes = np.concatenate([p.hashes for p in prints]).astype(np.int64)
+    times = np.concatenate([p.times for p in prints]).astype(np.int64)
+    rec = np.repeat(np.arange(n), [p.hashes.size for p in prints])
+    _, group_code = np.unique(groups, return_inverse=True)
+    order = np.lexsort((times, rec, hashes))
+    hashes, times, rec = hashes[order], times[order], rec[order]
+    # one landmark seen at neighbouring phases of a recording: its first sighting only
+    again = (hashes[1:] == hashes[:-1]) & (rec[1:] == rec[:-1]) & (times[1:] - times[:-1] < PHASES)
+    keep = np.r_[True, ~again]
+    hashes, times, rec = hashes[keep], times[keep], rec[keep]
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    lengths = np.diff(np.r_[starts, hashes.size])
+    run_length = np.repeat(lengths, lengths)
+    position = np.arange(hashes.size) - np.repeat(starts, lengths)
+    common = run_length > max(COMMON_MIN, COMMON_SHARE * n)
+    active = np.flatnonzero((run_length > 1) & ~common)
+    found: list[tuple[np.ndarray, ...]] = []
+    k = 1
+    while active.size:  # entry i with the entry k later in its run, for every k
+        active = active[position[active] + k < run_length[active]]
+        i, j = active, active + k
+        across = group_code[rec[i]] != group_code[rec[j]]
+        i, j = i[across], j[across]
+        swap = rec[i] > rec[j]
+        i, j = np.where(swap, j, i), np.where(swap, i, j)
+        found.append((rec[i], rec[j], times[j] - times[i], hashes[i]))
+        k += 1
+    if not any(f[0].size for f in found):
+        return None
+    a, b, off, hashed = (np.concatenate(column) for column in zip(*found, strict=True))
+    return a, b, off, hashed
+
+
+def merged_groups(groups: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, list[list[str]]]:
+    """Union-find over `groups` (one per recording; `pairs` holds `group_a, group_b`): the
+    groups of each pair become one, named by its first group in sorted order -> (the new
+    group per recording, each merged set of two or more groups, sorted)."""
+    names = np.asarray(groups, dtype=str)
+    parent = {g: g for g in set(names)}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for a, b in zip(pairs["group_a"], pairs["group_b"], strict=True):
+        ra, rb = root(str(a)), root(str(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    sets: dict[str, list[str]] = {}
+    for g in sorted(parent):
+        sets.setdefault(root(g), []).append(g)
+    merged = sorted(s for s in sets.values() if len(s) > 1)
+    return np.array([root(g) for g in names], dtype=object), merged
+
+
+@dataclass
+class Similar:
+    """What the content check found in a manifest: `pairs` of recordings in different groups
+    that sound the same (`path_a, path_b, group_a, group_b` and `match`'s columns), with how
+    many recordings were checked, how many had too few landmarks to be matched, and the cost."""
+
+    pairs: pd.DataFrame
+    threshold: float
+    recordings: int
+    too_few_landmarks: int
+    reused: int
+    seconds: float
+    merged: list[list[str]] = field(default_factory=list)
+
+    def across(self, table: pd.DataFrame, column: str = "split") -> pd.DataFrame:
+        """The pairs whose recordings have different values of `column` in `table` (`path`
+        and `column`: a split, or `cv_fold`), with both values as `<column>_a, <column>_b`."""
+        where = dict(zip(table["path"], table[column], strict=True))
+        out = self.pairs.assign(
+            **{
+                f"{column}_a": self.pairs["path_a"].map(where),
+                f"{column}_b": self.pairs["path_b"].map(where),
+            }
+        )
+        return out[out[f"{column}_a"] != out[f"{column}_b"]]
+
+
+def find_similar(manifest: pd.DataFrame, threshold: float, cache: Path | None) -> Similar:
+    """Fingerprint every recording of `manifest` (`path, group, sha256`; reusing the
+    fingerprints cached in the folder `cache`, and adding the new ones) and `match` them."""
+    started = time.perf_counter()
+    store = FingerprintCache(cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # clip-sized tensors: more threads only wait on each other
+    try:
+        prints = store.get(manifest["path"].tolist(), manifest["sha256"].tolist())
+    finally:
+        torch.set_num_threads(threads)
+    store.save()
+    groups = manifest["group"].astype(str).to_numpy()
+    found = match(prints, groups, threshold)
+    paths = manifest["path"].to_numpy()
+    pairs = pd.DataFrame(
+        {
+            "path_a": paths[found["a"].astype(int)],
+            "path_b": paths[found["b"].astype(int)],
+            "group_a": groups[found["a"].astype(int)],
+            "group_b": groups[found["b"].astype(int)],
+            **{c: found[c].to_numpy() for c in PAIR_COLUMNS[2:]},
+        }
+    )
+    return Similar(
+        pairs=pairs,
+        threshold=threshold,
+        recordings=len(prints),
+        too_few_landmarks=sum(p.distinct < MIN_MATCHES for p in prints),
+        reused=store.reused,
+        seconds=time.perf_counter() - started,
+    )
