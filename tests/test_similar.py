@@ -18,7 +18,13 @@ from tympan import stages
 from tympan.audio import resample
 from tympan.config import ConfigError, CVConfig, DataConfig, Params, SplitConfig, params_from_dict
 from tympan.data.ingest import ingest
-from tympan.data.similar import MIN_MATCHES, find_similar, fingerprint_wave, merged_groups
+from tympan.data.similar import (
+    MIN_MATCHES,
+    _resampler,
+    find_similar,
+    fingerprint_wave,
+    merged_groups,
+)
 from tympan.data.splits import LeakageError, content_check, split_manifest, split_report
 from tympan.evaluation.card import split_line
 
@@ -213,6 +219,14 @@ def test_what_cannot_be_matched_is_counted_and_the_params_are_checked():
         params_from_dict({"split": {"similar": "off"}})
 
 
+@pytest.mark.parametrize("rate", [44100, 48000, 22050, 16000, 11025])
+def test_the_fingerprints_resample_as_tympan_audio_does(rate):
+    """The fingerprint keeps one resampling kernel per rate (building it is most of the cost);
+    it must be tympan.audio.resample's filter."""
+    wave = torch.from_numpy(np.random.default_rng(rate).normal(0, 0.1, rate).astype(np.float32))
+    assert torch.allclose(_resampler(rate)(wave), resample(wave, rate, 8000), atol=1e-5)
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -252,4 +266,4 @@ def test_fsdd_takes_never_match_and_copies_of_them_always_do(fsdd_root, tmp_path
     # every copy with its original and with the other copy, and no two takes, whoever says
     # whichever digit
     assert found == made
-    assert (similar.pairs["similarity"] >= 0.7).all()
+    assert (similar.pairs["similarity"] >= 0.6).all()  # well above split.similar_threshold

@@ -5,9 +5,9 @@ Each recording gets a landmark fingerprint (Wang 2003, the Shazam constellation)
 8 kHz, the onset peaks of its log-power STFT, each paired with a few later peaks nearby, each
 pair hashed as (frequency, frequency step, time step) with the anchor's time. A gain change
 moves every peak alike and resampling keeps the band below 4 kHz, so the hashes survive both;
-an excerpt keeps the hashes of the stretch it holds, shifted in time. The STFT runs at four
+an excerpt keeps the hashes of the stretch it holds, shifted in time. The STFT runs at three
 offsets of its frame grid (audfprint's `--shifts`), so an excerpt cut anywhere lines up within
-2 ms with one of them. Two recordings share a sound when many distinct hashes agree on ONE
+2.5 ms with one of them. Two recordings share a sound when many distinct hashes agree on ONE
 time offset between them; their similarity is that count over the distinct hashes lying
 wholly inside their overlap at that offset (in the one with fewer), in [0, 1].
 
@@ -25,6 +25,7 @@ noise) cannot be matched; the split report counts them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -35,18 +36,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torchaudio
 
-from tympan.audio import AudioError, decode, resample, to_mono
+from tympan.audio import AudioError, decode, resample_ratio, to_mono
 from tympan.data.manifest import ManifestError
+from tympan.workers import process_map, worker_count
 
 log = logging.getLogger(__name__)
 
 # The analysis every recording gets, whatever its own rate: 8 kHz, 32 ms Hann frames every
-# 16 ms, at PHASES offsets of that grid (a frame every TICK samples, 4 ms).
+# 15 ms, at PHASES offsets of that grid (a frame every TICK samples, 5 ms).
 RATE = 8000
 N_FFT = 256
-HOP = 128
-PHASES = 4
+HOP = 120
+PHASES = 3
 TICK = HOP // PHASES
 TICK_S = TICK / RATE
 # A peak is the largest bin within +-PEAK_BINS (+-220 Hz) of its frame, RISE_DB above that
@@ -62,10 +65,11 @@ FLOOR_DB = 60.0
 PEAKS_PER_S = 30
 # Each peak (anchor) pairs with its next FAN_OUT peaks 1..MAX_DT frames later and within
 # MAX_DF bins; a hash packs (anchor bin: 9 bits, bin step + 64: 7 bits, frame step: 6 bits).
-FAN_OUT = 5
+FAN_OUT = 3
 MAX_DT = 63
 MAX_DF = 63
 DT_BITS = 6
+HASH_BITS = 9 + 7 + DT_BITS
 # Two recordings match when at least MIN_MATCHES distinct hashes agree on one offset (within
 # a frame). A hash found more than COMMON_MIN times, and in more than about COMMON_SHARE of
 # the recordings, tells nothing (a hum, a click train) and is dropped: a sound copied into
@@ -180,9 +184,35 @@ def fingerprint_wave(wave: torch.Tensor | np.ndarray) -> Fingerprint:
 
 
 def fingerprint_file(path: str | Path) -> Fingerprint:
-    """Decode, downmix and resample to `RATE` (tympan.audio), then `fingerprint_wave`."""
+    """Decode and downmix (tympan.audio), resample to `RATE`, then `fingerprint_wave`."""
     data, rate = decode(path)
-    return fingerprint_wave(resample(to_mono(torch.from_numpy(data)), rate, RATE))
+    wave = to_mono(torch.from_numpy(data))
+    return fingerprint_wave(wave if rate == RATE else _resampler(rate)(wave))
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(rate: int) -> torchaudio.transforms.Resample:
+    """tympan.audio.resample's filter from `rate` to `RATE` (a test keeps them equal), its
+    kernel built once: building it is most of the cost of resampling a clip."""
+    orig, new = resample_ratio(rate, RATE)
+    return torchaudio.transforms.Resample(
+        orig,
+        new,
+        lowpass_filter_width=16,
+        rolloff=0.945,
+        resampling_method="sinc_interp_kaiser",
+        beta=14.769656459379492,
+    )
+
+
+def _fingerprint_checked(path: str) -> Fingerprint:
+    try:
+        return fingerprint_file(path)
+    except (AudioError, OSError) as exc:
+        raise ManifestError(
+            f"{path}: cannot be read for the split's content check ({exc}); it changed since "
+            "ingest: re-run ingest (`dvc repro split`)"
+        ) from None
 
 
 class FingerprintCache:
@@ -209,23 +239,18 @@ class FingerprintCache:
             self.prints[str(sha)] = Fingerprint(hashes[span], times[span], int(ticks[i]))
 
     def get(self, paths: list[str], shas: list[str]) -> list[Fingerprint]:
-        """Each file's fingerprint; a file that cannot be decoded any more is a ManifestError
-        (it changed since ingest probed it)."""
-        out = []
-        for path, sha in zip(paths, shas, strict=True):
-            if sha in self.prints:
-                self.reused += 1
-            else:
-                try:
-                    self.prints[sha] = fingerprint_file(path)
-                except (AudioError, OSError) as exc:
-                    raise ManifestError(
-                        f"{path}: cannot be read for the split's content check ({exc}); it "
-                        "changed since ingest: re-run ingest (`dvc repro split`)"
-                    ) from None
-                self.computed += 1
-            out.append(self.prints[sha])
-        return out
+        """Each file's fingerprint, computing those it lacks (in one process per CPU when
+        there are many); a file that cannot be decoded any more is a ManifestError (it
+        changed since ingest probed it)."""
+        missing = {sha: path for path, sha in zip(paths, shas, strict=True)}
+        missing = {sha: path for sha, path in missing.items() if sha not in self.prints}
+        computed = process_map(
+            _fingerprint_checked, list(missing.values()), worker_count(len(missing))
+        )
+        self.prints.update(zip(missing, computed, strict=True))
+        self.computed += len(missing)
+        self.reused += len(paths) - len(missing)
+        return [self.prints[sha] for sha in shas]
 
     def save(self) -> None:
         if self.path is None or not self.computed:
@@ -264,19 +289,20 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
         return empty
     a, b, off, hashed = found
     pair_keys, pair_id = np.unique(a * n + b, return_inverse=True)
+    # a pair with fewer candidates than MIN_MATCHES cannot match: drop its candidates first
+    enough = np.bincount(pair_id)[pair_id] >= MIN_MATCHES
+    pair_id, off, hashed = pair_id[enough], off[enough], hashed[enough]
     best: dict[int, tuple[int, int]] = {}  # pair -> (votes, offset in ticks)
     for stagger in (0, PHASES // 2):  # offset bins one frame wide, twice, half a frame apart
         cell = np.floor_divide(off + stagger, PHASES)
-        low = int(cell.min())
-        width = int(cell.max()) - low + 1
-        cells = pair_id.astype(np.int64) * width + (cell - low)
-        order = np.lexsort((hashed, cells))
-        cells, hashes = cells[order], hashed[order]
-        first = np.ones(cells.size, dtype=bool)  # one vote per distinct hash in a cell
-        first[1:] = (cells[1:] != cells[:-1]) | (hashes[1:] != hashes[:-1])
-        voted, votes = np.unique(cells[first], return_counts=True)
-        enough = votes >= MIN_MATCHES
-        for c, v in zip(voted[enough], votes[enough], strict=True):
+        low = int(cell.min(initial=0))
+        width = int(cell.max(initial=0)) - low + 1
+        cells = _distinct_votes(pair_id.astype(np.int64) * width + (cell - low), hashed)
+        starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+        votes = np.diff(np.r_[starts, cells.size])
+        for c, v in zip(
+            cells[starts[votes >= MIN_MATCHES]], votes[votes >= MIN_MATCHES], strict=True
+        ):
             key = int(pair_keys[c // width])
             center = (int(c % width) + low) * PHASES - stagger + PHASES // 2
             if v > best.get(key, (0, 0))[0]:
@@ -304,6 +330,18 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
     return out.sort_values(["similarity", "a", "b"], ascending=[False, True, True]).reset_index(
         drop=True
     )
+
+
+def _distinct_votes(cells: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """`(p,)` cells and hashes -> the cell of each distinct (cell, hash), sorted: one vote per
+    distinct hash in a cell. One int64 sort when both fit in 63 bits, else a lexsort."""
+    if cells.size and int(cells.max()) < 1 << (63 - HASH_BITS):
+        packed = np.sort(cells << HASH_BITS | hashes)  # (np.unique hashes: slower here)
+        return packed[np.r_[True, packed[1:] != packed[:-1]]] >> HASH_BITS
+    order = np.lexsort((hashes, cells))
+    cells, hashes = cells[order], hashes[order]
+    first = np.r_[True, (cells[1:] != cells[:-1]) | (hashes[1:] != hashes[:-1])]
+    return cells[first]
 
 
 def _candidates(
@@ -402,12 +440,7 @@ def find_similar(manifest: pd.DataFrame, threshold: float, cache: Path | None) -
     fingerprints cached in the folder `cache`, and adding the new ones) and `match` them."""
     started = time.perf_counter()
     store = FingerprintCache(cache)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # clip-sized tensors: more threads only wait on each other
-    try:
-        prints = store.get(manifest["path"].tolist(), manifest["sha256"].tolist())
-    finally:
-        torch.set_num_threads(threads)
+    prints = store.get(manifest["path"].tolist(), manifest["sha256"].tolist())
     store.save()
     groups = manifest["group"].astype(str).to_numpy()
     found = match(prints, groups, threshold)
