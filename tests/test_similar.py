@@ -102,7 +102,7 @@ def chunks(tmp_path_factory) -> tuple[Path, pd.DataFrame, dict[str, tuple[str, f
 def test_chunks_of_one_source_are_found_under_any_name_gain_or_rate(chunks):
     _, manifest, truth = chunks
     assert manifest["group"].nunique() == len(manifest)  # every file its own group
-    similar = find_similar(manifest, 0.4, None)
+    similar = find_similar(manifest, 0.5, None)
     found = similar.pairs
     expected = {
         tuple(sorted((a, b)))
@@ -257,7 +257,7 @@ def test_fsdd_takes_never_match_and_copies_of_them_always_do(fsdd_root, tmp_path
             "sha256": [_sha(p) for p in every],
         }
     )
-    similar = find_similar(manifest, 0.4, None)
+    similar = find_similar(manifest, 0.5, None)
     found = {
         frozenset(p) for p in zip(similar.pairs["path_a"], similar.pairs["path_b"], strict=True)
     }

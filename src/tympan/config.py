@@ -221,7 +221,7 @@ class SplitConfig:
     # then moves as move_straddling says); fail: the stage fails if such a pair lands in two
     # splits (in any fold).
     similar: str = field(default="report", metadata=_choices("none", "report", "merge", "fail"))
-    similar_threshold: float = field(default=0.4, metadata=_range(0, 1, low_open=True))
+    similar_threshold: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
 
     def __post_init__(self) -> None:
         if self.val + self.test >= 1:
