@@ -23,6 +23,7 @@ from tympan.data.similar import (
     _resampler,
     find_similar,
     fingerprint_wave,
+    match,
     merged_groups,
 )
 from tympan.data.splits import LeakageError, content_check, split_manifest, split_report
@@ -206,6 +207,19 @@ def test_merge_under_cross_validation_and_official_folds(chunks):
 def test_what_cannot_be_matched_is_counted_and_the_params_are_checked():
     silence = fingerprint_wave(np.zeros(8000, dtype=np.float32))
     assert silence.hashes.size == 0 and silence.distinct < MIN_MATCHES
+    # unrelated sounds: a few chance collisions at most, never enough for a pair
+    clips = [
+        fingerprint_wave(resample(torch.from_numpy(_source(i, 1.0)), RATE, 8000)) for i in range(3)
+    ]
+    found = match([silence, *clips], np.array(["a", "b", "c", "d"]), 0.01)
+    assert found.empty and list(found.columns) == [
+        "a",
+        "b",
+        "matches",
+        "similarity",
+        "offset_s",
+        "overlap_s",
+    ]
     groups, merged = merged_groups(
         np.array(["c", "b", "a", "d"]),
         pd.DataFrame({"group_a": ["c", "b"], "group_b": ["b", "a"]}),

@@ -79,8 +79,12 @@ def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> 
 def run_split(
     params: Params, manifest: Path, out: Path, report: Path, fingerprints: Path | None = None
 ) -> None:
-    table, similar = content_check(read_manifest(manifest), params.split, fingerprints)
+    table = read_manifest(manifest)
+    # params the manifest cannot meet fail here, before the content check reads any audio
     splits = split_manifest(table, params.split, params.cv)
+    table, similar = content_check(table, params.split, fingerprints)
+    if similar is not None and similar.merged:
+        splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
     # raises LeakageError or SplitError before anything is written (unless the study's own
     # protocol declares that leak, which the report then records)

@@ -293,6 +293,8 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
     # a pair with fewer candidates than MIN_MATCHES cannot match: drop its candidates first
     enough = np.bincount(pair_id)[pair_id] >= MIN_MATCHES
     pair_id, off, hashed = pair_id[enough], off[enough], hashed[enough]
+    if not pair_id.size:
+        return empty
     best: dict[int, tuple[int, int]] = {}  # pair -> (votes, offset in ticks)
     for stagger in (0, PHASES // 2):  # offset bins one frame wide, twice, half a frame apart
         cell = np.floor_divide(off + stagger, PHASES)
