@@ -82,6 +82,7 @@ def run_split(
     table = read_manifest(manifest)
     # params the manifest cannot meet fail here, before the content check reads any audio
     splits = split_manifest(table, params.split, params.cv)
+    breakdown_values(table.merge(splits, on="path"), params.evaluate.breakdown, manifest)
     table, similar = content_check(table, params.split, fingerprints)
     if similar is not None and similar.merged:
         splits = split_manifest(table, params.split, params.cv)
