@@ -56,13 +56,14 @@ TICK_S = TICK / RATE
 # A peak is the largest bin within +-PEAK_BINS (+-220 Hz) of its frame, RISE_DB above that
 # neighbourhood in each of the PEAK_FRAMES frames before it and no more than HOLD_DB below it
 # in the PEAK_FRAMES frames after: the onset of a sound, where a steady tone has no
-# well-placed maximum. It lies within FLOOR_DB of the recording's strongest bin; the
-# strongest PEAKS_PER_S per second (and phase) are kept.
+# well-placed maximum. It lies within FLOOR_DB of the recording's strongest bin (only
+# silence and dither lie lower: a quiet stretch must keep its peaks beside a loud one), and
+# is among the PEAKS_PER_S strongest of its phase within half a second either side.
 PEAK_BINS = 7
 PEAK_FRAMES = 4
 RISE_DB = 1.5
 HOLD_DB = 1.0
-FLOOR_DB = 60.0
+FLOOR_DB = 80.0
 PEAKS_PER_S = 30
 # Each peak (anchor) pairs with its next FAN_OUT peaks 1..MAX_DT frames later and within
 # MAX_DF bins; a hash packs (anchor bin: 9 bits, bin step + 64: 7 bits, frame step: 6 bits).
@@ -134,14 +135,27 @@ def peaks(log_spec: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.maximum(after, near[later, b], out=after, where=t + step < n_frames)
     onset = (value > before + RISE_DB) & (value >= after - HOLD_DB)
     t, b, value = t[onset], b[onset], value[onset]
+    keep = _strongest_near(t, value)
+    t, b = t[keep], b[keep]
     phase, frame = t % PHASES, t // PHASES
-    order = np.lexsort((-value, phase))  # strongest first within each phase
-    rank = np.empty(t.size, dtype=np.int64)
-    rank[order] = np.arange(t.size) - np.searchsorted(phase[order], phase[order])
-    keep = rank < max(1, round(PEAKS_PER_S * n_frames * TICK / RATE))
-    phase, frame, b = phase[keep], frame[keep], b[keep]
     order = np.lexsort((b, frame, phase))
     return phase[order], frame[order], b[order]
+
+
+def _strongest_near(t: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Which of `(k,)` peaks (rows `t`, sorted) are among the `PEAKS_PER_S` strongest of their
+    phase within half a second either side: a limit each stretch of audio sets for itself, so
+    that a loud part of a recording does not crowd out the peaks of a quiet one."""
+    half = round(0.5 * RATE / TICK)  # rows in half a second
+    lo = np.searchsorted(t, t - half)
+    hi = np.searchsorted(t, t + half, side="right")
+    width = int((hi - lo).max(initial=0))
+    near = lo[:, None] + np.arange(width)  # (k, width) candidates around each peak
+    inside = (near < hi[:, None]) & (
+        t[np.minimum(near, t.size - 1)] % PHASES == (t % PHASES)[:, None]
+    )
+    stronger = inside & (value[np.minimum(near, t.size - 1)] > value[:, None])
+    return stronger.sum(axis=1) < PEAKS_PER_S
 
 
 def landmarks(frames: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
