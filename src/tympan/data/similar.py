@@ -14,14 +14,14 @@ wholly inside their overlap at that offset (in the one with fewer), in [0, 1].
 Hashes that many recordings hold (a hum, a click train) tell nothing and are dropped; each
 distinct hash votes once, and peaks are onsets, not arbitrary frames of a steady tone, so
 unrelated recordings of one steady tone do not match. Measured: takes of one digit by one
-speaker (all 3,000 FSDD recordings) score at most 0.24, the demo set's synthetic clips at most
+speaker (all 3,000 FSDD recordings) score at most 0.21, the demo set's synthetic clips at most
 0.42; copies and overlapping excerpts 0.5 to 1, hence `split.similar_threshold: 0.5` (see
 tests/test_similar.py and benchmarks/fingerprint.py).
 
 What it cannot see: excerpts of one recording that share no audio (adjacent, non-overlapping
 chunks) match only where the sound repeats itself; name such sources with `data.group_by`.
-A recording with fewer than `MIN_MATCHES` distinct hashes (silence, a short blip, steady
-noise) cannot be matched; the split report counts them.
+A recording with fewer than `MIN_MATCHES` distinct hashes (silence, a short blip, a pure
+steady tone) cannot be matched; the split report counts them.
 """
 
 from __future__ import annotations
