@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -461,6 +462,19 @@ def test_a_refused_large_request_is_not_echoed(server, fsdd_root):
     assert big[:100] not in response.text
 
 
+def _http_reply(sock: socket.socket) -> str:
+    """One HTTP reply read whole: the headers, then as many body bytes as they declare (a
+    single recv may return the headers alone)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"content-length: *(\d+)", head, re.I)
+    while length and len(body) < int(length.group(1)) and (chunk := sock.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def test_guard_refuses_an_oversized_body_from_its_header(guarded, fsdd_root):
     """Content-Length over TYMPAN_MAX_REQUEST_MB: 413 before a byte of the body is sent."""
     url, _ = guarded
@@ -470,7 +484,7 @@ def test_guard_refuses_an_oversized_body_from_its_header(guarded, fsdd_root):
             b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 153000000\r\n\r\n"
         )
-        reply = sock.recv(65536).decode(errors="replace")
+        reply = _http_reply(sock)
     assert reply.startswith("HTTP/1.1 413"), reply[:300]
     assert "over the 2 MiB limit (TYMPAN_MAX_REQUEST_MB)" in reply
     _good(url, fsdd_root)
