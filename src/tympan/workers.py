@@ -1,9 +1,10 @@
-"""Worker processes for work over every recording (the split stage's fingerprints): forked
-where the platform can, one torch thread each, and ended with the stage however it ends.
+"""Worker processes for work over every recording (featurize's feature sets, the split
+stage's fingerprints): forked where the platform can, one torch thread each, and ended with
+the stage however it ends.
 
-featurize (tympan.features.cache) runs its own pool the same way; it keeps its own copy of the
-parent watch, since any change under tympan/features changes the code digest that keys every
-cached feature set.
+The one pool both stages use. It lives outside tympan/features on purpose: the featurize code
+digest (`tympan.features.cache.code_digest`) hashes that package, and how work is spread over
+processes changes no feature value, so a fix here recomputes no cached feature set.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,18 +46,40 @@ def process_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[
             return [fn(item) for item in items]
         finally:
             torch.set_num_threads(threads)
+    chunk = max(1, len(items) // (8 * workers))
+    return list(pool_map(fn, items, workers, chunksize=chunk))
+
+
+def pool_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    init: Callable[..., Any] | None = None,
+    initargs: tuple = (),
+    chunksize: int = 1,
+) -> Iterator[R]:
+    """`fn(item)` for each item, yielded in order as they finish, in `workers` processes forked
+    where the platform can (as torch's DataLoader workers are: starting takes milliseconds
+    instead of the seconds a spawned interpreter spends importing torch). Each worker dies
+    with this process (`die_with`), runs one torch thread, then `init(*initargs)` (state the
+    worker keeps for every item, such as a torch front end). An exception in `fn` reaches
+    the caller; leaving the generator early shuts the pool down."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    chunk = max(1, len(items) // (8 * workers))
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+        workers,
+        mp_context=context,
+        initializer=_worker_init,
+        initargs=(os.getpid(), init, initargs),
     ) as pool:
-        return list(pool.map(fn, items, chunksize=chunk))
+        yield from pool.map(fn, items, chunksize=chunksize)
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, init: Callable[..., Any] | None, initargs: tuple) -> None:
     die_with(parent)
     torch.set_num_threads(1)  # one process per core does the parallel work
+    if init is not None:
+        init(*initargs)
 
 
 def die_with(parent: int) -> None:
