@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
-import torchaudio
 
-from tympan.audio import AudioError, decode, resample_ratio, to_mono
+from tympan.audio import AudioError, resample_ratio
+from tympan.audio.io import RESAMPLE_FILTER, check_peak, open_audio
 from tympan.data.manifest import ManifestError
 from tympan.workers import process_map, worker_count
 
@@ -82,6 +84,9 @@ COMMON_MIN = 64
 # The fingerprint cache's key: any change to the constants above makes a new one.
 _SETTINGS = (RATE, N_FFT, HOP, PHASES, PEAK_BINS, PEAK_FRAMES, RISE_DB, HOLD_DB, FLOOR_DB)
 _SETTINGS += (PEAKS_PER_S, FAN_OUT, MAX_DT, MAX_DF, DT_BITS)
+# and the computation's own version: 2 decodes 16-bit PCM as integers and resamples through
+# `_Resampler` (the same filter; float rounding moves a few landmarks of some clips)
+_SETTINGS += ("v2",)
 KEY = "landmarks-" + hashlib.sha256(repr(_SETTINGS).encode()).hexdigest()[:12]
 
 
@@ -106,14 +111,16 @@ class Fingerprint:
         return int(np.unique(self.hashes[inside]).size)
 
 
-def log_spectrogram(wave: torch.Tensor) -> torch.Tensor:
+_WINDOW = torch.hann_window(N_FFT, periodic=False)  # built once: 10% of a 5 s clip's STFT
+
+
+def log_spectrogram(wave: torch.Tensor | np.ndarray) -> torch.Tensor:
     """`(samples,)` at `RATE` -> `(frames, N_FFT // 2 + 1)` power in dB of Hann frames every
     `TICK` samples: frame k of phase p is row `k * PHASES + p`."""
-    wave = wave.to(torch.float32)
+    wave = torch.as_tensor(wave).to(torch.float32)
     if wave.numel() < N_FFT:
         wave = torch.nn.functional.pad(wave, (0, N_FFT - wave.numel()))
-    window = torch.hann_window(N_FFT, periodic=False)
-    spec = torch.stft(wave, N_FFT, TICK, window=window, center=False, return_complex=True)
+    spec = torch.stft(wave, N_FFT, TICK, window=_WINDOW, center=False, return_complex=True)
     return (10.0 * torch.log10(spec.real**2 + spec.imag**2 + 1e-18)).T.contiguous()
 
 
@@ -124,43 +131,50 @@ def peaks(log_spec: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     near = torch.nn.functional.max_pool1d(log_spec[:, None, :], 2 * PEAK_BINS + 1, 1, PEAK_BINS)
     near = near[:, 0]
     top = float(log_spec.max())
-    t, b = np.nonzero(((log_spec == near) & (log_spec >= top - FLOOR_DB)).numpy())
-    spec, near = log_spec.numpy(), near.numpy()
-    value = spec[t, b]
+    # candidates and the same bin PHASES, 2 PHASES, ... rows earlier and later, as flat indices
+    at = np.flatnonzero(((log_spec == near) & (log_spec >= top - FLOOR_DB)).numpy())
+    width = log_spec.shape[1]
+    t, b = np.divmod(at, width)
+    spec, near = log_spec.numpy().ravel(), near.numpy().ravel()
+    value = spec[at]
     before = np.full(t.size, -np.inf, dtype=spec.dtype)
     after = before.copy()
     for step in range(PHASES, PHASES * PEAK_FRAMES + 1, PHASES):  # frames of the same phase
-        earlier, later = np.maximum(t - step, 0), np.minimum(t + step, n_frames - 1)
-        np.maximum(before, near[earlier, b], out=before, where=t >= step)
-        np.maximum(after, near[later, b], out=after, where=t + step < n_frames)
+        shift = step * width
+        np.maximum(before, near.take(at - shift, mode="clip"), out=before, where=t >= step)
+        np.maximum(after, near.take(at + shift, mode="clip"), out=after, where=t + step < n_frames)
     onset = (value > before + RISE_DB) & (value >= after - HOLD_DB)
     t, b, value = t[onset], b[onset], value[onset]
-    keep = _strongest_near(t, value)
-    t, b = t[keep], b[keep]
-    phase, frame = t % PHASES, t // PHASES
-    order = np.lexsort((b, frame, phase))
-    return phase[order], frame[order], b[order]
+    phase = t % PHASES
+    by_phase = np.argsort(phase, kind="stable")  # then by row and bin, as found
+    t, b, value, phase = t[by_phase], b[by_phase], value[by_phase], phase[by_phase]
+    keep = _strongest_near(phase * (n_frames + RATE // TICK) + t, value)  # phases 1 s apart
+    return phase[keep], t[keep] // PHASES, b[keep]
 
 
 def _strongest_near(t: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Which of `(k,)` peaks (rows `t`, sorted) are among the `PEAKS_PER_S` strongest of their
-    phase within half a second either side: a limit each stretch of audio sets for itself, so
-    that a loud part of a recording does not crowd out the peaks of a quiet one."""
+    """Which of `(k,)` peaks (`t`: rows, each phase's a second past the last's, sorted) are
+    among the `PEAKS_PER_S` strongest of their phase within half a second either side: a
+    limit each stretch of audio sets for itself, so that a loud part of a recording does not
+    crowd out the peaks of a quiet one."""
     half = round(0.5 * RATE / TICK)  # rows in half a second
-    lo = np.searchsorted(t, t - half)
+    lo = np.searchsorted(t, t - half)  # rows of one phase: other phases lie further off
     hi = np.searchsorted(t, t + half, side="right")
     width = int((hi - lo).max(initial=0))
+    if width <= PEAKS_PER_S:  # no second holds more peaks than the limit
+        return np.ones(t.size, dtype=bool)
     near = lo[:, None] + np.arange(width)  # (k, width) candidates around each peak
-    inside = (near < hi[:, None]) & (
-        t[np.minimum(near, t.size - 1)] % PHASES == (t % PHASES)[:, None]
-    )
+    inside = near < hi[:, None]
     stronger = inside & (value[np.minimum(near, t.size - 1)] > value[:, None])
     return stronger.sum(axis=1) < PEAKS_PER_S
 
 
-def landmarks(frames: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair each of `(k,)` peaks (sorted by frame) with its next `FAN_OUT` peaks 1..`MAX_DT`
-    frames later within `MAX_DF` bins -> `(hashes, anchor frames)`, each `(m,)`."""
+def landmarks(
+    frames: np.ndarray, bins: np.ndarray, phases: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair each of `(k,)` peaks (sorted by phase, then frame) with its next `FAN_OUT` peaks
+    of its phase 1..`MAX_DT` frames later within `MAX_DF` bins -> `(hashes, anchor index)`,
+    each `(m,)`, the anchor an index into the peaks."""
     n = frames.size
     if n < 2:
         return np.zeros(0, np.uint32), np.zeros(0, np.int64)
@@ -171,26 +185,24 @@ def landmarks(frames: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndar
     target = np.where(inside, target, 0)
     dt = frames[target] - frames[anchor]
     df = bins[target] - bins[anchor]
-    ok = (inside & (dt >= 1) & (dt <= MAX_DT) & (np.abs(df) <= MAX_DF)).reshape(n, search)
+    ok = inside & (dt >= 1) & (dt <= MAX_DT) & (np.abs(df) <= MAX_DF)
+    if phases is not None:
+        ok &= phases[target] == phases[anchor]
+    ok = ok.reshape(n, search)
     ok = (ok & (np.cumsum(ok, axis=1) <= FAN_OUT)).ravel()
     anchor, dt, df = anchor[ok], dt[ok], df[ok]
     hashes = bins[anchor].astype(np.uint32) << (7 + DT_BITS)
     hashes |= (df + 64).astype(np.uint32) << DT_BITS
-    return hashes | dt.astype(np.uint32), frames[anchor]
+    return hashes | dt.astype(np.uint32), anchor
 
 
 def fingerprint_wave(wave: torch.Tensor | np.ndarray) -> Fingerprint:
     """`(samples,)` float at `RATE` -> its landmarks over every phase of the frame grid."""
     wave = torch.as_tensor(wave)
     phase, frame, bins = peaks(log_spectrogram(wave))
-    found_hashes, found_times = [], []
-    for p in range(PHASES):
-        mine = phase == p
-        hashes, anchors = landmarks(frame[mine], bins[mine])
-        found_hashes.append(hashes)
-        found_times.append(anchors * PHASES + p)
-    packed = np.concatenate(found_times).astype(np.int64) << 32 | np.concatenate(found_hashes)
-    packed = np.unique(packed)  # sorted by time, each (time, hash) once
+    hashes, anchor = landmarks(frame, bins, phase)
+    times = frame[anchor].astype(np.int64) * PHASES + phase[anchor]
+    packed = np.unique(times << 32 | hashes)  # sorted by time, each (time, hash) once
     return Fingerprint(
         (packed & 0xFFFFFFFF).astype(np.uint32),
         (packed >> 32).astype(np.int32),
@@ -199,25 +211,93 @@ def fingerprint_wave(wave: torch.Tensor | np.ndarray) -> Fingerprint:
 
 
 def fingerprint_file(path: str | Path) -> Fingerprint:
-    """Decode and downmix (tympan.audio), resample to `RATE`, then `fingerprint_wave`."""
-    data, rate = decode(path)
-    wave = to_mono(torch.from_numpy(data))
+    """Decode and downmix, resample to `RATE` (tympan.audio.resample's filter), then
+    `fingerprint_wave`."""
+    wave, rate = read_mono(path)
     return fingerprint_wave(wave if rate == RATE else _resampler(rate)(wave))
 
 
+def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
+    """`(frames,)` float32 (the channels' mean) and the rate: what tympan.audio's `decode` and
+    `to_mono` give, sample for sample, with the same errors for a file that is not audio any
+    more. 16-bit PCM is read as integers and scaled here: libsndfile's own conversion to
+    float costs three times the read."""
+    with open_audio(path) as handle:
+        pcm16 = handle.subtype == "PCM_16"
+        try:
+            data = handle.read(dtype="int16" if pcm16 else "float32", always_2d=True)
+        except sf.LibsndfileError as exc:
+            raise AudioError(f"truncated or corrupt ({exc})") from None
+        rate = handle.samplerate
+    if data.size == 0:
+        raise AudioError("no audio frames")
+    if pcm16:  # exact: libsndfile divides by 32768 too
+        wave = data[:, 0] * np.float32(1 / 32768) if data.shape[1] == 1 else None
+        if wave is None:
+            wave = data.mean(axis=1, dtype=np.float32) * np.float32(1 / 32768)
+        return wave, rate
+    check_peak(float(np.abs(data).max()))  # NaN, infinity or an extreme peak: as decode
+    return (data[:, 0].copy() if data.shape[1] == 1 else data.mean(axis=1)), rate
+
+
+class _Resampler:
+    """tympan.audio.resample (torchaudio's Kaiser-windowed sinc at `resample_ratio`) from one
+    rate to `RATE`, its kernel built once and applied as a polyphase filter: per output
+    phase only the taps inside the filter's support, where torchaudio's strided convolution
+    multiplies every phase by a kernel `orig` taps longer than its support (at 44.1 kHz ->
+    8 kHz, 629 taps of which 187 are not zero). Output phases run in groups of `GROUP`, each
+    one matrix product over the input blocks."""
+
+    GROUP = 8
+
+    def __init__(self, rate: int) -> None:
+        orig, new = resample_ratio(rate, RATE)
+        width_taps, rolloff, beta = (
+            RESAMPLE_FILTER["lowpass_filter_width"],
+            RESAMPLE_FILTER["rolloff"],
+            RESAMPLE_FILTER["beta"],
+        )
+        base = min(orig, new) * rolloff
+        self.orig, self.new = orig, new
+        self.width = math.ceil(width_taps * orig / base)
+        # torchaudio's _get_sinc_resample_kernel, in float64: phase j, tap k
+        idx = np.arange(-self.width, self.width + orig, dtype=np.float64) / orig
+        t = (np.arange(0, -new, -1)[:, None] / new + idx[None, :]) * base
+        support = np.abs(t) < width_taps
+        t = np.clip(t, -width_taps, width_taps)
+        window = np.i0(beta * np.sqrt(1 - (t / width_taps) ** 2)) / np.i0(beta)
+        t *= np.pi
+        safe = np.where(t == 0, 1.0, t)
+        kernel = np.where(t == 0, 1.0, np.sin(safe) / safe) * window * (base / orig)
+        self.groups = []
+        for first in range(0, new, self.GROUP):
+            last = min(new, first + self.GROUP)
+            taps = np.flatnonzero(support[first:last].any(axis=0))
+            lo, hi = int(taps[0]), int(taps[-1]) + 1
+            part = kernel[first:last, lo:hi].T.astype(np.float32)
+            self.groups.append((first, last, lo, hi, np.ascontiguousarray(part)))
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        frames = wave.shape[-1]
+        padded = np.zeros(frames + 2 * self.width + self.orig, dtype=np.float32)
+        padded[self.width : self.width + frames] = wave
+        span = 2 * self.width + self.orig
+        blocks = (padded.size - span) // self.orig + 1
+        item = padded.itemsize
+        rows = np.lib.stride_tricks.as_strided(
+            padded, (blocks, span), (self.orig * item, item), writeable=False
+        )
+        out = np.empty((blocks, self.new), dtype=np.float32)
+        for first, last, lo, hi, part in self.groups:
+            np.matmul(rows[:, lo:hi], part, out=out[:, first:last])
+        return out.reshape(-1)[: -(-self.new * frames // self.orig)]
+
+
 @functools.lru_cache(maxsize=8)
-def _resampler(rate: int) -> torchaudio.transforms.Resample:
-    """tympan.audio.resample's filter from `rate` to `RATE` (a test keeps them equal), its
-    kernel built once: building it is most of the cost of resampling a clip."""
-    orig, new = resample_ratio(rate, RATE)
-    return torchaudio.transforms.Resample(
-        orig,
-        new,
-        lowpass_filter_width=16,
-        rolloff=0.945,
-        resampling_method="sinc_interp_kaiser",
-        beta=14.769656459379492,
-    )
+def _resampler(rate: int) -> _Resampler:
+    """`_Resampler` from `rate` to `RATE`, built once per rate (a test keeps it equal to
+    tympan.audio.resample)."""
+    return _Resampler(rate)
 
 
 def _fingerprint_checked(path: str) -> Fingerprint:
@@ -303,24 +383,24 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
     if found is None:
         return empty
     a, b, off, hashed = found
-    pair_keys, pair_id = np.unique(a * n + b, return_inverse=True)
+    pair = a * n + b  # the pair's key, a < b
     # a pair with fewer candidates than MIN_MATCHES cannot match: drop its candidates first
-    enough = np.bincount(pair_id)[pair_id] >= MIN_MATCHES
-    pair_id, off, hashed = pair_id[enough], off[enough], hashed[enough]
-    if not pair_id.size:
+    enough = _candidate_counts(pair, n) >= MIN_MATCHES
+    pair, off, hashed = pair[enough], off[enough], hashed[enough]
+    if not pair.size:
         return empty
     best: dict[int, tuple[int, int]] = {}  # pair -> (votes, offset in ticks)
     for stagger in (0, PHASES // 2):  # offset bins one frame wide, twice, half a frame apart
         cell = np.floor_divide(off + stagger, PHASES)
         low = int(cell.min(initial=0))
         width = int(cell.max(initial=0)) - low + 1
-        cells = _distinct_votes(pair_id.astype(np.int64) * width + (cell - low), hashed)
+        cells = _distinct_votes(pair * width + (cell - low), hashed)
         starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
         votes = np.diff(np.r_[starts, cells.size])
         for c, v in zip(
             cells[starts[votes >= MIN_MATCHES]], votes[votes >= MIN_MATCHES], strict=True
         ):
-            key = int(pair_keys[c // width])
+            key = int(c // width)
             center = (int(c % width) + low) * PHASES - stagger + PHASES // 2
             if v > best.get(key, (0, 0))[0]:
                 best[key] = (int(v), center)
@@ -349,6 +429,21 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
     )
 
 
+# Up to this many pairs of recordings (2,896 recordings), candidates are counted per pair in
+# one array of n * n counts (64 MiB at most); beyond, by sorting the pair keys.
+DENSE_PAIRS = 1 << 23
+
+
+def _candidate_counts(pair: np.ndarray, n: int) -> np.ndarray:
+    """How many candidates the pair of each of `(p,)` candidates has (`pair`: a * n + b)."""
+    if n * n <= DENSE_PAIRS:
+        return np.bincount(pair, minlength=n * n)[pair]
+    keys = np.sort(pair)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    counts = np.diff(np.r_[starts, keys.size])
+    return counts[np.searchsorted(keys[starts], pair)]
+
+
 def _distinct_votes(cells: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """`(p,)` cells and hashes -> the cell of each distinct (cell, hash), sorted: one vote per
     distinct hash in a cell. One int64 sort when both fit in 63 bits, else a lexsort."""
@@ -372,7 +467,9 @@ def _candidates(
     times = np.concatenate([p.times for p in prints]).astype(np.int64)
     rec = np.repeat(np.arange(n), [p.hashes.size for p in prints])
     _, group_code = np.unique(groups, return_inverse=True)
-    order = np.lexsort((times, rec, hashes))
+    # by hash, then recording and time: the prints come in recording order, each sorted by
+    # time, so one sort of (hash, position) packed in an int64 is that lexsort's order
+    order = np.sort(hashes << 40 | np.arange(hashes.size)) & ((1 << 40) - 1)
     hashes, times, rec = hashes[order], times[order], rec[order]
     # one landmark seen at neighbouring phases of a recording: its first sighting only
     again = (hashes[1:] == hashes[:-1]) & (rec[1:] == rec[:-1]) & (times[1:] - times[:-1] < PHASES)
