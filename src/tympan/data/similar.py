@@ -132,11 +132,13 @@ def peaks(log_spec: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     near = near[:, 0]
     top = float(log_spec.max())
     # candidates and the same bin PHASES, 2 PHASES, ... rows earlier and later, as flat indices
-    at = np.flatnonzero(((log_spec == near) & (log_spec >= top - FLOOR_DB)).numpy())
+    spec, near = log_spec.numpy().ravel(), near.numpy().ravel()
+    at = np.flatnonzero(spec == near)
+    value = spec[at]
+    loud = value >= top - FLOOR_DB  # on the candidates: a pass less over the spectrogram
+    at, value = at[loud], value[loud]
     width = log_spec.shape[1]
     t, b = np.divmod(at, width)
-    spec, near = log_spec.numpy().ravel(), near.numpy().ravel()
-    value = spec[at]
     before = np.full(t.size, -np.inf, dtype=spec.dtype)
     after = before.copy()
     for step in range(PHASES, PHASES * PEAK_FRAMES + 1, PHASES):  # frames of the same phase
@@ -382,8 +384,7 @@ def match(prints: list[Fingerprint], groups: np.ndarray, threshold: float) -> pd
     found = _candidates(prints, np.asarray(groups, dtype=str)) if n > 1 else None
     if found is None:
         return empty
-    a, b, off, hashed = found
-    pair = a * n + b  # the pair's key, a < b
+    pair, off, hashed = found
     # a pair with fewer candidates than MIN_MATCHES cannot match: drop its candidates first
     enough = _candidate_counts(pair, n) >= MIN_MATCHES
     pair, off, hashed = pair[enough], off[enough], hashed[enough]
@@ -458,10 +459,11 @@ def _distinct_votes(cells: np.ndarray, hashes: np.ndarray) -> np.ndarray:
 
 def _candidates(
     prints: list[Fingerprint], groups: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Every pair of landmarks with one hash in recordings of different groups, from an
     inverted index (all hashes sorted together; each run of equal hashes gives its pairs) ->
-    `(a, b, offset in ticks, hash)`, each `(p,)` int64, a < b; None when there are none."""
+    `(pair, offset in ticks, hash)`, each `(p,)` int64, the pair of recordings a < b as
+    `a * len(prints) + b`; None when there are none."""
     n = len(prints)
     hashes = np.concatenate([p.hashes for p in prints]).astype(np.int64)
     times = np.concatenate([p.times for p in prints]).astype(np.int64)
@@ -475,27 +477,25 @@ def _candidates(
     again = (hashes[1:] == hashes[:-1]) & (rec[1:] == rec[:-1]) & (times[1:] - times[:-1] < PHASES)
     keep = np.r_[True, ~again]
     hashes, times, rec = hashes[keep], times[keep], rec[keep]
+    group = group_code[rec]
     starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
     lengths = np.diff(np.r_[starts, hashes.size])
-    run_length = np.repeat(lengths, lengths)
-    position = np.arange(hashes.size) - np.repeat(starts, lengths)
-    common = run_length > max(COMMON_MIN, COMMON_SHARE * n)
-    active = np.flatnonzero((run_length > 1) & ~common)
+    run_end = np.repeat(starts + lengths, lengths)
+    common = lengths > max(COMMON_MIN, COMMON_SHARE * n)
+    active = np.flatnonzero(np.repeat((lengths > 1) & ~common, lengths))
     found: list[tuple[np.ndarray, ...]] = []
     k = 1
     while active.size:  # entry i with the entry k later in its run, for every k
-        active = active[position[active] + k < run_length[active]]
-        i, j = active, active + k
-        across = group_code[rec[i]] != group_code[rec[j]]
-        i, j = i[across], j[across]
-        swap = rec[i] > rec[j]
-        i, j = np.where(swap, j, i), np.where(swap, i, j)
-        found.append((rec[i], rec[j], times[j] - times[i], hashes[i]))
+        active = active[active + k < run_end[active]]
+        # a run lists its recordings in order, so rec[i] <= rec[j]: equal only in one group
+        i = active[group[active] != group[active + k]]
+        j = i + k
+        found.append((rec[i] * n + rec[j], times[j] - times[i], hashes[i]))
         k += 1
     if not any(f[0].size for f in found):
         return None
-    a, b, off, hashed = (np.concatenate(column) for column in zip(*found, strict=True))
-    return a, b, off, hashed
+    pair, off, hashed = (np.concatenate(column) for column in zip(*found, strict=True))
+    return pair, off, hashed
 
 
 def merged_groups(groups: np.ndarray, pairs: pd.DataFrame) -> tuple[np.ndarray, list[list[str]]]:
