@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 from tympan import stages
-from tympan.audio import resample
+from tympan.audio import decode, resample, to_mono
 from tympan.config import ConfigError, CVConfig, DataConfig, Params, SplitConfig, params_from_dict
 from tympan.data.ingest import ingest
 from tympan.data.similar import (
@@ -25,6 +25,7 @@ from tympan.data.similar import (
     fingerprint_wave,
     match,
     merged_groups,
+    read_mono,
 )
 from tympan.data.splits import LeakageError, content_check, split_manifest, split_report
 from tympan.evaluation.card import split_line
@@ -240,6 +241,20 @@ def test_the_fingerprints_resample_as_tympan_audio_does(rate):
     wave = np.random.default_rng(rate).normal(0, 0.1, rate + 37).astype(np.float32)
     ours = torch.from_numpy(_resampler(rate)(wave))
     assert torch.allclose(ours, resample(torch.from_numpy(wave), rate, 8000), atol=1e-5)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_fingerprints_decode_as_tympan_audio_does(tmp_path, subtype, channels):
+    """16-bit PCM is read as integers and scaled by the check itself: sample for sample what
+    tympan.audio's decode and to_mono give, as every other format is."""
+    wave = np.random.default_rng(channels).uniform(-0.9, 0.9, (4000, channels))
+    path = tmp_path / f"{subtype}_{channels}.wav"
+    sf.write(path, wave.astype(np.float32), 22050, subtype=subtype)
+    data, rate = decode(path)
+    ours, our_rate = read_mono(path)
+    assert our_rate == rate and ours.dtype == np.float32
+    assert np.array_equal(ours, to_mono(torch.from_numpy(data)).numpy())
 
 
 def _sha(path: Path) -> str:

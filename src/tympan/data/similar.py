@@ -103,6 +103,14 @@ class Fingerprint:
     def distinct(self) -> int:
         return int(np.unique(self.hashes).size)
 
+    @property
+    def matchable(self) -> bool:
+        """At least `MIN_MATCHES` distinct hashes (the first few usually settle it)."""
+        return (
+            np.unique(self.hashes[: 8 * MIN_MATCHES]).size >= MIN_MATCHES
+            or self.distinct >= MIN_MATCHES
+        )
+
     def within(self, first: int, end: int) -> int:
         """Distinct hashes of the landmarks lying wholly (anchor and target) in `[first, end)`
         ticks."""
@@ -215,15 +223,24 @@ def fingerprint_wave(wave: torch.Tensor | np.ndarray) -> Fingerprint:
 def fingerprint_file(path: str | Path) -> Fingerprint:
     """Decode and downmix, resample to `RATE` (tympan.audio.resample's filter), then
     `fingerprint_wave`."""
-    wave, rate = read_mono(path)
-    return fingerprint_wave(wave if rate == RATE else _resampler(rate)(wave))
+    samples, scale, rate = _samples(path)
+    if rate != RATE:  # scaled as it is copied into the resampler's buffer
+        return fingerprint_wave(_resampler(rate)(samples, scale))
+    return fingerprint_wave(samples * scale if scale != 1 else samples)
 
 
 def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
     """`(frames,)` float32 (the channels' mean) and the rate: what tympan.audio's `decode` and
     `to_mono` give, sample for sample, with the same errors for a file that is not audio any
-    more. 16-bit PCM is read as integers and scaled here: libsndfile's own conversion to
-    float costs three times the read."""
+    more."""
+    samples, scale, rate = _samples(path)
+    return (samples * scale if scale != 1 else samples), rate
+
+
+def _samples(path: str | Path) -> tuple[np.ndarray, np.float32, int]:
+    """`(frames,)` samples (the channels' mean), the scale that makes them `read_mono`'s
+    float32 and the rate. 16-bit PCM stays integers until scaled (exactly: libsndfile divides
+    by 32768 too), as its own conversion to float costs three times the read."""
     with open_audio(path) as handle:
         pcm16 = handle.subtype == "PCM_16"
         try:
@@ -233,13 +250,11 @@ def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
         rate = handle.samplerate
     if data.size == 0:
         raise AudioError("no audio frames")
-    if pcm16:  # exact: libsndfile divides by 32768 too
-        wave = data[:, 0] * np.float32(1 / 32768) if data.shape[1] == 1 else None
-        if wave is None:
-            wave = data.mean(axis=1, dtype=np.float32) * np.float32(1 / 32768)
-        return wave, rate
+    if pcm16:
+        mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+        return mono, np.float32(1 / 32768), rate
     check_peak(float(np.abs(data).max()))  # NaN, infinity or an extreme peak: as decode
-    return (data[:, 0].copy() if data.shape[1] == 1 else data.mean(axis=1)), rate
+    return (data[:, 0].copy() if data.shape[1] == 1 else data.mean(axis=1)), np.float32(1), rate
 
 
 class _Resampler:
@@ -279,10 +294,11 @@ class _Resampler:
             part = kernel[first:last, lo:hi].T.astype(np.float32)
             self.groups.append((first, last, lo, hi, np.ascontiguousarray(part)))
 
-    def __call__(self, wave: np.ndarray) -> np.ndarray:
+    def __call__(self, wave: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """`(frames,)` samples times `scale` -> `(ceil(frames * new / orig),)` float32."""
         frames = wave.shape[-1]
         padded = np.zeros(frames + 2 * self.width + self.orig, dtype=np.float32)
-        padded[self.width : self.width + frames] = wave
+        np.multiply(wave, np.float32(scale), out=padded[self.width : self.width + frames])
         span = 2 * self.width + self.orig
         blocks = (padded.size - span) // self.orig + 1
         item = padded.itemsize
@@ -572,7 +588,7 @@ def find_similar(manifest: pd.DataFrame, threshold: float, cache: Path | None) -
         pairs=pairs,
         threshold=threshold,
         recordings=len(prints),
-        too_few_landmarks=sum(p.distinct < MIN_MATCHES for p in prints),
+        too_few_landmarks=sum(not p.matchable for p in prints),
         reused=store.reused,
         seconds=time.perf_counter() - started,
     )
