@@ -17,11 +17,13 @@ import torch
 from tympan import stages
 from tympan.audio import decode, resample, to_mono
 from tympan.config import ConfigError, CVConfig, DataConfig, Params, SplitConfig, params_from_dict
+from tympan.data import similar as similar_module
 from tympan.data.ingest import ingest
 from tympan.data.similar import (
     MIN_MATCHES,
     _resampler,
     find_similar,
+    fingerprint_file,
     fingerprint_wave,
     match,
     merged_groups,
@@ -134,6 +136,18 @@ def _params(mode: str, **split) -> Params:
         Params(),
         split=SplitConfig(strategy="group", val=0.2, test=0.2, similar=mode, **split),
     )
+
+
+def test_pairs_counted_in_one_array_or_by_sorting_match_alike(chunks, monkeypatch):
+    """Matching counts each pair's candidates in an n x n array for a few thousand
+    recordings, by sorting beyond: both find the same pairs."""
+    _, manifest, _ = chunks
+    prints = [fingerprint_file(p) for p in manifest["path"]]
+    groups = manifest["group"].to_numpy()
+    dense = match(prints, groups, 0.1)
+    monkeypatch.setattr(similar_module, "DENSE_PAIRS", 0)
+    assert len(dense) >= SOURCES * (len(STARTS) - 1)
+    pd.testing.assert_frame_equal(match(prints, groups, 0.1), dense)
 
 
 def test_the_split_reports_merges_or_fails_on_pairs_in_two_splits(chunks, tmp_path):
