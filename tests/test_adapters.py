@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tympan.config import DataConfig, SplitConfig
+from tympan.config import ConfigError, DataConfig, GroupByConfig, SplitConfig, params_from_dict
 from tympan.data.adapters import AdapterError, list_recordings
 from tympan.data.ingest import ingest
 from tympan.data.manifest import ManifestError
@@ -151,6 +151,54 @@ def test_folder_per_class(tmp_path):
     assert rejects == [
         {"path": (tmp_path / "stray.wav").as_posix(), "reason": "audio file outside a class folder"}
     ]
+
+
+def test_group_by_takes_a_regex_over_the_file_name_or_any_column(layouts, tmp_path):
+    root = tmp_path / "ESC-50"
+    shutil.copytree(layouts / "esc50" / "meta", root / "meta")
+    cfg = DataConfig(adapter="esc50")
+    # the file name: `1-100032-A-0.wav` -> fold and Freesound id, no hand-written CSV
+    by_name = GroupByConfig(pattern=r"^(?P<group>\d-\d+)-")
+    table, rejects = list_recordings("esc50", root, by_name, cfg)
+    assert not rejects and table.loc[0, "group"] == "1-100032"
+    meta = pd.read_csv(root / "meta" / "esc50.csv", dtype=str)
+    assert table["group"].tolist() == (meta["fold"] + "-" + meta["src_file"]).tolist()
+    # any column, with a pattern (the first group when there is no named one) or without one
+    by_take, _ = list_recordings("esc50", root, GroupByConfig(column="take", pattern="([AB])"), cfg)
+    assert set(by_take["group"]) == {"A", "B"} and len(by_take) < len(table)
+    assert list_recordings("esc50", root, "fold", cfg)[0]["group"].nunique() == 5
+    whole, _ = list_recordings("esc50", root, GroupByConfig(column="fold", pattern=r"\d"), cfg)
+    assert whole["group"].nunique() == 5  # no group in the pattern: the whole match
+    with pytest.raises(AdapterError, match=r"data\.group_by\.column='speaker' is not a column"):
+        list_recordings("esc50", root, GroupByConfig(column="speaker"), cfg)
+
+
+def test_group_by_regex_rejects_what_it_cannot_group_and_names_the_key(tmp_path):
+    for i, name in enumerate(["src1_c0.wav", "src1_c1.wav", "src2_c0.wav", "other.wav"]):
+        _clip(tmp_path / "data" / "dog" / name, i, 16000)
+    spec = GroupByConfig(pattern=r"^src(\d+)_")
+    cfg = DataConfig(adapter="folder_per_class", root=str(tmp_path / "data"), group_by=spec)
+    cfg = replace(cfg, max_reject_fraction=0.5)
+    manifest, rejects = ingest(cfg, tmp_path / "m.csv", tmp_path / "r.csv", tmp_path / "s.json")
+    assert manifest["group"].tolist() == ["1", "1", "2"]
+    assert rejects.to_dict("records") == [
+        {
+            "path": (tmp_path / "data" / "dog" / "other.wav").as_posix(),
+            "reason": "data.group_by.pattern '^src(\\d+)_' finds no group in its file name "
+            "'other.wav'",
+        }
+    ]
+    # the params file's forms: a column name, or a mapping checked at load
+    raw = {"data": {"group_by": {"pattern": "^src(\\d+)_"}}}
+    assert params_from_dict(raw).data.group_by == spec
+    assert params_from_dict({"data": {"group_by": "speaker"}}).data.group_by == "speaker"
+    for bad, message in [
+        ({"pattern": "(src"}, r"data\.group_by\.pattern '\(src' is not a valid regex"),
+        ({}, "data.group_by needs a column, a pattern or both"),
+        ({"regex": "x"}, r"unknown key data\.group_by\.regex"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            params_from_dict({"data": {"group_by": bad}})
 
 
 def _csv_root(tmp_path: Path) -> Path:

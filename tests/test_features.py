@@ -389,7 +389,8 @@ from tympan.features import cache
 
 table, out, mode = sys.argv[1:]
 if mode == "thread":  # the portable fallback instead of the Linux parent-death signal
-    cache._arm_parent_death_signal = lambda: False
+    from tympan import workers
+    workers._arm_parent_death_signal = lambda: False
 compute = cache._Job.__call__
 cache._Job.__call__ = lambda job, *a: (time.sleep(120), compute(job, *a))[1]  # stay busy
 cfg = FeatureConfig(

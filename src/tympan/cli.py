@@ -78,13 +78,21 @@ def _parser() -> argparse.ArgumentParser:
         "split",
         "assign train/val/test without group leakage",
         "By `split.strategy` (and `cv.folds`); fails if a group or an identical file would be "
-        "in two splits, and checks that the `evaluate.breakdown` columns exist.",
+        "in two splits, looks for recordings in different groups that sound the same "
+        "(`split.similar`), and checks that the `evaluate.breakdown` columns exist.",
     )
     paths(
         split,
         manifest="manifest CSV (from ingest)",
         out="splits CSV to write",
         report="split report JSON to write (sizes, groups, leak checks)",
+    )
+    split.add_argument(
+        "--fingerprints",
+        type=Path,
+        default=None,
+        help="folder caching the content check's fingerprints by sha256 (split.similar); "
+        "without it every recording is fingerprinted anew",
     )
     featurize = command(
         "featurize",

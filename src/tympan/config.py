@@ -121,6 +121,32 @@ def masked(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class GroupByConfig:
+    """`data.group_by` as a mapping: each recording's group is what `pattern` (a regex,
+    searched) finds in `column` (a column the adapter provides; null: the file's name without
+    its folders): its named group `group` if it has one, else its first group, else the whole
+    match. Without `pattern` the group is the column's value. A recording whose value the
+    pattern does not match is a reject naming both."""
+
+    column: str | None = None
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.column is None and self.pattern is None:
+            raise ValueError(
+                "data.group_by needs a column, a pattern or both, e.g. {column: speaker} or "
+                "{pattern: '^(?P<group>[a-z]+)_'} (over the file name)"
+            )
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"data.group_by.pattern '{self.pattern}' is not a valid regex: {exc}"
+                ) from None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the recordings are and how strict ingest is about them."""
 
@@ -137,7 +163,10 @@ class DataConfig:
         ),
     )
     root: str = "data/demo"
-    group_by: str | None = None
+    # the groups splits keep whole, instead of the adapter's: a column the adapter provides
+    # (fsdd: speaker), or {column, pattern} to take part of a column or of the file name by
+    # regex (see GroupByConfig), e.g. {pattern: '^(?P<group>\d+-\d+)-'}
+    group_by: str | GroupByConfig | None = None
     max_reject_fraction: float = field(default=0.05, metadata=_FRACTION)
     silence_dbfs: float = field(default=-60.0, metadata=_range())
     max_duration_s: float = field(default=600.0, metadata=_POSITIVE)
@@ -184,12 +213,27 @@ class SplitConfig:
     test_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     val_values: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     move_straddling: bool = True
+    # Recordings in different groups that are the same sound (one recording under two names,
+    # after a gain change or resampling, or overlapping excerpts of one recording), found from
+    # the audio (tympan.data.similar) with a similarity >= similar_threshold. none: not looked
+    # for; report: listed in the split report with their similarity and printed; merge: each
+    # such pair's groups become one group before splitting (with predefined folds that group
+    # then moves as move_straddling says); fail: the stage fails if such a pair lands in two
+    # splits (in any fold).
+    similar: str = field(default="report", metadata=_choices("none", "report", "merge", "fail"))
+    similar_threshold: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
 
     def __post_init__(self) -> None:
         if self.val + self.test >= 1:
             raise ValueError(
                 f"split.val + split.test must be below 1 (the rest is train), got "
                 f"{self.val} + {self.test}"
+            )
+        if self.similar == "merge" and self.strategy == "stratified":
+            raise ValueError(
+                "split.similar: merge puts recordings that sound the same into one group, but "
+                "split.strategy: stratified deals recordings one by one and ignores groups; use "
+                "strategy: group (or predefined), or similar: report or fail"
             )
 
 
@@ -953,8 +997,11 @@ def _coerce(hint: Any, value: Any, key: str, source: str, meta: Any) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(inner, value, key, source, meta)
+        inner = [o for o in options if o is not type(None)]
+        if len(inner) > 1:  # a string or a section (data.group_by): the value's form picks
+            sections = [o for o in inner if dataclasses.is_dataclass(o)]
+            inner = sections if isinstance(value, dict) else [o for o in inner if o not in sections]
+        return _coerce(inner[0], value, key, source, meta)
     if origin is tuple:
         inner = typing.get_args(hint)[0]
         allow_empty = bool(meta and meta.get("allow_empty"))
@@ -1033,8 +1080,10 @@ def _schema(hint: Any, meta: Any, default: Any = dataclasses.MISSING) -> dict[st
         }
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        (inner,) = [o for o in typing.get_args(hint) if o is not type(None)]
-        out = {"anyOf": [_schema(inner, meta), {"type": "null"}]}
+        inner = [o for o in typing.get_args(hint) if o is not type(None)]
+        nullable = type(None) in typing.get_args(hint)
+        options = [_schema(o, meta) for o in inner]
+        out = {"anyOf": options + ([{"type": "null"}] if nullable else [])}
     elif origin is dict:
         out = {"type": "object", "additionalProperties": _schema(typing.get_args(hint)[1], meta)}
     elif origin is tuple:

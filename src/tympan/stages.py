@@ -33,6 +33,8 @@ from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
 from tympan.data.splits import (
     breakdown_values,
+    content_check,
+    similar_line,
     split_manifest,
     split_report,
     tuning_protocol,
@@ -75,13 +77,20 @@ def run_ingest(params: Params, manifest: Path, rejects: Path, summary: Path) -> 
     )
 
 
-def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
+def run_split(
+    params: Params, manifest: Path, out: Path, report: Path, fingerprints: Path | None = None
+) -> None:
     table = read_manifest(manifest)
+    # params the manifest cannot meet fail here, before the content check reads any audio
     splits = split_manifest(table, params.split, params.cv)
+    breakdown_values(table.merge(splits, on="path"), params.evaluate.breakdown, manifest)
+    table, similar = content_check(table, params.split, fingerprints)
+    if similar is not None and similar.merged:
+        splits = split_manifest(table, params.split, params.cv)
     table = table.merge(splits, on="path", validate="one_to_one")
     # raises LeakageError or SplitError before anything is written (unless the study's own
     # protocol declares that leak, which the report then records)
-    checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
+    checked = split_report(table, params.split, params.cv, params.protocol, params.copies, similar)
     checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
     checked["tuning"] = tuning_protocol(params.tune.enabled, params.cv)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,17 +106,26 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
             f"fold {[f['recordings']['test'] for f in checked['folds']]}; no group or file in "
             "two splits of any fold, none in two test folds"
         )
-        return
-    leaked = checked["checks"]["groups_in_two_splits"]
-    print(
-        f"split ({params.split.strategy}): recordings {checked['recordings']}, "
-        f"groups {checked['groups']}; "
-        + (
-            f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
-            if leaked
-            else "no group or file in two splits"
+    else:
+        leaked = checked["checks"]["groups_in_two_splits"]
+        print(
+            f"split ({params.split.strategy}): recordings {checked['recordings']}, "
+            f"groups {checked['groups']}; "
+            + (
+                f"{leaked} group(s) in two splits ON PURPOSE (protocol.leaks), no file in two"
+                if leaked
+                else "no group or file in two splits"
+            )
         )
-    )
+    if similar is not None:
+        print(f"split: {similar_line(checked['similar'], similar)}")
+        section = checked["similar"]
+        if any(section.get("pairs_in_two_splits_per_fold", [section["pairs_in_two_splits"]])):
+            log.warning(
+                "split: recordings that sound the same are in two splits (%s, similar."
+                "in_two_splits); split.similar: merge keeps each pair in one group, fail stops",
+                report,
+            )
 
 
 def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> None:

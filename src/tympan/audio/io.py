@@ -53,7 +53,8 @@ class AudioProbe:
     sha256: str
 
 
-def _open(source: Source) -> sf.SoundFile:
+def open_audio(source: Source) -> sf.SoundFile:
+    """A file or in-memory bytes opened with soundfile; AudioError when it is not audio."""
     try:
         return sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except sf.LibsndfileError as exc:
@@ -123,7 +124,7 @@ def probe(source: Source, silence_dbfs: float, max_duration_s: float) -> AudioPr
     silent, not beyond `MAX_PEAK_DBFS`, not too long."""
     if not isinstance(source, bytes) and Path(source).stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
-    with _open(source) as handle:
+    with open_audio(source) as handle:
         shortfall = _wav_shortfall(source)
         if shortfall:
             raise AudioError(shortfall)
@@ -170,7 +171,7 @@ class AudioHeader:
 def inspect(source: Source) -> AudioHeader:
     """Read and check the header only: decodable format, a rate in range, some frames, and for
     WAV the data the header declares actually present. Costs the header, not the audio."""
-    with _open(source) as handle:
+    with open_audio(source) as handle:
         header = AudioHeader(handle.samplerate, handle.channels, handle.frames)
     check_rate(header.sample_rate)
     if header.frames <= 0:
@@ -184,7 +185,7 @@ def inspect(source: Source) -> AudioHeader:
 def decode(source: Source) -> tuple[np.ndarray, int]:
     """Decode a file or in-memory bytes to float32 `(channels, frames)` and its sample rate;
     refuses non-finite samples and a peak beyond `MAX_PEAK_DBFS`."""
-    with _open(source) as handle:
+    with open_audio(source) as handle:
         try:
             data = handle.read(dtype="float32", always_2d=True)
         except sf.LibsndfileError as exc:
@@ -232,21 +233,18 @@ def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
     return -(-new * frames // orig)
 
 
+# `resample`'s Kaiser-windowed sinc (torchaudio's "kaiser_best"); tympan.data.similar applies
+# the same filter through its own polyphase code
+RESAMPLE_FILTER = {"lowpass_filter_width": 16, "rolloff": 0.945, "beta": 14.769656459379492}
+
+
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
     """Band-limited resampling of `(..., frames)` (Kaiser-windowed sinc), never sample slicing;
     at `resample_ratio`, so a hostile rate costs no more than a usual one."""
     if orig_rate == new_rate:
         return wave
     orig, new = resample_ratio(orig_rate, new_rate)
-    return AF.resample(
-        wave,
-        orig,
-        new,
-        lowpass_filter_width=16,
-        rolloff=0.945,
-        resampling_method="sinc_interp_kaiser",
-        beta=14.769656459379492,
-    )
+    return AF.resample(wave, orig, new, resampling_method="sinc_interp_kaiser", **RESAMPLE_FILTER)
 
 
 def fix_length(wave: torch.Tensor, n_samples: int, crop: str) -> torch.Tensor:

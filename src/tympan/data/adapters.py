@@ -3,7 +3,9 @@
 An adapter returns a table with `path`, `label`, `group` and any side attributes, plus the
 entries it could not even list (a file name that does not parse, a path outside the root).
 Ingest then probes every candidate's audio. `data.group_by` replaces the adapter's default
-group with another column it provides (FSDD: `speaker` for speaker-independent splits).
+group with another column it provides (FSDD: `speaker` for speaker-independent splits), or
+with what a regex finds in a column or in the file name (`{pattern: '^(?P<group>[a-z]+)_'}`):
+regrouping needs no hand-written CSV.
 
 Nothing outside `data.root` is ever opened: a metadata row with an absolute or `..` path, and
 a file or folder whose real path (symlinks resolved, the root's own included) lies outside the
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tympan.config import DataConfig
+from tympan.config import DataConfig, GroupByConfig
 from tympan.data.manifest import ManifestError, check_columns
 
 
@@ -392,17 +394,64 @@ ADAPTERS: dict[str, Callable[[Path, DataConfig | None], Listing]] = {
 
 
 def list_recordings(
-    adapter: str, root: Path, group_by: str | None, cfg: DataConfig | None = None
+    adapter: str,
+    root: Path,
+    group_by: str | GroupByConfig | None,
+    cfg: DataConfig | None = None,
 ) -> Listing:
-    """Run an adapter and apply `group_by`; errors name the folder and the column."""
+    """Run an adapter and apply `group_by` (`regroup`); errors name the folder and the column."""
     if not root.is_dir():
         raise AdapterError(f"data.root {root} is not a folder; point it at the dataset")
     table, rejects = ADAPTERS[adapter](root, cfg)
-    if group_by is not None:
-        if group_by not in table.columns:
-            raise AdapterError(
-                f"data.group_by={group_by!r} is not a column the {adapter} adapter provides "
-                f"(available: {', '.join(table.columns)})"
-            )
-        table["group"] = table[group_by].astype(str)
-    return table, rejects
+    if group_by is None:
+        return table, rejects
+    table, unmatched = regroup(table, group_by, adapter)
+    return table, rejects + unmatched
+
+
+def regroup(
+    table: pd.DataFrame, group_by: str | GroupByConfig, adapter: str = "the"
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """`table` with its `group` replaced per `data.group_by` (a column, or a `GroupByConfig`),
+    less the rows whose value the pattern does not match -> (table, those rows as rejects)."""
+    spec = GroupByConfig(column=group_by) if isinstance(group_by, str) else group_by
+    if spec.column is None:
+        values = table["path"].map(lambda p: Path(p).name)
+        where = "file name"
+    elif spec.column in table.columns:
+        values = table[spec.column].astype(str)
+        where = f"{spec.column} value"
+    else:
+        key = "data.group_by" if isinstance(group_by, str) else "data.group_by.column"
+        raise AdapterError(
+            f"{key}={spec.column!r} is not a column the {adapter} adapter provides "
+            f"(available: {', '.join(table.columns)})"
+        )
+    if spec.pattern is None:
+        return table.assign(group=values.to_numpy()), []
+    regex = re.compile(spec.pattern)
+    found = values.map(lambda v: _captured(regex, v))
+    missed = found.isna().to_numpy()
+    rejects = [
+        {
+            "path": path,
+            "reason": f"data.group_by.pattern '{spec.pattern}' finds no group in its {where} "
+            f"'{value}'",
+        }
+        for path, value in zip(table["path"][missed], values[missed], strict=True)
+    ]
+    kept = table[~missed].assign(group=found[~missed].to_numpy())
+    return kept.reset_index(drop=True), rejects
+
+
+def _captured(regex: re.Pattern[str], value: str) -> str | None:
+    """What `regex` finds in `value`: its group `group`, else its first group, else the whole
+    match; None when it does not match (or captures nothing)."""
+    match = regex.search(value)
+    if match is None:
+        return None
+    if "group" in regex.groupindex:
+        found = match.group("group")
+    else:
+        found = match.group(1) if regex.groups else match.group(0)
+    return found or None

@@ -11,10 +11,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from tympan.config import LEAKS, CopiesConfig, CVConfig, ProtocolConfig, SplitConfig
+from tympan.data.similar import Similar, find_similar, merged_groups
 
 SPLITS = ("train", "val", "test")
 # A fixed augmented copy's split where its clip is not in the train split: it is not used.
 EXCLUDED = "excluded"
+# The split report lists at most this many pairs that sound the same, and merged group sets.
+SIMILAR_LISTED = 100
 
 
 class SplitError(ValueError):
@@ -23,6 +26,22 @@ class SplitError(ValueError):
 
 class LeakageError(ValueError):
     """A group or an identical recording found in more than one split."""
+
+
+def content_check(
+    manifest: pd.DataFrame, cfg: SplitConfig, cache: Path | None = None
+) -> tuple[pd.DataFrame, Similar | None]:
+    """The content check `split.similar` asks for, before splitting: recordings in different
+    groups that sound the same (tympan.data.similar, fingerprints cached in the folder
+    `cache`) -> (`manifest`, with `merge` each such pair's groups made one; what was found,
+    None when `none`)."""
+    if cfg.similar == "none":
+        return manifest, None
+    similar = find_similar(manifest, cfg.similar_threshold, cache)
+    if cfg.similar == "merge":
+        groups, similar.merged = merged_groups(manifest["group"].to_numpy(), similar.pairs)
+        manifest = manifest.assign(group=groups)
+    return manifest, similar
 
 
 def split_manifest(
@@ -257,12 +276,19 @@ def with_copies(
     return out
 
 
-def check_leakage(table: pd.DataFrame, allow_groups: bool = False) -> dict:
+def check_leakage(
+    table: pd.DataFrame,
+    allow_groups: bool = False,
+    similar: Similar | None = None,
+    fail_similar: bool = False,
+) -> dict:
     """Fail if any group or sha256 appears in two splits; return what was checked.
 
     `table` has at least `path, group, split, sha256`. `allow_groups` (a study's original
     protocol declaring `group_in_two_splits`) counts the groups in two splits instead of
-    failing on them; identical files in two splits fail always.
+    failing on them; identical files in two splits fail always. `similar` (the content check's
+    pairs) adds the count of recordings that sound the same in two splits, which fails with
+    `fail_similar` (unless `allow_groups`: they are hidden groups).
     """
     found: dict[str, list[str]] = {}
     for key in ("group", "sha256"):
@@ -275,12 +301,86 @@ def check_leakage(table: pd.DataFrame, allow_groups: bool = False) -> dict:
             f"{len(v)} {k} value(s) in more than one split, e.g. {v[:3]}" for k, v in found.items()
         ]
         raise LeakageError("leakage: " + "; ".join(parts))
-    return {
+    checks = {
         "groups_checked": int(table["group"].nunique()),
         "sha256_checked": int(table["sha256"].nunique()),
         "groups_in_two_splits": len(found.get("group", [])),
         "identical_files_in_two_splits": 0,
     }
+    if similar is not None:
+        across = similar.across(table)
+        if len(across) and fail_similar and not allow_groups:
+            raise LeakageError(similar_message(across, similar.threshold))
+        checks["similar_in_two_splits"] = len(across)
+    return checks
+
+
+def similar_message(across: pd.DataFrame, threshold: float) -> str:
+    """The content check's failure: how many pairs, the first three, and the fixes."""
+    shown = "; ".join(
+        f"{row.path_a} ({row.split_a}) ~ {row.path_b} ({row.split_b}): similarity "
+        f"{row.similarity:.2f}, offset {row.offset_s:+.2f} s"
+        for row in across.head(3).itertuples()
+    )
+    return (
+        f"leakage: {len(across)} pair(s) of recordings in different groups sound the same "
+        f"(similarity >= split.similar_threshold={threshold:g}) and sit in two splits, e.g. "
+        f"{shown}. Set split.similar: merge to keep each such pair in one group, regroup with "
+        "data.group_by, or split.similar: report to only list them"
+    )
+
+
+def similar_report(
+    similar: Similar, cfg: SplitConfig, table: pd.DataFrame, cv: CVConfig | None = None
+) -> dict:
+    """The split report's `similar` section: what was checked and found, each merged set of
+    groups, and the pairs in two splits, most similar first (`SIMILAR_LISTED` at most; with
+    CV those of fold 0, and how many each fold has)."""
+    across = similar.across(table)
+    per_fold = (
+        {
+            "pairs_in_two_splits_per_fold": [
+                len(similar.across(table.assign(split=table[f"split_{k}"])))
+                for k in range(cv.folds)
+            ]
+        }
+        if cv is not None and cv.enabled
+        else {}
+    )
+    pairs = [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in across.head(SIMILAR_LISTED).to_dict("records")
+    ]
+    return {
+        "mode": cfg.similar,
+        "threshold": cfg.similar_threshold,
+        "method": "landmark fingerprints (tympan.data.similar)",
+        "recordings": similar.recordings,
+        "too_few_landmarks": similar.too_few_landmarks,
+        "pairs_in_different_groups": len(similar.pairs),
+        "merged_groups": similar.merged[:SIMILAR_LISTED],
+        "merged_group_count": len(similar.merged),
+        "pairs_in_two_splits": len(across),
+        **per_fold,
+        "in_two_splits": pairs,
+    }
+
+
+def similar_line(section: dict, similar: Similar) -> str:
+    """The report's `similar` section as one line for the stage's output, with the check's
+    cost (which the report leaves out, so that it stays the same on every run)."""
+    merged = section["merged_group_count"]
+    return (
+        f"content check ({section['mode']}): {section['recordings']} recordings fingerprinted "
+        f"in {similar.seconds:.1f} s ({similar.reused} from the cache, "
+        f"{section['too_few_landmarks']} too short or plain to match); "
+        f"{section['pairs_in_different_groups']} pair(s) in different groups sound the same "
+        f"(similarity >= {section['threshold']:g})"
+        + (f", their groups merged into {merged} group(s)" if merged else "")
+        + "; pairs in two splits: "
+        + str(section.get("pairs_in_two_splits_per_fold", section["pairs_in_two_splits"]))
+        + (" per fold" if "pairs_in_two_splits_per_fold" in section else "")
+    )
 
 
 def group_leak(table: pd.DataFrame) -> dict:
@@ -364,17 +464,22 @@ def split_report(
     cv: CVConfig | None = None,
     protocol: ProtocolConfig | None = None,
     copies: CopiesConfig | None = None,
+    similar: Similar | None = None,
 ) -> dict:
     """Sizes per class per split and groups per split, plus the leakage checks (and the same
-    for every fold with CV, the top level then describing fold 0), and `protocol`: the leaks
-    a study's original protocol reproduces on purpose, with what leaked (none when honest)."""
+    for every fold with CV, the top level then describing fold 0), `protocol`: the leaks a
+    study's original protocol reproduces on purpose, with what leaked (none when honest), and
+    with `similar` (the content check, `find_similar`) its section (`similar_report`)."""
     protocol = protocol or ProtocolConfig()
     allow_groups = protocol.allows("group_in_two_splits")
     leaks = {"protocol": protocol_report(table, protocol, copies or CopiesConfig(), cv)}
+    if similar is not None:
+        leaks["similar"] = similar_report(similar, cfg, table, cv)
     if cv is not None and cv.enabled:
         folds = []
         for k in range(cv.folds):
-            one = _one_report(table.assign(split=table[f"split_{k}"]), cfg, allow_groups)
+            fold = table.assign(split=table[f"split_{k}"])
+            one = _one_report(fold, cfg, allow_groups, similar)
             folds.append({"fold": k, **one})
         spread = table.groupby("group")["cv_fold"].nunique()
         if (spread > 1).any() and not allow_groups:
@@ -388,10 +493,15 @@ def split_report(
             "folds": folds,
             **leaks,
         }
-    return {**_one_report(table, cfg, allow_groups), **leaks}
+    return {**_one_report(table, cfg, allow_groups, similar), **leaks}
 
 
-def _one_report(table: pd.DataFrame, cfg: SplitConfig, allow_groups: bool = False) -> dict:
+def _one_report(
+    table: pd.DataFrame,
+    cfg: SplitConfig,
+    allow_groups: bool = False,
+    similar: Similar | None = None,
+) -> dict:
     per_class: dict[str, dict[str, int]] = defaultdict(dict)
     for (split, label), count in table.groupby(["split", "label"]).size().items():
         per_class[split][str(label)] = int(count)
@@ -409,7 +519,7 @@ def _one_report(table: pd.DataFrame, cfg: SplitConfig, allow_groups: bool = Fals
         "recordings": {s: int((table["split"] == s).sum()) for s in SPLITS},
         "groups": {s: int(table.loc[table["split"] == s, "group"].nunique()) for s in SPLITS},
         "per_class": {s: per_class.get(s, {}) for s in SPLITS},
-        "checks": check_leakage(table, allow_groups),
+        "checks": check_leakage(table, allow_groups, similar, cfg.similar == "fail"),
     }
 
 

@@ -275,7 +275,27 @@ def split_line(split: dict[str, Any]) -> str:
     leaks = checks.get("groups_in_two_splits", 0) + checks.get("identical_files_in_two_splits", 0)
     verdict = "none is in two splits" if not leaks else f"{leaks} found in two splits"
     scope = " of every fold" if cv else ""
-    return f"{head}; {groups} groups and {files} distinct files checked{scope}: {verdict}."
+    return f"{head}; {groups} groups and {files} distinct files checked{scope}: {verdict}." + (
+        _similar_sentence(split["similar"]) if split.get("similar") else ""
+    )
+
+
+def _similar_sentence(similar: dict[str, Any]) -> str:
+    """The content check (`split.similar`) as a sentence: what it found and what was done."""
+    found = similar.get("pairs_in_different_groups", 0)
+    across = similar.get("pairs_in_two_splits_per_fold") or [similar.get("pairs_in_two_splits", 0)]
+    head = (
+        f" Content check (landmark fingerprints, similarity >= {similar.get('threshold')}): "
+        f"{found} pair(s) of recordings in different groups sound the same"
+    )
+    if similar.get("merged_group_count"):
+        return (
+            f"{head}; their groups were merged ({similar['merged_group_count']}) before splitting."
+        )
+    if any(across):
+        where = f"{across} per fold" if len(across) > 1 else str(across[0])
+        return f"{head}; {where} of them sit in two splits (`split.similar: report`)."
+    return f"{head}; none sits in two splits." if found else f"{head}."
 
 
 def model_card(card: CardInputs) -> str:

@@ -25,20 +25,12 @@ machine produced them.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
 import re
 import shutil
-import signal
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,6 +61,7 @@ from tympan.features.stack import (
     set_params,
 )
 from tympan.progress import progress
+from tympan.workers import pool_map, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -551,10 +544,6 @@ def _fits(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
     return array.shape == shape and array.dtype == np.dtype(dtype)
 
 
-# Recordings below which featurize stays in-process (starting processes costs seconds).
-PARALLEL_MIN = 256
-
-
 def feature_device(cfg: FeatureConfig) -> str:
     """`features.device`: auto is CUDA when there is one; cuda without one is an error."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -565,9 +554,11 @@ def feature_device(cfg: FeatureConfig) -> str:
 
 
 def _workers(cfg: FeatureConfig, recordings: int) -> int:
+    """`features.workers`, or one process per CPU from `tympan.workers.PARALLEL_MIN`
+    recordings (starting processes costs seconds)."""
     if cfg.workers > 0:
         return min(cfg.workers, max(1, recordings))
-    return (os.cpu_count() or 1) if recordings >= PARALLEL_MIN else 1
+    return worker_count(recordings)
 
 
 Chunk = tuple[list[str], list[int] | None, list | None]
@@ -726,46 +717,10 @@ def _chunk_waves(
 
 
 _WORKER: dict = {}
-# prctl(2) option: the signal this process gets when the thread that forked it ends.
-PR_SET_PDEATHSIG = 1
 
 
-def _worker_init(job: _Job, parent: int) -> None:
-    _die_with(parent)
-    torch.set_num_threads(1)  # one process per core does the parallel work
+def _worker_init(job: _Job) -> None:
     _WORKER["job"], _WORKER["frontend"] = job, job.frontend()
-
-
-def _die_with(parent: int) -> None:
-    """End this worker when featurize's process `parent` ends, however it ends.
-
-    Killed with SIGKILL, featurize cleans nothing up, and its idle workers would wait on their
-    task queue for ever (each holding a torch front end). On Linux the kernel sends them
-    SIGKILL (PR_SET_PDEATHSIG; the pool forks from the thread that runs featurize, which
-    lives as long as the pool); the parent is checked once more after arming it, in case it
-    died first. Elsewhere a daemon thread exits the worker when its parent pid changes.
-    """
-    if _arm_parent_death_signal():
-        if os.getppid() != parent:
-            os._exit(1)
-        return
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _arm_parent_death_signal() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    return prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.2)
-    os._exit(1)
 
 
 def _worker_run(chunk: Chunk) -> dict[str, np.ndarray]:
@@ -773,20 +728,14 @@ def _worker_run(chunk: Chunk) -> dict[str, np.ndarray]:
 
 
 def _run_jobs(job: _Job, jobs: list[Chunk], workers: int) -> Iterator[dict[str, np.ndarray]]:
-    """Each chunk's arrays, in order: in this process, or in `workers` processes, forked where
-    the platform can (as torch's DataLoader workers are: starting takes milliseconds instead
-    of the seconds a spawned interpreter spends importing torch and librosa)."""
+    """Each chunk's arrays, in order: in this process, or in `workers` processes that end
+    with featurize however it ends (`tympan.workers.pool_map`), each holding one front end."""
     if workers <= 1:
         frontend = job.frontend()
         for chunk in jobs:
             yield job(chunk, frontend)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(job, os.getpid())
-    ) as pool:
-        yield from pool.map(_worker_run, jobs)
+    yield from pool_map(_worker_run, jobs, workers, init=_worker_init, initargs=(job,))
 
 
 def _index(table: pd.DataFrame, repeats: list[int] | None = None) -> pd.DataFrame:
