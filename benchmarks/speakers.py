@@ -50,6 +50,16 @@ FAST = {
     "augment.wave_pitch": 0,
 }
 SPEED = {"augment.wave_speed": [0.9, 1.1], "augment.wave_p": 0.8}
+COMBINED = {
+    **FAST,
+    **SPEED,
+    "data.group_by": None,
+    "features.trim_db": 30.0,
+    "features.utterance_norm": "cmvn",
+    "augment.vtlp": 0.1,
+}
+# the small VGG-style CNN with global mean and max pooling (tympan.models.cnn.PooledCNN)
+POOLED = {"model.name": "pooled_cnn", "model.channels": 16, "model.kernel": 3}
 
 # row name -> (what changes, overrides on the preset); each lever row is `fast` plus one lever
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -71,16 +81,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "SpecAugment time masks (2 x 8 frames) and mixup (alpha 0.2)",
         {**FAST, "augment.time_masks": 2, "augment.time_mask_width": 8, "augment.mixup_alpha": 0.2},
     ),
-    "combined": (
-        "val from recordings + trim + CMVN + speed + VTLP",
-        {
-            **FAST,
-            **SPEED,
-            "data.group_by": None,
-            "features.trim_db": 30.0,
-            "features.utterance_norm": "cmvn",
-            "augment.vtlp": 0.1,
-        },
+    "combined": ("val from recordings + trim + CMVN + speed + VTLP", COMBINED),
+    "combined-pooled": (
+        "the same with a 3-block CNN (16/32/64) and global pooling instead of the S3 CNN",
+        {**COMBINED, **POOLED},
     ),
 }
 

@@ -202,6 +202,7 @@ NEURAL = (
     "gru",
     "bigru",
     "crnn",
+    "pooled_cnn",
     "parallel_cnn",
     "alexnet",
     "alexnet2012",
@@ -438,15 +439,15 @@ class ModelConfig:
     """Network family and its shape parameters (see tympan.models; SEEDS.md for the studies).
 
     Neural families: s3_cnn (S3), s1_mlp (S1), resnet18 (S2), lstm, bilstm, gru, bigru (S3,
-    S4), crnn and parallel_cnn (S5), alexnet2012 (S4's AlexNet, from scratch), the
-    torchvision backbones alexnet, vgg16, resnet50, densenet121 and densenet_bigru_attention
-    (S4). Classical baselines through scikit-learn: logreg, random_forest, linear_svm
-    (LinearSVC), svc (SVC with a linear kernel, S4's), knn, on the flattened input or per-bin
-    summary statistics (`classical_input`).
+    S4), crnn and parallel_cnn (S5), pooled_cnn (three conv blocks, global pooling),
+    alexnet2012 (S4's AlexNet, from scratch), the torchvision backbones alexnet, vgg16,
+    resnet50, densenet121 and densenet_bigru_attention (S4). Classical baselines through
+    scikit-learn: logreg, random_forest, linear_svm (LinearSVC), svc (SVC with a linear kernel,
+    S4's), knn, on the flattened input or per-bin summary statistics (`classical_input`).
     """
 
     name: str = field(default="s3_cnn", metadata=_choices(*MODEL_NAMES))
-    # s3_cnn and crnn convolutions
+    # s3_cnn, crnn and pooled_cnn convolutions
     channels: int = field(default=32, metadata=_range(1))
     kernel: int = field(default=5, metadata=_range(1))
     pool: int = field(default=8, metadata=_range(1))
