@@ -82,6 +82,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         {**FAST, "augment.time_masks": 2, "augment.time_mask_width": 8, "augment.mixup_alpha": 0.2},
     ),
     "combined": ("val from recordings + trim + CMVN + speed + VTLP", COMBINED),
+    "trim-val-vtlp": (
+        "the three levers that bought points alone: trim + val from recordings + VTLP",
+        {**FAST, "features.trim_db": 30.0, "data.group_by": None, "augment.vtlp": 0.1},
+    ),
     "combined-pooled": (
         "the same with a 3-block CNN (16/32/64) and global pooling instead of the S3 CNN",
         {**COMBINED, **POOLED},
