@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tympan import stages
+from tympan.compare import run_stages
 from tympan.config import FeatureConfig, ModelConfig, Params, TrainConfig, load_params
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.serving.bundle import save_bundle
@@ -69,16 +69,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_to_evaluate(params: Params, d: Path) -> None:
-    """ingest -> split -> featurize -> train -> evaluate in-process, with dvc.yaml's file names
-    under `d` (manifest.csv, splits.csv, features/, models/, metrics/, plots/, test_set.json)."""
-    stages.run_ingest(params, d / "manifest.csv", d / "rejects.csv", d / "ingest.json")
-    stages.run_split(params, d / "manifest.csv", d / "splits.csv", d / "split.json")
-    stages.run_featurize(params, d / "manifest.csv", d / "splits.csv", d / "features")
-    stages.run_train(params, d / "features", d / "manifest.csv", d / "models", None)
-    stages.run_evaluate(
-        params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
-    )
+# ingest -> split -> featurize -> train -> evaluate in-process, with dvc.yaml's file names under
+# a folder: the same runner `tympan compare-protocols` uses
+run_to_evaluate = run_stages
 
 
 def copy_project(dest: Path) -> Path:

@@ -27,21 +27,24 @@ from tympan import stages
 from tympan.config import (
     TUNE_STORAGE_ENV,
     ConfigError,
+    CVConfig,
     ModelConfig,
     Params,
     SearchParam,
+    SplitConfig,
     TrainConfig,
     TuneConfig,
     load_params,
     masked,
     to_dict,
 )
-from tympan.features import open_cache
+from tympan.data.splits import split_manifest
+from tympan.features import build_cache, open_cache
 from tympan.training import SeedTrainer, fit
 from tympan.tuning.space import grid_values, validate_space
 from tympan.tuning.study import TuneError, open_storage, study_name
 
-from conftest import REPO, copy_project, free_port
+from conftest import REPO, TONE_FEATURES, copy_project, free_port
 
 BIN = Path(sys.executable).parent
 SMALL_SPACE = {
@@ -474,6 +477,45 @@ def test_workers_share_one_study_on_postgresql(tmp_path, tone_cache_dir, postgre
     assert (
         len({r.data.tags.get("optuna.trial") for r in runs if "optuna.trial" in r.data.tags}) == 6
     )
+
+
+@pytest.fixture(scope="module")
+def cv_tone_cache_dir(tone_cache_dir, tmp_path_factory) -> Path:
+    """The tone clips dealt into three CV folds (each clip its own group)."""
+    clips = open_cache(tone_cache_dir).index[["path", "label", "group", "sha256"]]
+    folds = split_manifest(clips, SplitConfig(val=0.2), CVConfig(folds=3))
+    out = tmp_path_factory.mktemp("cv_tones") / "cache"
+    build_cache(clips.merge(folds, on="path"), TONE_FEATURES, out)
+    return out
+
+
+@pytest.mark.integration
+def test_a_worker_works_every_folds_study_under_nested_cv(tmp_path, cv_tone_cache_dir, postgres):
+    """Under CV the stage queues one study per outer fold; a worker started beside it works
+    through every fold's queue, and every fold ends with exactly n_trials."""
+    params = tune_params(
+        tmp_path, n_trials=2, seeds=(0,), storage=postgres, heartbeat_s=2, study_name="nested"
+    )
+    params = replace(params, train=replace(params.train, epochs=2))
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()  # create the store
+    coordinator = _tympan(params_file, *_stage_args(tmp_path, cv_tone_cache_dir), env=env)
+    worker = _tympan(params_file, "--worker", "--features", str(cv_tone_cache_dir), env=env)
+    outputs = [p.communicate(timeout=600)[0] for p in (coordinator, worker)]
+    for process, output in zip((coordinator, worker), outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    assert "tune: nested CV over 3 outer folds" in outputs[0]
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    for k in range(3):
+        name = best["optuna"][f"fold_{k}"]["study"]
+        assert f"tune worker: queue of {name} is empty" in outputs[1]
+        study = optuna.load_study(study_name=name, storage=postgres)
+        assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+        assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+        assert {
+            t.user_attrs.get("tympan.fold") for t in study.get_trials(states=(TrialState.COMPLETE,))
+        } == {k}
 
 
 @pytest.mark.integration

@@ -843,15 +843,21 @@ class Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; every problem names the key and the file."""
     path = Path(path)
+    raw = _read_sections(path, f"{path}: params file not found")
+    return _build(Params, _extended(raw, path, ()), prefix="", source=str(path))
+
+
+def _read_sections(path: Path, missing: str) -> dict[str, Any]:
+    """A params file's top-level mapping; `missing` is the error when the file is absent."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
+        raise ConfigError(missing) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return _build(Params, _extended(raw, path, ()), prefix="", source=str(path))
+    return raw
 
 
 # A params file may start from another in its folder (`extends: s3_accent_cnn`): a study's
@@ -879,14 +885,7 @@ def _extended(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[
     if path.resolve() in chain or base_path.resolve() in (*chain, path.resolve()):
         names = " -> ".join(p.stem for p in (*chain, path.resolve(), base_path.resolve()))
         raise ConfigError(f"{path}: {EXTENDS} goes round in a circle ({names})")
-    try:
-        base_raw = yaml.safe_load(base_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {EXTENDS}: {base_path} not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{base_path}: not valid YAML: {exc}") from None
-    if not isinstance(base_raw, dict):
-        raise ConfigError(f"{base_path}: expected a mapping of sections at the top level")
+    base_raw = _read_sections(base_path, f"{path}: {EXTENDS}: {base_path} not found")
     return _merged(_extended(base_raw, base_path, (*chain, path.resolve())), raw)
 
 

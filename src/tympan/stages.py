@@ -31,7 +31,13 @@ from tympan.config import ConfigError, Params, flatten, masked, to_dict
 from tympan.data import demo
 from tympan.data.ingest import audio_profile, describe, feature_fit, ingest
 from tympan.data.manifest import read_manifest, read_table
-from tympan.data.splits import breakdown_values, split_manifest, split_report, with_copies
+from tympan.data.splits import (
+    breakdown_values,
+    split_manifest,
+    split_report,
+    tuning_protocol,
+    with_copies,
+)
 from tympan.evaluation.card import protocol_lines
 from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
@@ -77,12 +83,14 @@ def run_split(params: Params, manifest: Path, out: Path, report: Path) -> None:
     # protocol declares that leak, which the report then records)
     checked = split_report(table, params.split, params.cv, params.protocol, params.copies)
     checked["breakdown_values"] = breakdown_values(table, params.evaluate.breakdown, manifest)
+    checked["tuning"] = tuning_protocol(params.tune.enabled, params.cv)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out, index=False)
     _write_json(report, checked)
     for line in protocol_lines(checked["protocol"]):
         log.warning(line)
         print(f"split: {line}")
+    print(f"split: {checked['tuning']['text']}")
     if params.cv.enabled:
         print(
             f"split ({params.split.strategy}, {params.cv.folds}-fold CV): test recordings per "
@@ -144,18 +152,24 @@ def run_featurize(params: Params, manifest: Path, splits: Path, out: Path) -> No
     )
 
 
-def _tuned(params: Params, tuned: Path | None) -> tuple[Params, Tuned]:
+def _tuned(
+    params: Params, tuned: Path | None, folds: list[int]
+) -> tuple[Params, Tuned, dict[int, Params]]:
     """Params with the tune stage's best values applied over them, each one printed with the
-    params file's value it replaces (a param in tune.space is the search's)."""
+    params file's value it replaces (a param in tune.space is the search's). Under nested CV
+    (`folds`, a best-params file per fold) the params stay as they are and each fold's own
+    params come third: `{fold: params with that fold's values}`."""
     from tympan.tuning.best import Tuned, apply_tuned, read_best_params
 
     if tuned is None:
-        return params, Tuned()
+        return params, Tuned(), {}
     found = read_best_params(tuned)
+    if found.folds or (folds and found.values):
+        return params, found, _tuned_per_fold(params, found, folds, tuned)
     params, lines = apply_tuned(params, found, tuned)
     if not lines:
         print(f"train: {tuned} sets nothing (tuning off); the params file alone")
-        return params, found
+        return params, found, {}
     print(
         f"train: {len(lines)} param(s) from {tuned} ({found.describe()}) override the params "
         "file: the search owns every param in tune.space"
@@ -167,14 +181,67 @@ def _tuned(params: Params, tuned: Path | None) -> tuple[Params, Tuned]:
         "  to train with the params file's value, take it out of the search: "
         f"dvc exp run -S '~tune.space.{first}'"
     )
-    return params, found
+    return params, found, {}
+
+
+def _tuned_per_fold(
+    params: Params, found: Tuned, folds: list[int], source: Path
+) -> dict[int, Params]:
+    """Nested CV: each fold's params with its own study's best values over them."""
+    from tympan.tuning.best import apply_tuned
+
+    if not folds:
+        raise ConfigError(
+            f"{source} holds tuned values per CV fold (nested CV), but the features have no CV "
+            "folds; re-run the tune stage (dvc repro tune)"
+        )
+    if not found.folds:
+        raise ConfigError(
+            f"{source} holds one set of tuned values ({found.describe()}), but the features "
+            f"have {len(folds)} CV folds: values tuned on one fold's split would be scored on "
+            "folds whose test recordings they were tuned on; re-run the tune stage, which tunes "
+            "each fold on its own (nested CV)"
+        )
+    if sorted(found.folds) != sorted(folds):
+        raise ConfigError(
+            f"{source} was tuned for CV folds {sorted(found.folds)}, the features have "
+            f"{sorted(folds)}; re-run the tune stage (dvc repro tune)"
+        )
+    print(
+        f"train: nested CV: each fold's members take their own fold's best values from "
+        f"{source}, tuned without its test recordings (the search owns every param in "
+        "tune.space)"
+    )
+    per_fold = {}
+    for fold in sorted(folds):
+        per_fold[fold], lines = apply_tuned(params, found.folds[fold], source)
+        print(f"  fold {fold} ({found.folds[fold].describe()}):")
+        for line in lines:
+            print(f"    {line}")
+    return per_fold
+
+
+def _tuning_record(tuning: Tuned) -> dict:
+    """How the values train used were tuned (`protocol`: none, val_split or nested_cv), with
+    the study and trial, or each fold's study, trial and values."""
+    if tuning.folds:
+        return {
+            "protocol": "nested_cv",
+            "per_fold": {
+                str(k): {"study": t.study, "trial": t.trial, "values": t.values}
+                for k, t in sorted(tuning.folds.items())
+            },
+        }
+    if tuning.values:
+        return {"protocol": "val_split", "study": tuning.study, "trial": tuning.trial}
+    return {"protocol": "none"}
 
 
 def run_train(
     params: Params, features: Path, manifest: Path, out: Path, tuned: Path | None = None
 ) -> None:
-    params, tuning = _tuned(params, tuned)
     cache = open_cache(features)
+    params, tuning, per_fold = _tuned(params, tuned, cache.folds)
     device = resolve_device(params.train.device)
     out.mkdir(parents=True, exist_ok=True)
     experiment_id = tracking.setup(params.tracking.experiment)
@@ -187,6 +254,7 @@ def run_train(
     tags["tympan.protocol"] = params.protocol.kind
     if params.protocol.leaks:
         tags["tympan.leaks"] = ",".join(params.protocol.leaks)
+    tags["tympan.tuning"] = _tuning_record(tuning)["protocol"]
     if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
             {
@@ -195,16 +263,31 @@ def run_train(
                 "tympan.tuned_params": ", ".join(sorted(tuning.values)),
             }
         )
+    elif tuning.folds:  # nested CV: each fold's study; its members are tagged with their own
+        tags.update(
+            {
+                "optuna.study": ", ".join(str(t.study) for _, t in sorted(tuning.folds.items())),
+                "optuna.best_trial": "; ".join(
+                    f"fold {k}: {t.trial}" for k, t in sorted(tuning.folds.items())
+                ),
+                "tympan.tuned_params": ", ".join(tuning.names) + " (per fold)",
+            }
+        )
     # the clip length featurize used (`features.duration_quantile` sets it from the data)
     params = replace(
         params, features=replace(params.features, seconds=cache.feature_config.seconds)
     )
     history: list[dict] = []
-    record: dict = {"seeds": {}, "tuned": tuning.values, "seconds": params.features.seconds}
+    record: dict = {
+        "seeds": {},
+        "tuned": tuning.values,
+        "tuning": _tuning_record(tuning),
+        "seconds": params.features.seconds,
+    }
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
-    checkpoints = _checkpoint_dir(params, cache)
+    checkpoints = _checkpoint_dir(params, cache, {k: t.values for k, t in tuning.folds.items()})
     tags["tympan.checkpoints"] = checkpoints.name
     if checkpoints.exists():  # an interrupted run of the same params: it is resumed below
         for run_id in tracking.end_stale_runs(experiment_id, tags["tympan.checkpoints"]):
@@ -222,6 +305,10 @@ def run_train(
     ) as parent:
         tracking.log_datasets(inputs)
         used = used_params(params, device.type == "cuda")
+        for name in tuning.names if tuning.folds else ():  # nested CV: no one value is used
+            section, key = name.split(".", 1)
+            if key in used.get(section, {}):
+                used[section][key] = tuning.per_fold(name)
         mlflow.log_params(flatten(used))
         mlflow.log_params(
             {
@@ -245,6 +332,16 @@ def run_train(
                 member_tags = {**tags, "tympan.seed": str(seed)}
                 if fold is not None:
                     member_tags["tympan.fold"] = str(fold)
+                # nested CV: the fold's own tuned values, from its own study
+                fold_tuned = tuning.folds.get(fold) if fold is not None else None
+                fold_params = per_fold.get(fold, params) if fold is not None else params
+                if fold_tuned is not None:
+                    member_tags.update(
+                        {
+                            "optuna.study": str(fold_tuned.study),
+                            "optuna.best_trial": str(fold_tuned.trial),
+                        }
+                    )
                 with mlflow.start_run(
                     run_name=name if fold is not None else f"seed-{seed}",
                     nested=True,
@@ -258,15 +355,16 @@ def run_train(
                             "n_train": len(fold_cache.rows("train")),
                             "n_val": len(fold_cache.rows("val")),
                             **({"fold": fold} if fold is not None else {}),
+                            **(fold_tuned.values if fold_tuned is not None else {}),
                         }
                     )
                     result = fit(
                         fold_cache,
-                        params.model,
-                        params.train,
+                        fold_params.model,
+                        fold_params.train,
                         seed,
                         device,
-                        augment=params.augment,
+                        augment=fold_params.augment,
                         on_epoch=lambda e: mlflow.log_metrics(
                             tracking.finite(e.flat()), step=e.epoch
                         ),
@@ -304,6 +402,7 @@ def run_train(
                         "stopped_early": result.stopped_early,
                         "val_loss": best.val_loss,
                         **best.val,
+                        **({"tuned": fold_tuned.values} if fold_tuned is not None else {}),
                     }
         values = [s[primary] for s in record["seeds"].values()]
         mlflow.log_metrics(
@@ -346,10 +445,13 @@ def run_train(
     )
 
 
-def _checkpoint_dir(params: Params, cache: FeatureCache) -> Path:
+def _checkpoint_dir(
+    params: Params, cache: FeatureCache, per_fold: dict[int, dict] | None = None
+) -> Path:
     """Where this run's per-epoch checkpoints live: outside the stage's DVC outputs (which
     `dvc repro` deletes before running it), keyed by everything that shapes the run, so a
-    killed run's checkpoints are picked up by the same run only."""
+    killed run's checkpoints are picked up by the same run only. `per_fold`: nested CV's
+    tuned values per fold."""
     identity = {
         "features": cache.meta["key"],
         "folds": cache.folds,
@@ -362,6 +464,8 @@ def _checkpoint_dir(params: Params, cache: FeatureCache) -> Path:
         "train": to_dict(params.train),
         "augment": to_dict(params.augment),
     }
+    if per_fold:
+        identity["tuned_per_fold"] = {str(k): v for k, v in per_fold.items()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return (
         Path(os.environ.get("TYMPAN_CHECKPOINTS", ".tympan/checkpoints")) / digest.hexdigest()[:16]
@@ -378,15 +482,19 @@ def run_tune(
     wait_s: float = 0.0,
 ) -> None:
     """The tune stage (writes `out`, `trials` and `summary`) or a worker on a shared study
-    (writes nothing)."""
+    (writes nothing). Under CV the search is nested: one study per outer fold, each on its
+    fold's own train/val split (`tympan.tuning.study`); a worker works every fold's queue."""
     from tympan.tuning.report import write_disabled, write_outputs
-    from tympan.tuning.space import validate_space
+    from tympan.tuning.space import validate_nested_space, validate_space
     from tympan.tuning.study import (
         TuneError,
+        fold_rows,
+        fold_study_name,
         make_objective,
         open_storage,
         open_study,
         parent_run,
+        splits_digest,
         storage_source,
         storage_url,
         study_name,
@@ -411,34 +519,76 @@ def run_tune(
             "epoch-by-epoch training of the neural families (set tune.enabled: false)"
         )
     cache = open_cache(features)
-    storage = open_storage(params, worker=worker)
-    study = open_study(params, storage, study_name(params, cache.meta["key"]))
-    device = resolve_device(params.train.device)
-    if worker:
-        wait_for_queue(study, wait_s)
+    if cache.folds:
+        validate_nested_space(params, len(cache.folds))
+        name = study_name(params, cache.meta["key"], splits_digest(cache))
+        plan = [(k, cache.for_fold(k), fold_study_name(name, k)) for k in cache.folds]
     else:
-        added = top_up(study, params)
+        plan = [(None, cache, study_name(params, cache.meta["key"]))]
+    storage = open_storage(params, worker=worker)
+    studies = {fold: open_study(params, storage, name) for fold, _, name in plan}
+    device = resolve_device(params.train.device)
+    if cache.folds and not worker:
+        runs = len(plan) * params.tune.n_trials * len(params.tune.seeds)
         print(
-            f"tune: study {study.study_name} in {masked(storage_url(params.tune))} (from "
-            f"{storage_source(params.tune)}), {added} trial(s) queued, "
-            f"{params.tune.n_trials} in all; searching {', '.join(params.tune.dimensions)} "
-            "(train takes their values from the best trial, not from the params file)"
+            f"tune: nested CV over {len(plan)} outer folds: one study per fold, whose trials "
+            f"train on that fold's train rows and are scored on its val rows; its test fold "
+            f"never reaches a trial. Cost: {len(plan)} x {params.tune.n_trials} trials x "
+            f"{len(params.tune.seeds)} seed(s) = {runs} seed runs, {len(plan)} times the "
+            "search without CV"
         )
-    objective = make_objective(params, cache, device, parent_run(study, params))
+    objectives = {}
+    for fold, fold_cache, _ in plan:
+        study = studies[fold]
+        if worker:
+            wait_for_queue(study, wait_s)
+        else:
+            added = top_up(study, params)
+            print(
+                f"tune: study {study.study_name} in {masked(storage_url(params.tune))} (from "
+                f"{storage_source(params.tune)}), {added} trial(s) queued, "
+                f"{params.tune.n_trials} in all; searching {', '.join(params.tune.dimensions)} "
+                "(train takes their values from the best trial, not from the params file)"
+                + (
+                    f"; fold {fold}: trains on {len(fold_cache.rows('train'))} rows, validates "
+                    f"on {len(fold_cache.rows('val'))}, never sees its "
+                    f"{len(fold_cache.rows('test'))} test rows"
+                    if fold is not None
+                    else ""
+                )
+            )
+        rows = fold_rows(fold_cache, fold) if fold is not None else None
+        parent = parent_run(study, params, rows)
+        objectives[fold] = make_objective(params, fold_cache, device, parent, fold)
+        if worker:
+            work(study, objectives[fold], params.tune.timeout_s)
+            print(f"tune worker: queue of {study.study_name} is empty")
     if worker:
-        work(study, objective, params.tune.timeout_s)
-        print(f"tune worker: queue of {study.study_name} is empty")
         return
-    wait_for_study(
-        study, objective, params.tune.timeout_s, poll_s=max(1.0, params.tune.heartbeat_s / 4)
-    )
-    best = write_outputs(
-        study, params, study.user_attrs["mlflow_parent_run_id"], out, trials, summary
-    )
+    for fold, study in studies.items():
+        wait_for_study(
+            study,
+            objectives[fold],
+            params.tune.timeout_s,
+            poll_s=max(1.0, params.tune.heartbeat_s / 4),
+        )
+    best = write_outputs(studies, params, out, trials, summary)
+    if not cache.folds:
+        print(
+            f"tune: best trial {best['best_trial']} {best['metric']} {best['value']:.4f} "
+            f"+- {best['seed_std']:.4f} with {best['params']}; {best['trials']}, "
+            f"{best['epochs_trained']} seed-epochs -> {out}"
+        )
+        return
+    for fold, one in best["folds"].items():
+        print(
+            f"tune: fold {fold}: best trial {one['best_trial']} {best['metric']} "
+            f"{one['value']:.4f} +- {one['seed_std']:.4f} with {one['params']}"
+        )
     print(
-        f"tune: best trial {best['best_trial']} {best['metric']} {best['value']:.4f} "
-        f"+- {best['seed_std']:.4f} with {best['params']}; {best['trials']}, "
-        f"{best['epochs_trained']} seed-epochs -> {out}"
+        f"tune: nested CV, {len(best['folds'])} folds: best {best['metric']} "
+        f"{best['value']:.4f} +- {best['fold_std']:.4f} over folds; {best['trials']}, "
+        f"{best['epochs_trained']} seed-epochs -> {out} (each fold's own values)"
     )
 
 
@@ -679,6 +829,9 @@ def run_register(
         f"test_{cfg.metric}_seed_std": repr(spread),
         "tympan.protocol": params.protocol.kind,
         **({"tympan.leaks": ",".join(params.protocol.leaks)} if params.protocol.leaks else {}),
+        "tympan.tuning": record.get("tuning", {}).get(
+            "protocol", "val_split" if record.get("tuned") else "none"
+        ),
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
@@ -711,6 +864,7 @@ def run_register(
             classes=_read_optional(metric_files["classes"]),
             breakdown=_read_optional(metric_files["breakdown"]),
             params=record["params"],  # what trained the model, tuned values included
+            tuning=record.get("tuning", {}),
         )
     )
     card.parent.mkdir(parents=True, exist_ok=True)

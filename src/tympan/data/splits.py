@@ -335,6 +335,29 @@ def protocol_report(
     return {"kind": protocol.kind, "leaks": leaks}
 
 
+def tuning_protocol(tuned: bool, cv: CVConfig | None = None) -> dict:
+    """How the params behind the headline were chosen, given `tune.enabled` and `cv`:
+    `{kind, text}` with kind `none` (the params file's values), `val_split` (tuned on the
+    val split; the test split never reaches a trial) or `nested_cv` (one study per outer fold
+    on that fold's own train/val split; no trial of a fold sees that fold's test recordings).
+    """
+    if not tuned:
+        return {"kind": "none", "text": "no tuning: every param is the params file's value"}
+    if cv is None or not cv.enabled:
+        return {
+            "kind": "val_split",
+            "text": "tuned on the val split: trials train on the train split and are scored "
+            "on the val split; the test split never reaches a trial",
+        }
+    return {
+        "kind": "nested_cv",
+        "outer_folds": cv.folds,
+        "text": f"nested CV: {cv.folds} outer folds, each tuned by its own study on its own "
+        "train/val split (dealt from the other folds); no trial of a fold trains or is scored "
+        "on that fold's test recordings, and each fold's members train with its own best values",
+    }
+
+
 def split_report(
     table: pd.DataFrame,
     cfg: SplitConfig,

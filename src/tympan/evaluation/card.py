@@ -142,6 +142,8 @@ class CardInputs:
     classes: dict[str, dict[str, float]] = field(default_factory=dict)
     breakdown: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    # how train's values were tuned (models/train.json `tuning`): protocol, and per fold
+    tuning: dict[str, Any] = field(default_factory=dict)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -183,6 +185,12 @@ def known_limits(card: CardInputs) -> list[str]:
             f"{cv['folds']}-fold cross-validation: every recording is tested once, by the "
             "members that did not see its fold; the served model averages all folds' members, "
             "each trained on part of the data, and has no held-out figure of its own."
+        )
+    if (card.split.get("tuning") or {}).get("kind") == "nested_cv":
+        limits.append(
+            "Tuned per fold (nested CV): the out-of-fold figure measures the whole procedure, "
+            "tuning included, on recordings its tuning never saw; each fold's members use "
+            "that fold's own tuned values, so the figure belongs to no single set of values."
         )
     if strategy == "stratified":
         limits.append(
@@ -228,6 +236,22 @@ def known_limits(card: CardInputs) -> list[str]:
             f"Requests must carry {', '.join(side)}; values unseen in training are refused."
         )
     return limits
+
+
+def tuning_lines(split: dict[str, Any], tuning: dict[str, Any]) -> list[str]:
+    """The tuning protocol behind the headline, from the split report (`tuning`), and a
+    warning when train's record (`tuning`) says it trained otherwise."""
+    said = split.get("tuning")
+    if not said:
+        return []
+    lines = [f"Tuning: {said['text']}."]
+    used = tuning.get("protocol")
+    if used and used != said["kind"]:
+        lines.append(
+            f"**Tuning mismatch: the split report names `{said['kind']}`, but train used "
+            f"`{used}` values; the headline comes from train's.**"
+        )
+    return lines
 
 
 def split_line(split: dict[str, Any]) -> str:
@@ -281,6 +305,7 @@ def model_card(card: CardInputs) -> str:
         f"- Test set `{card.test_set['hash']}`: {card.test_set['clips']} clips, "
         f"{card.test_set['groups']} groups",
         f"- {split_line(card.split)}",
+        *(f"- {line}" for line in tuning_lines(card.split, card.tuning)),
         "",
         _table(["split", "recordings", "groups"], split_rows),
         "",
@@ -322,6 +347,24 @@ def model_card(card: CardInputs) -> str:
             _table(
                 [attribute, "clips", *keys],
                 [[k, v["n"], *(f"{v[key]:.3f}" for key in keys)] for k, v in values.items()],
+            ),
+        ]
+    per_fold = card.tuning.get("per_fold") or {}
+    if per_fold:
+        names = sorted({name for fold in per_fold.values() for name in fold["values"]})
+        parts += [
+            "",
+            "## Tuning",
+            "",
+            "Nested CV: each fold's members trained with the best values of that fold's own "
+            "study, which never saw the fold's test recordings.",
+            "",
+            _table(
+                ["fold", "study", "trial", *(f"`{n}`" for n in names)],
+                [
+                    [k, f"`{v['study']}`", v["trial"], *(v["values"].get(n, "-") for n in names)]
+                    for k, v in per_fold.items()
+                ],
             ),
         ]
     if card.params:

@@ -133,6 +133,28 @@ def validate_space(params: Params, where: str = "params.yaml") -> None:
         grid_values(params)
 
 
+# Model params that leave every weight's name and shape as they are. Nested CV tunes each
+# fold on its own, so folds may pick different values; the served bundle builds all members
+# from one model config, which holds for these and for no other model param.
+PER_FOLD_MODEL = ("model.dropout", "model.dropout_conv", "model.head_dropout", "model.init")
+
+
+def validate_nested_space(params: Params, folds: int, where: str = "params.yaml") -> None:
+    """Nested CV (`folds` outer folds): only params that change no weight shape may differ
+    between folds; a ConfigError naming the first other model param, before any trial."""
+    shaping = [n for n in params.tune.dimensions if n.startswith("model.")]
+    shaping = [n for n in shaping if n not in PER_FOLD_MODEL]
+    if shaping:
+        name = shaping[0]
+        raise ConfigError(
+            f"{where}: tune.space.{name} under {folds}-fold CV: tuning is nested (each fold "
+            f"picks its own values), so folds could pick different {name}, and the served "
+            "model builds every fold's members with one network shape. Fix it in the params "
+            f"file (dvc exp run -S '~tune.space.{name}' -S {name}=...) and search train.*, "
+            f"augment.* or {', '.join(PER_FOLD_MODEL)} per fold"
+        )
+
+
 def grid_values(params: Params) -> dict[str, list[Any]]:
     """The grid for GridSampler: categorical choices, or low..high by step."""
     grid: dict[str, list[Any]] = {}

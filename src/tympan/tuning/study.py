@@ -6,6 +6,12 @@ pops queued trials until none is left. A trial that was running in a killed proc
 sending heartbeats; the next process to look fails it and re-queues a copy
 (RetryHeartbeatStaleTrialCallback), so a restarted study continues where it stopped and still ends
 at exactly `n_trials` finished (complete or pruned) trials.
+
+Under cross-validation (a feature cache with CV folds) the search is nested: one study per
+outer fold k (`<study name>-fold-<k>`), whose trials train on fold k's train rows and are
+scored on fold k's val rows, both dealt from the other folds; fold k's test rows never reach
+them. Each trial records its fold and the count and digest of the rows it trained and
+validated on, and each fold's MLflow parent run holds those rows (`tuning/rows.json`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import mlflow
+import numpy as np
 import optuna
 import sqlalchemy
 from mlflow.entities import Metric
@@ -154,7 +161,7 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def study_name(params: Params, feature_key: str) -> str:
+def study_name(params: Params, feature_key: str, splits: str | None = None) -> str:
     """`tune.study_name` plus a hash of all that decides a trial's result: the name the
     dashboard lists, the MLflow runs carry (`optuna.study`) and train records.
 
@@ -162,7 +169,9 @@ def study_name(params: Params, feature_key: str) -> str:
     cache key go in; `n_trials`, `timeout_s`, storage and heartbeat do not, nor the params.yaml
     values of searched params (every trial sets its own). The same config therefore resumes
     its study (also with a larger n_trials or another value of a searched param), and a
-    changed one starts anew instead of reusing trials trained on something else.
+    changed one starts anew instead of reusing trials trained on something else. `splits`
+    (nested CV: `splits_digest` of the fold assignment) goes in too, so that another fold
+    assignment starts new fold studies.
     """
     tune = to_dict(params.tune)
     for volatile in ("enabled", "n_trials", "timeout_s", "storage", "heartbeat_s", "study_name"):
@@ -175,8 +184,43 @@ def study_name(params: Params, feature_key: str) -> str:
         section, key = name.split(".", 1)
         base.get(section, {}).pop(key, None)
     identity = {**base, "tune": tune, "features": feature_key}
+    if splits is not None:
+        identity["splits"] = splits
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.tune.study_name}-{digest}"
+
+
+def fold_study_name(name: str, fold: int) -> str:
+    """Nested CV: outer fold `fold`'s own study."""
+    return f"{name}-fold-{fold}"
+
+
+def splits_digest(cache: FeatureCache) -> str:
+    """Hash of every row's audio and its split in every CV fold (content, not file paths, so
+    workers on other machines name the same studies)."""
+    columns = ["sha256", *(f"split_{k}" for k in cache.folds)]
+    text = cache.index[columns].to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rows_digest(rows: np.ndarray) -> str:
+    """A short hash of a set of feature-cache row ids (order ignored)."""
+    text = ",".join(str(r) for r in np.sort(np.asarray(rows, dtype=np.int64)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fold_rows(cache: FeatureCache, fold: int) -> dict[str, Any]:
+    """What fold `fold`'s trials may use (`cache` as `for_fold` gives it): its train and val
+    row ids with their digests, and how many test rows they never see."""
+    train, val = cache.rows("train"), cache.rows("val")
+    return {
+        "fold": fold,
+        "train": train.tolist(),
+        "val": val.tolist(),
+        "train_sha256": rows_digest(train),
+        "val_sha256": rows_digest(val),
+        "test_rows_never_used": len(cache.rows("test")),
+    }
 
 
 def open_study(params: Params, storage: RDBStorage, name: str) -> optuna.Study:
@@ -275,8 +319,11 @@ def wait_for_study(
         time.sleep(poll_s)
 
 
-def parent_run(study: optuna.Study, params: Params) -> str:
-    """The study's MLflow parent run, shared by every worker (its id is a study attribute)."""
+def parent_run(study: optuna.Study, params: Params, rows: dict[str, Any] | None = None) -> str:
+    """The study's MLflow parent run, shared by every worker (its id is a study attribute).
+
+    `rows` (nested CV: `fold_rows`) is logged with a new run as `tuning/rows.json`, and its
+    fold tags the run (`tympan.fold`)."""
     tracking.setup(params.tracking.experiment)
     client = MlflowClient()
     run_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -291,10 +338,14 @@ def parent_run(study: optuna.Study, params: Params) -> str:
     storage = masked(storage_url(params.tune))  # the one in use, never its password
     tags = tracking.run_tags("tune", params.preset)
     tags.update({"optuna.study": study.study_name, "optuna.storage": storage})
+    if rows is not None:
+        tags.update({"tympan.fold": str(rows["fold"]), "tympan.tuning": "nested_cv"})
     tune = {**to_dict(params.tune), "storage": storage}
     with mlflow.start_run(run_name=f"tune-{study.study_name}", tags=tags) as run:
         mlflow.log_params({f"tune.{k}": v for k, v in tune.items() if k != "space"})
         mlflow.log_dict(tune["space"], "search_space.json")
+        if rows is not None:
+            mlflow.log_dict(rows, "tuning/rows.json")
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
 
@@ -304,10 +355,41 @@ def _best_value(trainer: SeedTrainer, metric: str) -> float:
     return float(trainer.best.metric(metric))
 
 
+def _record_rows(trial: optuna.Trial, fold: int, trainers: Iterable[SeedTrainer]) -> None:
+    """The rows a nested-CV trial's trainers use, as it records them (all seeds share them)."""
+    used = {
+        (rows_digest(t.train_rows), len(t.train_rows), rows_digest(t.val_rows), len(t.val_rows))
+        for t in trainers
+    }
+    if len(used) != 1:
+        raise TuneError(f"trial {trial.number}: the seeds of fold {fold} train on different rows")
+    train_sha, n_train, val_sha, n_val = used.pop()
+    attrs = {
+        "tympan.fold": fold,
+        "rows.train": n_train,
+        "rows.train_sha256": train_sha,
+        "rows.val": n_val,
+        "rows.val_sha256": val_sha,
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    mlflow.log_params({"fold": fold, "n_train": n_train, "n_val": n_val})
+    mlflow.set_tags({"tympan.rows.train": train_sha, "tympan.rows.val": val_sha})
+
+
 def make_objective(
-    params: Params, cache: FeatureCache, device: Any, parent_run_id: str
+    params: Params,
+    cache: FeatureCache,
+    device: Any,
+    parent_run_id: str,
+    fold: int | None = None,
 ) -> Callable[[optuna.Trial], float]:
-    """Sample -> config -> the training function over `tune.seeds` in lockstep -> seed mean."""
+    """Sample -> config -> the training function over `tune.seeds` in lockstep -> seed mean.
+
+    `fold` (nested CV, `cache` as `for_fold(fold)` gives it): each trial records the fold and
+    the count and digest of the rows its trainers trained and validated on (Optuna user attrs
+    `tympan.fold`, `rows.train`, `rows.train_sha256`, `rows.val`, `rows.val_sha256`; the
+    same as MLflow params and tags of its run)."""
     cfg = params.tune
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -324,6 +406,8 @@ def make_objective(
             "optuna.trial": str(trial.number),
             "optuna.study": trial.study.study_name,
         }
+        if fold is not None:
+            tags["tympan.fold"] = str(fold)
         with mlflow.start_run(
             run_name=f"trial-{trial.number}",
             parent_run_id=parent_run_id,
@@ -344,6 +428,8 @@ def make_objective(
                 )
                 for seed in cfg.seeds
             }
+            if fold is not None:
+                _record_rows(trial, fold, trainers.values())
             seed_runs = {
                 seed: client.create_run(
                     experiment_id,
