@@ -14,7 +14,8 @@ accuracy mean +- std over folds x seeds, and the row's wall time. To rank levers
 2-core machine the rows train --seeds (default one) for at most --epochs epochs; the final
 preset is run with its own 3 seeds and epochs (`--row final --preset-sizes`).
 
-Finished rows are kept in --work/speakers.json (a rerun of a row replaces it), so rows can run
+Finished rows are kept in --work/speakers.json (a rerun of a row at the same seeds x epochs
+replaces it), so rows can run
 in separate processes; the table is written to --work/speakers.md. A figure, not a test.
 """
 
@@ -58,6 +59,8 @@ COMBINED = {
     "features.utterance_norm": "cmvn",
     "augment.vtlp": 0.1,
 }
+# the three levers that bought points alone, stacked
+TRIM_VAL_VTLP = {**FAST, "features.trim_db": 30.0, "data.group_by": None, "augment.vtlp": 0.1}
 # the small VGG-style CNN with global mean and max pooling (tympan.models.cnn.PooledCNN)
 POOLED = {"model.name": "pooled_cnn", "model.channels": 16, "model.kernel": 3}
 
@@ -84,7 +87,28 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "combined": ("val from recordings + trim + CMVN + speed + VTLP", COMBINED),
     "trim-val-vtlp": (
         "the three levers that bought points alone: trim + val from recordings + VTLP",
-        {**FAST, "features.trim_db": 30.0, "data.group_by": None, "augment.vtlp": 0.1},
+        TRIM_VAL_VTLP,
+    ),
+    "tvv-mfcc": (
+        "trim + val from recordings + VTLP, 20 MFCCs (DCT of the log-mel) instead of 40 log-mels",
+        {**TRIM_VAL_VTLP, "features.stack.kinds": ["mfcc"], "features.stack.n_mfcc": 20},
+    ),
+    "tvv-specaug-mixup": (
+        "trim + val from recordings + VTLP, SpecAugment time masks (2 x 8 frames), mixup 0.2",
+        {
+            **TRIM_VAL_VTLP,
+            "augment.time_masks": 2,
+            "augment.time_mask_width": 8,
+            "augment.mixup_alpha": 0.2,
+        },
+    ),
+    "tvv-pooled": (
+        "trim + val from recordings + VTLP with the 3-block CNN (16/32/64) and global pooling",
+        {**TRIM_VAL_VTLP, **POOLED},
+    ),
+    "tvv-pitch": (
+        "trim + val from recordings + VTLP, and pitch shift +-2 semitones (p 0.5)",
+        {**TRIM_VAL_VTLP, "augment.wave_pitch": 2},
     ),
     "combined-pooled": (
         "the same with a 3-block CNN (16/32/64) and global pooling instead of the S3 CNN",
@@ -142,6 +166,11 @@ def read_row(
     }
 
 
+def key(row: dict[str, Any]) -> str:
+    """A row's place in --work/speakers.json: its name and sizes (one row, several budgets)."""
+    return f"{row['row']} {len(row['seeds'])}x{row['epochs']}"
+
+
 def command(row: dict[str, Any]) -> str:
     """The command that reproduces `row`."""
     sizes = f" --seeds {' '.join(map(str, row['seeds']))} --epochs {row['epochs']}"
@@ -188,10 +217,11 @@ def main() -> None:
             row = run_row(name, args.work, seeds, epochs)
             # read again: rows may run in two processes at once
             done = json.loads(store.read_text()) if store.exists() else {}
-            done[name] = row
+            done[key(row)] = row
             store.write_text(json.dumps(done, indent=2) + "\n")
-    order = [name for name in ROWS if name in done]
-    text = table([done[name] for name in order])
+    done = {key(row): row for row in done.values()}
+    order = sorted(done, key=lambda k: (list(ROWS).index(done[k]["row"]), k))
+    text = table([done[k] for k in order])
     (args.work / "speakers.md").write_text(text)
     print(f"\n{text}")
 

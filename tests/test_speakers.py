@@ -3,7 +3,9 @@ perturbation, VTLP, and validation dealt from the training speakers' recordings.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import librosa
@@ -182,3 +184,58 @@ def test_val_from_recordings_never_holds_the_test_speaker():
             assert set(manifest["speaker"][split == name]) == set(speakers) - {speaker}
         val_per_label = manifest["label"][split == "val"].value_counts()
         assert val_per_label.max() - val_per_label.min() <= 1  # stratified by label
+
+
+# --- heard vs unseen speakers, side by side ---------------------------------------------------
+
+
+def test_compare_unseen_speakers_runs_both_protocols_into_one_table_and_both_cards(
+    tmp_path, mlflow_store, capsys
+):
+    """`compare-protocols fsdd_digits --unseen speaker` on real FSDD recordings (3 speakers):
+    the same model under 3-fold CV twice. Heard: every fold's test speakers are also in its
+    training data. Unseen: no test speaker of any fold is in that fold's train or val rows.
+    The table (with each speaker under both) is printed, in MLflow, and in both cards."""
+    from mlflow.tracking import MlflowClient
+    from test_protocols import PIPELINES
+
+    from tympan.cli import main
+
+    from conftest import FSDD, fsdd_subset
+
+    if not (FSDD / "metadata.csv").exists():
+        pytest.skip(f"FSDD not found at {FSDD}")
+    root = fsdd_subset(FSDD, tmp_path / "fsdd", ["george", "jackson", "lucas"], range(0, 6))
+    sets = [f"data.root={root}", "train.seeds=[0]", "train.epochs=1", "features.workers=1"]
+    sets += ["model.name=s3_cnn", "model.hidden=16", "model.channels=8"]
+    main(
+        ["compare-protocols", "fsdd_digits", "--unseen", "speaker"]
+        + ["--work", str(tmp_path / "work"), "--dir", str(PIPELINES)]
+        + [arg for text in sets for arg in ("--set", text)]
+    )
+    work = tmp_path / "work" / "fsdd_digits-unseen-speaker"
+    heard, unseen = json.loads((work / "protocols.json").read_text())
+    assert (heard["run"], unseen["run"]) == ("heard speaker", "unseen speaker")
+    assert heard["n_test"] == unseen["n_test"] == 3 * 10 * 6  # out of fold: every clip once
+    manifest = pd.read_csv(work / "values" / "manifest.csv", dtype=str)
+    speaker = dict(zip(manifest["path"], manifest["speaker"], strict=True))
+    for r, held_out in ((heard, False), (unseen, True)):
+        splits = pd.read_csv(Path(r["folder"]) / "splits.csv", dtype=str)
+        splits["speaker"] = splits["path"].map(speaker)
+        assert splits["cv_fold"].nunique() == 3  # one fold per speaker: the count ingested
+        for fold in range(3):
+            split = splits[f"split_{fold}"]
+            test = set(splits.loc[split == "test", "speaker"])
+            trained = set(splits.loc[split != "test", "speaker"])
+            assert bool(test & trained) is not held_out, (r["run"], fold, test, trained)
+    printed = capsys.readouterr().out
+    assert "By speaker, out of fold (accuracy)" in printed
+    for name in ("george", "jackson", "lucas"):
+        assert f"| {name} | 60 |" in printed
+    client = MlflowClient()
+    for r in (heard, unseen):
+        card = (Path(r["folder"]) / "model_card.md").read_text()
+        assert card.startswith("# Model card: tympan-fsdd-digits (not registered)")
+        assert "## Protocols side by side" in card and "| lucas | 60 |" in card
+        artifacts = {a.path for a in client.list_artifacts(r["mlflow_run"])}
+        assert {"model_card.md", "protocols.md"} <= artifacts
