@@ -25,6 +25,7 @@ SMALL = {
     "gru": {"units": (16,)},
     "bigru": {"units": (16,), "head": (8,)},
     "crnn": {"channels": 4, "kernel": 3, "units": (8, 8)},
+    "pooled_cnn": {"channels": 4, "kernel": 3, "head": (8,)},
     "parallel_cnn": {
         "filters": 4,
         "kernels": ((3, 4), (5, 6)),

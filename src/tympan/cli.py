@@ -319,6 +319,19 @@ def _parser() -> argparse.ArgumentParser:
         help="for both runs, e.g. data.root=/data/accent or train.seeds=[0,1] (YAML values)",
     )
     compare.add_argument(
+        "--unseen",
+        metavar="COLUMN",
+        help="instead of STUDY_original: STUDY under K-fold CV twice, every COLUMN value "
+        "(e.g. speaker) heard in training vs each held out; the table goes into both model cards",
+    )
+    compare.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --unseen: K folds (default: one per COLUMN value, at most 10)",
+    )
+    compare.add_argument(
         "--work",
         type=Path,
         default=Path(".tympan/protocols"),
@@ -408,23 +421,47 @@ def _weights(action: str, names: list[str]) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tympan.compare import compare, log_table, parse_override, study_runs, table
+    from tympan.compare import (
+        by_value,
+        compare,
+        count_values,
+        log_table,
+        overridden,
+        parse_override,
+        study_runs,
+        table,
+        unseen_runs,
+        write_cards,
+    )
 
     study = args.study.removesuffix("_original")
     try:
         common = dict(parse_override(text) for text in args.overrides)
     except ValueError as exc:
         sys.exit(f"tympan compare-protocols: --set {exc}")
+    work = args.work / (f"{study}-unseen-{args.unseen}" if args.unseen else study)
     try:
-        rows = compare(study_runs(study), args.dir, args.work / study, common, study)
+        if args.unseen:
+            base = overridden(load_params(args.dir / f"{study}.yaml"), common, "--set")
+            values = count_values(base, args.unseen, work / "values")
+            folds = args.folds or min(values, 10)
+            runs = unseen_runs(study, base, args.unseen, folds, values)
+        else:
+            runs = study_runs(study)
+        rows = compare(runs, args.dir, work, common, study)
+        text = table(rows)
+        if args.unseen:
+            text += f"\nBy {args.unseen}, out of fold ({rows[0]['metric']}):\n\n"
+            text += by_value(rows, args.unseen)
+            write_cards(rows, runs, args.dir, text, common)
     except _stage_errors() as exc:
         sys.exit(f"tympan compare-protocols: {exc}")
-    text = table(rows)
-    (args.work / study / "protocols.md").write_text(text)
-    run_id = log_table(
-        rows, text, load_params(args.dir / f"{study}.yaml").tracking.experiment, f"compare-{study}"
-    )
-    print(f"\n{text}\n(table: {args.work / study / 'protocols.md'}; MLflow run {run_id})")
+    (work / "protocols.md").write_text(text)
+    experiment = load_params(args.dir / f"{study}.yaml").tracking.experiment
+    name = f"compare-{study}" + (f"-unseen-{args.unseen}" if args.unseen else "")
+    run_id = log_table(rows, text, experiment, name)
+    cards = " and each run's model_card.md" if args.unseen else ""
+    print(f"\n{text}\n(table: {work / 'protocols.md'}{cards}; MLflow run {run_id})")
 
 
 def _use_preset(folder: Path, name: str, target: Path, force: bool = False) -> None:

@@ -5,7 +5,10 @@ through ingest, split, featurize, train and evaluate in a folder of its own, tra
 like any run, and returns one row per run: the headline metric of the seed ensemble, its mean
 +- std over seeds, the test size, and the leaks the split report recorded with what leaked.
 `tympan compare-protocols STUDY` runs `STUDY` and `STUDY_original`; benchmarks/protocols.py
-runs the studies on the data these machines have.
+runs the studies on the data these machines have. `tympan compare-protocols STUDY --unseen
+speaker` runs one preset under two K-fold protocols on the same data, speakers heard in
+training and speakers never heard (`unseen_runs`), and writes the table into both runs'
+model cards (`write_cards`): the gap between them is what a speech model meets in the world.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import yaml
 
 from tympan import stages, tracking
@@ -78,6 +82,51 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def unseen_runs(study: str, params: Params, column: str, folds: int, values: int) -> list[Run]:
+    """`study` under two protocols of `folds`-fold CV, the same model on the same recordings
+    grouped the same way (by recording when the preset groups by `column`):
+
+    - heard: folds dealt by group, stratified by label, so every `column` value (speaker) is
+      in train and test;
+    - unseen: a fold per value of `column` when `folds` equals their number `values`
+      (leave-one-speaker-out; val is then drawn from the other speakers' recordings, as in
+      the heard run), else folds dealt by `column`. Either way a value is in one test fold and
+      never in that fold's train or val split, normalisation statistics or early stopping.
+
+    Both report per `column` value (evaluate's breakdown), so each speaker's gap shows."""
+    group = None if params.data.group_by == column else params.data.group_by
+    breakdown = list(dict.fromkeys([*params.evaluate.breakdown, column]))
+    common = {
+        "cv.folds": folds,
+        "split.strategy": "group",
+        "split.column": None,
+        "split.test_values": [],
+        "split.val_values": [],
+        "evaluate.breakdown": breakdown,
+    }
+    by_value = {"cv.column": column, "data.group_by": group}
+    dealt = {"cv.column": None, "data.group_by": column}
+    return [
+        Run(f"heard {column}", study, {**common, "cv.column": None, "data.group_by": group}),
+        Run(f"unseen {column}", study, {**common, **(by_value if folds == values else dealt)}),
+    ]
+
+
+def count_values(params: Params, column: str, folder: Path) -> int:
+    """How many distinct values `column` takes in `params`' ingested manifest (ingest runs
+    into `folder`; the runs' own ingest finds the same recordings)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.csv"
+    stages.run_ingest(params, manifest, folder / "rejects.csv", folder / "ingest.json")
+    table = pd.read_csv(manifest, dtype=str)
+    if column not in table.columns:
+        raise ConfigError(
+            f"--unseen {column}: not a column of the manifest (its columns: "
+            f"{', '.join(table.columns)})"
+        )
+    return int(table[column].dropna().nunique())
+
+
 def compare(
     runs: list[Run],
     pipelines: Path,
@@ -88,6 +137,7 @@ def compare(
     """Run each of `runs` end to end (`common` overrides first, then the run's own) under
     `work/<label>/`; -> one row per run (see `row`), also written to `work/protocols.json`."""
     rows = []
+    folders = []
     for run in runs:
         source = f"{pipelines / run.preset}.yaml"
         params = load_params(source)
@@ -97,6 +147,9 @@ def compare(
         started = time.perf_counter()
         run_stages(params, folder)
         rows.append(row(run, params, folder, time.perf_counter() - started, study))
+        folders.append(folder)
+    for r, folder in zip(rows, folders, strict=True):
+        r["folder"] = str(folder)
     work.mkdir(parents=True, exist_ok=True)
     (work / "protocols.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
@@ -138,6 +191,10 @@ def row(run: Run, params: Params, d: Path, seconds: float, study: str | None) ->
             for leak in protocol["leaks"]
         ],
         "reported": REPORTED.get(base, ""),
+        "by": {
+            column: {value: {"n": v["n"], metric: v[metric]} for value, v in values.items()}
+            for column, values in _read(d / "metrics" / "breakdown.json").items()
+        },
         "mlflow_run": train["parent_run_id"],
         "wall_s": round(seconds, 1),
     }
@@ -170,6 +227,78 @@ def table(rows: list[dict[str, Any]]) -> str:
             for study, text in reported.items()
         ]
     return "\n".join(lines) + "\n"
+
+
+def by_value(rows: list[dict[str, Any]], column: str) -> str:
+    """Each value of `column` (speaker) under every row's protocol, and the gap first to last,
+    as a markdown table."""
+    values = sorted({v for r in rows for v in r["by"].get(column, {})})
+    metric = rows[0]["metric"]
+    head = [column, "clips", *(r["run"] for r in rows)]
+    gap = len(rows) == 2
+    lines = [
+        "| " + " | ".join([*head, *(["gap"] if gap else [])]) + " |",
+        "|" + "---|" * (len(head) + gap),
+    ]
+    for value in values:
+        cells = [r["by"].get(column, {}).get(value) for r in rows]
+        scores = [f"{c[metric]:.3f}" if c else "-" for c in cells]
+        clips = next((c["n"] for c in cells if c), "-")
+        diff = [f"{cells[1][metric] - cells[0][metric]:+.3f}" if all(cells) else "-"] if gap else []
+        lines.append(f"| {value} | {clips} | " + " | ".join([*scores, *diff]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_cards(
+    rows: list[dict[str, Any]],
+    runs: list[Run],
+    pipelines: Path,
+    text: str,
+    common: dict[str, Any] | None = None,
+) -> None:
+    """A model card for each compared run (not registered: a comparison is not a release) with
+    `text`, the side-by-side table, as its own section: written to `<folder>/model_card.md`
+    and logged on the run's MLflow parent run beside `protocols.md`."""
+    from mlflow.tracking import MlflowClient
+
+    from tympan.evaluation.card import CardInputs, model_card
+
+    tracking.connect()
+    client = MlflowClient()
+    for r, run in zip(rows, runs, strict=True):
+        d = Path(r["folder"])
+        source = f"{pipelines / run.preset}.yaml"
+        overrides = {**(common or {}), **run.overrides}
+        params = overridden(load_params(source), overrides, f"{source} + overrides")
+        record = _read(d / "models" / "train.json")
+        tags = client.get_run(r["mlflow_run"]).data.tags
+        card = model_card(
+            CardInputs(
+                name=params.register.name,
+                version="",
+                alias="",
+                reason=f"none: a `compare-protocols` run ({r['run']}), never registered",
+                preset=params.preset,
+                metric=r["metric"],
+                tags=tags,
+                split=_read(d / "split.json"),
+                test_set=_read(d / "test_set.json"),
+                results=_read(d / "metrics" / "test.json"),
+                classes=_read(d / "metrics" / "classes.json"),
+                breakdown=_read(d / "metrics" / "breakdown.json"),
+                params=record.get("params", {}),
+                tuning=record.get("tuning", {}),
+                comparison=text,
+            )
+        )
+        (d / "model_card.md").write_text(card)
+        client.log_text(r["mlflow_run"], card, "model_card.md")
+        client.log_text(r["mlflow_run"], text, "protocols.md")
+        client.set_tag(r["mlflow_run"], "tympan.compared_as", r["run"])
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def log_table(rows: list[dict[str, Any]], text: str, experiment: str, name: str) -> str:

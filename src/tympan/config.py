@@ -246,6 +246,7 @@ NEURAL = (
     "gru",
     "bigru",
     "crnn",
+    "pooled_cnn",
     "parallel_cnn",
     "alexnet",
     "alexnet2012",
@@ -417,6 +418,14 @@ class FeatureConfig:
     # zscore: each recording's waveform to zero mean and unit variance (after resampling,
     # before its length is fixed or it is windowed), in training and serving alike (S5)
     wave_norm: str = field(default="none", metadata=_choices("none", "zscore"))
+    # trim leading and trailing silence: frames (n_fft long, every hop_length) whose RMS is
+    # more than trim_db below the clip's loudest frame, as librosa.effects.trim (after
+    # resampling, before wave_norm and the fixed length), in featurize and serving; 0: off
+    trim_db: float = field(default=0.0, metadata=_range(0))
+    # per-recording normalisation of the log-mel / MFCC / STFT sets, per bin over the clip's
+    # frames: cmn subtracts each bin's mean, cmvn also divides by its standard deviation
+    # (computed in the feature stack, so training and serving see the same input)
+    utterance_norm: str = field(default="none", metadata=_choices("none", "cmn", "cmvn"))
     n_fft: int = field(default=512, metadata=_range(1))
     hop_length: int = field(default=256, metadata=_range(1))
     n_mels: int = field(default=40, metadata=_range(1))
@@ -474,15 +483,15 @@ class ModelConfig:
     """Network family and its shape parameters (see tympan.models; SEEDS.md for the studies).
 
     Neural families: s3_cnn (S3), s1_mlp (S1), resnet18 (S2), lstm, bilstm, gru, bigru (S3,
-    S4), crnn and parallel_cnn (S5), alexnet2012 (S4's AlexNet, from scratch), the
-    torchvision backbones alexnet, vgg16, resnet50, densenet121 and densenet_bigru_attention
-    (S4). Classical baselines through scikit-learn: logreg, random_forest, linear_svm
-    (LinearSVC), svc (SVC with a linear kernel, S4's), knn, on the flattened input or per-bin
-    summary statistics (`classical_input`).
+    S4), crnn and parallel_cnn (S5), pooled_cnn (three conv blocks, global pooling),
+    alexnet2012 (S4's AlexNet, from scratch), the torchvision backbones alexnet, vgg16,
+    resnet50, densenet121 and densenet_bigru_attention (S4). Classical baselines through
+    scikit-learn: logreg, random_forest, linear_svm (LinearSVC), svc (SVC with a linear kernel,
+    S4's), knn, on the flattened input or per-bin summary statistics (`classical_input`).
     """
 
     name: str = field(default="s3_cnn", metadata=_choices(*MODEL_NAMES))
-    # s3_cnn and crnn convolutions
+    # s3_cnn, crnn and pooled_cnn convolutions
     channels: int = field(default=32, metadata=_range(1))
     kernel: int = field(default=5, metadata=_range(1))
     pool: int = field(default=8, metadata=_range(1))
@@ -633,13 +642,26 @@ class AugmentConfig:
     # the fixed-length waveforms, and training recomputes the features of each augmented batch.
     wave_snr_db: tuple[float, ...] = field(default=(), metadata={**_range(), "allow_empty": True})
     wave_pitch: int = field(default=0, metadata=_range(0))
+    # speed perturbation: resample each clip by a factor uniform in [low, high] (rounded to
+    # 0.05; > 1 is faster and higher, as Kaldi's speed perturbation), length kept
+    wave_speed: tuple[float, ...] = field(
+        default=(), metadata={**_range(0.5, 2.0), "allow_empty": True}
+    )
     wave_p: float = field(default=0.5, metadata=_FRACTION)
+    # vocal-tract-length perturbation on the log-mel bins: each clip's frequency axis warped by
+    # a factor uniform in [1 - vtlp, 1 + vtlp] (Jaitly & Hinton's piecewise-linear warp with
+    # its upper boundary at 0.9 f_max), linear interpolation between bins; 0: off
+    vtlp: float = field(default=0.0, metadata=_range(0, 0.5, high_open=True))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "wave_snr_db", tuple(self.wave_snr_db))
+        object.__setattr__(self, "wave_speed", tuple(self.wave_speed))
         snr = self.wave_snr_db
         if snr and (len(snr) != 2 or snr[0] > snr[1]):
             raise ValueError(f"augment.wave_snr_db must be [low, high] in dB, got {list(snr)}")
+        speed = self.wave_speed
+        if speed and (len(speed) != 2 or speed[0] > speed[1]):
+            raise ValueError(f"augment.wave_speed must be [low, high] factors, got {list(speed)}")
         for axis, unit in (("time", "frames"), ("freq", "bins")):
             count, width = getattr(self, f"{axis}_masks"), getattr(self, f"{axis}_mask_width")
             if count > 0 and width == 0:
@@ -660,7 +682,9 @@ class AugmentConfig:
     @property
     def waveform(self) -> bool:
         """Whether on-the-fly waveform augmentation is on."""
-        return self.wave_p > 0 and (bool(self.wave_snr_db) or self.wave_pitch > 0)
+        return self.wave_p > 0 and (
+            bool(self.wave_snr_db) or self.wave_pitch > 0 or bool(self.wave_speed)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -673,6 +697,7 @@ class AugmentConfig:
             or self.time_masks > 0
             or self.freq_masks > 0
             or self.mixup_alpha > 0
+            or self.vtlp > 0
         )
 
 

@@ -19,6 +19,7 @@ from tympan.audio.io import (
     resample_ratio,
     resampled_length,
     to_mono,
+    trim,
     zscore,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "resample_ratio",
     "resampled_length",
     "to_mono",
+    "trim",
     "zscore",
 ]

@@ -264,14 +264,41 @@ def zscore(wave: torch.Tensor) -> torch.Tensor:
     return centred if std < 1e-8 else centred / std.to(wave.dtype)
 
 
+def trim(wave: torch.Tensor, top_db: float, frame_length: int, hop_length: int) -> torch.Tensor:
+    """`(samples,)` without leading and trailing silence, as `librosa.effects.trim`: the RMS
+    of centred, zero-padded frames in dB re the loudest frame; audio from the first to the end
+    of the last frame above `-top_db` is kept (a silent clip is kept whole)."""
+    if wave.shape[-1] == 0:
+        return wave
+    pad = frame_length // 2
+    padded = torch.nn.functional.pad(wave.double(), (pad, pad))
+    if padded.shape[-1] < frame_length:
+        padded = torch.nn.functional.pad(padded, (0, frame_length - padded.shape[-1]))
+    frames = padded.unfold(-1, frame_length, hop_length)  # (frames, frame_length)
+    rms = frames.pow(2).mean(dim=-1).sqrt()
+    db = 20 * torch.log10(rms.clamp_min(1e-5))
+    loud = torch.nonzero(db > db.max() - top_db).flatten()
+    start = int(loud[0]) * hop_length
+    end = min(wave.shape[-1], (int(loud[-1]) + 1) * hop_length)
+    return wave[..., start:end]
+
+
 def load_waveform(
-    source: Source, sample_rate: int, n_samples: int, crop: str, zscored: bool = False
+    source: Source,
+    sample_rate: int,
+    n_samples: int,
+    crop: str,
+    zscored: bool = False,
+    trimmed: tuple[float, int, int] | None = None,
 ) -> torch.Tensor:
-    """Decode, downmix, resample (`zscored`: normalise, see `zscore`) and fix the length of
-    one clip: -> `(n_samples,)` float32."""
+    """Decode, downmix, resample (`trimmed`: `(top_db, frame_length, hop_length)` of `trim`;
+    `zscored`: normalise, see `zscore`) and fix the length of one clip: -> `(n_samples,)`
+    float32."""
     data, rate = decode(source)
     wave = to_mono(torch.from_numpy(data))
     wave = resample(wave, rate, sample_rate)
+    if trimmed is not None:
+        wave = trim(wave, *trimmed)
     if zscored:
         wave = zscore(wave)
     return fix_length(wave, n_samples, crop)

@@ -144,6 +144,8 @@ class CardInputs:
     params: dict[str, Any] = field(default_factory=dict)
     # how train's values were tuned (models/train.json `tuning`): protocol, and per fold
     tuning: dict[str, Any] = field(default_factory=dict)
+    # a side-by-side table of this model under other protocols (compare-protocols), markdown
+    comparison: str = ""
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -310,8 +312,13 @@ def model_card(card: CardInputs) -> str:
         for s in ("train", "val", "test")
     ]
     tag = card.tags.get
+    title = (
+        f"{card.name} v{card.version} (@{card.alias})"
+        if card.version
+        else f"{card.name} (not registered)"
+    )
     parts = [
-        f"# Model card: {card.name} v{card.version} (@{card.alias})",
+        f"# Model card: {title}",
         "",
         f"Promotion: {card.reason}.",
         "",
@@ -369,6 +376,8 @@ def model_card(card: CardInputs) -> str:
                 [[k, v["n"], *(f"{v[key]:.3f}" for key in keys)] for k, v in values.items()],
             ),
         ]
+    if card.comparison:
+        parts += ["", "## Protocols side by side", "", card.comparison.rstrip()]
     per_fold = card.tuning.get("per_fold") or {}
     if per_fold:
         names = sorted({name for fold in per_fold.values() for name in fold["values"]})

@@ -17,7 +17,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from tympan.audio import Source, fix_length, load_waveform, zscore
+from tympan.audio import Source, fix_length, load_waveform, trim, zscore
 from tympan.config import FeatureConfig
 
 # power_to_db's floor on power (librosa's and torchaudio's `amin`): silence is -100 dB re 1
@@ -139,11 +139,17 @@ class Normalizer(nn.Module):
         return (x - self.mean) / self.std
 
 
+def trimming(cfg: FeatureConfig) -> tuple[float, int, int] | None:
+    """`features.trim_db` as `trim`'s `(top_db, frame_length, hop_length)`, None when off."""
+    return (cfg.trim_db, cfg.n_fft, cfg.hop_length) if cfg.trim_db > 0 else None
+
+
 def waveform_batch(sources: Sequence[Source], cfg: FeatureConfig) -> torch.Tensor:
-    """Decode, downmix, resample and fix the length of several clips: -> `(batch, samples)`."""
-    length, zscored = n_samples(cfg), cfg.wave_norm == "zscore"
+    """Decode, downmix, resample, trim and fix the length of several clips: -> `(batch,
+    samples)`."""
+    length, zscored, trimmed = n_samples(cfg), cfg.wave_norm == "zscore", trimming(cfg)
     return torch.stack(
-        [load_waveform(s, cfg.sample_rate, length, cfg.crop, zscored) for s in sources]
+        [load_waveform(s, cfg.sample_rate, length, cfg.crop, zscored, trimmed) for s in sources]
     )
 
 
@@ -166,7 +172,11 @@ def window_starts(length: int, window: int, hop: int, min_last: float) -> list[i
 
 def windows(wave: torch.Tensor, cfg: FeatureConfig, hop_s: float, min_last: float) -> torch.Tensor:
     """`(samples,)` at `cfg.sample_rate` -> `(n_windows, window)` (see `window_starts`); with
-    `wave_norm: zscore` the whole recording is normalised first, as `waveform_batch` does."""
+    `trim_db` and `wave_norm: zscore` the whole recording is trimmed and normalised first, as
+    `waveform_batch` does."""
+    trimmed = trimming(cfg)
+    if trimmed is not None:
+        wave = trim(wave, *trimmed)
     if cfg.wave_norm == "zscore":
         wave = zscore(wave)
     window = n_samples(cfg)

@@ -105,6 +105,17 @@ def assemble(parts: dict[str, torch.Tensor], stack: StackConfig) -> torch.Tensor
     return out.repeat(1, stack.image_channels, 1, 1)
 
 
+def utterance_norm(x: torch.Tensor, how: str) -> torch.Tensor:
+    """`(batch, bins, frames)` normalised per clip and bin over its frames: `cmn` subtracts the
+    mean, `cmvn` also divides by the standard deviation (floored at 1e-5); `none`: as is."""
+    if how == "none":
+        return x
+    centred = x - x.mean(dim=-1, keepdim=True)
+    if how == "cmn":
+        return centred
+    return centred / x.std(dim=-1, keepdim=True, correction=0).clamp_min(1e-5)
+
+
 def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
     """The params one feature set depends on: the clip framing, pre-emphasis and storage
     type every set shares, plus the kind's own. `batch_size` and the stacking (`kinds`,
@@ -119,15 +130,19 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
         "dtype": cfg.dtype,
         "preemphasis": stack.preemphasis,
     }
+    # the levers added later join a set's key only when on, so earlier caches keep theirs
+    trim = {"trim_db": cfg.trim_db} if cfg.trim_db > 0 else {}
+    per_clip = {"utterance_norm": cfg.utterance_norm} if cfg.utterance_norm != "none" else {}
     if kind == "wave":  # the clip itself, before pre-emphasis
-        return {
-            "kind": kind,
-            **{
-                k: v
-                for k, v in common.items()
-                if k in ("sample_rate", "seconds", "crop", "wave_norm")
-            },
-        }
+        framing = (
+            "sample_rate",
+            "seconds",
+            "crop",
+            "wave_norm",
+            *(("n_fft", "hop_length") if trim else ()),
+        )
+        return {"kind": kind, **{k: v for k, v in common.items() if k in framing}, **trim}
+    common.update(trim)
     stft = {"pad_mode": cfg.pad_mode, "top_db": cfg.top_db}
     mel = {
         **stft,
@@ -138,9 +153,9 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
         "mel_norm": cfg.mel_norm,
     }
     own = {
-        "logmel": {**mel, "db_ref": cfg.db_ref},
-        "mfcc": {**mel, "n_mfcc": stack.n_mfcc},
-        "stft": {**stft, "db_ref": cfg.db_ref},
+        "logmel": {**mel, "db_ref": cfg.db_ref, **per_clip},
+        "mfcc": {**mel, "n_mfcc": stack.n_mfcc, **per_clip},
+        "stft": {**stft, "db_ref": cfg.db_ref, **per_clip},
         "lpc": {"lpc_order": stack.lpc_order},
         "lsf": {"lpc_order": stack.lpc_order},
         "f0": {
@@ -314,7 +329,7 @@ class FeatureStack(nn.Module):
                 parts["mfcc"] = torch.matmul(db.transpose(-1, -2), self.dct).transpose(-1, -2)
         if self.stft is not None:
             parts["stft"] = reference(power_to_db(self.stft(wave), cfg.top_db), cfg.db_ref)
-        return parts
+        return {kind: utterance_norm(part, cfg.utterance_norm) for kind, part in parts.items()}
 
     def _numpy_parts(self, wave: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
         """CPU kinds, each `(batch, bins, frames)` back on the input's device.

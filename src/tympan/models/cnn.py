@@ -1,4 +1,5 @@
-"""Convolutional families: the S3 accent CNN, S5's parallel CNN and its CRNN predecessor."""
+"""Convolutional families: the S3 accent CNN, S5's parallel CNN and its CRNN predecessor, and a
+small VGG-style CNN with global pooling (`pooled_cnn`)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,36 @@ class CRNN(nn.Module):
         for layer in self.rnn:
             seq, _ = layer(seq)
         return self.head(join(last_step(seq, bidirectional=True), extra))
+
+
+class PooledCNN(nn.Module):
+    """`(batch, C, bins, frames)` -> `(batch, outputs)`: three conv blocks of `channels`,
+    2 x `channels` and 4 x `channels` filters (`kernel`, batch norm, ReLU, 2 x 2 max-pool,
+    `dropout_conv`), then the mean and max over bins and frames `(batch, 8 x channels)` into
+    the dense head. Global pooling makes the decision independent of where in the window a word
+    sits and keeps the head small (a keyword-spotting staple)."""
+
+    def __init__(
+        self, cfg: ModelConfig, input_shape: tuple[int, int, int], outputs: int, extra: int = 0
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = input_shape[0]
+        for scale in (1, 2, 4):
+            blocks += [
+                nn.Conv2d(width, scale * cfg.channels, cfg.kernel, padding="same", bias=False),
+                nn.BatchNorm2d(scale * cfg.channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+                nn.Dropout(cfg.dropout_conv),
+            ]
+            width = scale * cfg.channels
+        self.conv = nn.Sequential(*blocks)
+        self.head = dense_head(
+            2 * width + extra, cfg.head, outputs, cfg.dense_dropout, cfg.batch_norm
+        )
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        maps = self.conv(x)  # (batch, 4 x channels, bins / 8, frames / 8)
+        pooled = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
+        return self.head(join(pooled, extra))

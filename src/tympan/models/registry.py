@@ -11,7 +11,7 @@ from tympan.config import ModelConfig
 from tympan.features import Normalizer
 from tympan.models.alexnet import AlexNet2012
 from tympan.models.classical import Classical
-from tympan.models.cnn import CRNN, ParallelCNN, SmallCNN
+from tympan.models.cnn import CRNN, ParallelCNN, PooledCNN, SmallCNN
 from tympan.models.dense import FlatMLP
 from tympan.models.recurrent import bigru, bilstm, gru, lstm
 from tympan.models.resnet import ResNet18
@@ -30,6 +30,7 @@ FAMILIES: dict[str, Builder] = {
     "gru": gru,
     "bigru": bigru,
     "crnn": CRNN,
+    "pooled_cnn": PooledCNN,
     "parallel_cnn": ParallelCNN,
     "alexnet": vision("alexnet"),
     "alexnet2012": AlexNet2012,
@@ -58,6 +59,7 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "gru": _RECURRENT,
     "bigru": _RECURRENT,
     "crnn": ("channels", "kernel", "dropout_conv", "units", *_HEAD),
+    "pooled_cnn": ("channels", "kernel", "dropout_conv", *_HEAD),
     "parallel_cnn": ("filters", "kernels", "pool", "dropout_conv", *_HEAD),
     "alexnet": _VISION,
     "alexnet2012": ("weights", *_HEAD),

@@ -12,6 +12,8 @@ inside), so every operation works on `(batch, 1, n_bins, frames)` tensors in dB:
 - Gaussian noise in dB, per clip with probability `noise_p`;
 - time shift: a circular roll along frames by up to `time_shift` seconds, per clip (the
   frames cover `features.seconds`, resized for image backbones or not);
+- vocal-tract-length perturbation (VTLP): each clip's mel axis warped by a factor near 1
+  (`vtlp_sources`), linear interpolation between bins;
 - pitch shift: a shift along the bin axis, per clip, vacated bins filled with the clip's floor;
 - SpecAugment frequency and time masks, masked stripes set to the clip's floor (its minimum,
   the dB floor of silence), not 0, which in dB would be loud;
@@ -19,9 +21,10 @@ inside), so every operation works on `(batch, 1, n_bins, frames)` tensors in dB:
   targets become mixed one-hots, hence soft labels and `soft_cross_entropy`.
 
 Waveform-domain augmentation (`WaveAugmenter`, `augment.wave_*`) comes first, on the training
-batch's fixed-length waveforms (featurize keeps them when it is on): white noise at an SNR drawn
-per clip, and a true pitch shift by whole semitones (torchaudio's phase vocoder and resampling,
-duration kept). `AugmentedInputs` then recomputes the batch's features with the same
+batch's fixed-length waveforms (featurize keeps them when it is on): speed perturbation
+(resampling, tempo and pitch together, length kept), a true pitch shift by whole semitones
+(torchaudio's phase vocoder and resampling, duration kept) and white noise at an SNR drawn per
+clip. `AugmentedInputs` then recomputes the batch's features with the same
 `FeatureStack` featurize and serving use, so the spectral operations above apply on top.
 
 Fixed copies (`copies.recipes`, S3's and S4's augmented sets) are not drawn per batch: they
@@ -40,13 +43,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
 
+from tympan.audio import fix_length
 from tympan.audio.augment import pitch_shift
 from tympan.config import AugmentConfig, FeatureConfig
 from tympan.features.stack import FeatureStack, assemble
+
+# speed factors are drawn in steps of 1 / SPEED_STEPS
+SPEED_STEPS = 20
 
 
 class Augmenter:
@@ -59,13 +68,21 @@ class Augmenter:
     """
 
     def __init__(
-        self, cfg: AugmentConfig, n_classes: int, seed: int, seconds: float | None = None
+        self,
+        cfg: AugmentConfig,
+        n_classes: int,
+        seed: int,
+        seconds: float | None = None,
+        bin_hz: np.ndarray | None = None,
     ) -> None:
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         if cfg.time_shift > 0 and not seconds:
             raise ValueError("augment.time_shift is in seconds: give the window's `seconds`")
+        if cfg.vtlp > 0 and bin_hz is None:
+            raise ValueError("augment.vtlp warps frequencies: give the bins' centres `bin_hz`")
         self.cfg, self.n_classes, self.seconds = cfg, n_classes, seconds
+        self.bin_hz = None if bin_hz is None else np.asarray(bin_hz, dtype=np.float64)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -94,6 +111,8 @@ class Augmenter:
             out = self._noise(out)
         if cfg.time_shift > 0:
             out = self._time_shift(out)
+        if cfg.vtlp > 0:
+            out = self._vtlp(out)
         if cfg.pitch_shift > 0:
             out = self._pitch_shift(out, floor)
         if cfg.freq_masks > 0:
@@ -113,6 +132,11 @@ class Augmenter:
             raise ValueError(
                 f"augment.pitch_shift={cfg.pitch_shift} must be below the {n_bins} bins "
                 "of the features"
+            )
+        if cfg.vtlp > 0 and len(self.bin_hz) != n_bins:
+            raise ValueError(
+                f"augment.vtlp: {len(self.bin_hz)} bin centres for {n_bins} bins; VTLP needs "
+                "the log-mel alone (features.stack.kinds: [logmel], no image)"
             )
         if cfg.freq_mask_width > n_bins:
             raise ValueError(
@@ -146,6 +170,23 @@ class Augmenter:
         index = (torch.arange(n_frames).view(1, -1) - shifts.view(-1, 1)) % n_frames
         index = index.to(x.device).view(x.shape[0], 1, 1, n_frames).expand_as(x)
         return torch.gather(x, 3, index)
+
+    def _vtlp(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1, n_bins, frames)`: each clip's frequency axis warped by its own factor
+        (see `vtlp_sources`), linear interpolation between neighbouring bins."""
+        v = self.cfg.vtlp
+        alphas = (
+            1 - v + 2 * v * torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64)
+        )
+        source = torch.from_numpy(np.stack([vtlp_sources(self.bin_hz, a) for a in alphas.tolist()]))
+        low = source.floor().long().clamp(0, x.shape[2] - 1)
+        high = (low + 1).clamp(max=x.shape[2] - 1)
+        weight = (source - low).to(x.dtype)
+        shape = (x.shape[0], 1, x.shape[2], 1)
+        low, high, weight = (t.to(x.device).view(shape) for t in (low, high, weight))
+        lower = torch.gather(x, 2, low.expand_as(x))
+        upper = torch.gather(x, 2, high.expand_as(x))
+        return lower + (upper - lower) * weight
 
     def _pitch_shift(self, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
         """`(batch, 1, n_bins, frames)`: move each clip up (positive) or down along the bins;
@@ -184,6 +225,36 @@ class Augmenter:
         self.rng.bit_generator.state = state["rng"]
 
 
+def vtlp_sources(bin_hz: np.ndarray, alpha: float, boundary: float = 0.9) -> np.ndarray:
+    """Where each output bin reads the input under a warp by `alpha`: `(n_bins,)` fractional
+    bin indices, clamped to the axis.
+
+    Jaitly & Hinton's (2013) piecewise-linear warp of frequency f over [0, f_top] (f_top: the
+    last centre): f * alpha up to `boundary * f_top * min(alpha, 1) / alpha`, then a straight
+    line to f_top, so the top stays put. Output bin k holds the input at the frequency that
+    the warp sends to its centre; that frequency's place among the centres is its index.
+    """
+    top = float(bin_hz[-1])
+    knee = boundary * top * min(alpha, 1.0) / alpha
+    grid = np.linspace(0.0, top, 4 * len(bin_hz) + 1)
+    warped = np.where(
+        grid <= knee,
+        grid * alpha,
+        top - (top - knee * alpha) / (top - knee) * (top - grid),
+    )
+    source_hz = np.interp(bin_hz, warped, grid)  # the warp's inverse at each centre
+    return np.interp(source_hz, bin_hz, np.arange(len(bin_hz), dtype=np.float64))
+
+
+def mel_centres(cfg: FeatureConfig) -> np.ndarray:
+    """`(n_mels,)` centre frequency in Hz of each mel filter of `cfg`."""
+    f_max = cfg.f_max if cfg.f_max is not None else cfg.sample_rate / 2
+    edges = librosa.mel_frequencies(
+        cfg.n_mels + 2, fmin=cfg.f_min, fmax=f_max, htk=cfg.mel_scale == "htk"
+    )
+    return edges[1:-1]
+
+
 class WaveAugmenter:
     """Noise at an SNR and pitch shift on `(batch, samples)` float32 waveforms.
 
@@ -202,6 +273,8 @@ class WaveAugmenter:
         if wave.ndim != 2:
             raise ValueError(f"wave must be (batch, samples), got {tuple(wave.shape)}")
         cfg, out = self.cfg, wave
+        if cfg.wave_speed and cfg.wave_p > 0:
+            out = self._speed(out)
         if cfg.wave_pitch > 0 and cfg.wave_p > 0:
             out = self._pitch(out)
         if cfg.wave_snr_db and cfg.wave_p > 0:
@@ -230,6 +303,24 @@ class WaveAugmenter:
                 continue
             rows = (steps == step).nonzero().flatten().to(wave.device)
             out[rows] = pitch_shift(wave[rows], int(step))
+        return out
+
+    def _speed(self, wave: torch.Tensor) -> torch.Tensor:
+        """`(batch, samples)`: each hit clip resampled by its factor (in twentieths: few
+        distinct short resampling filters), so it plays `factor` times as fast and high, then
+        zero-padded or cut to its length."""
+        low, high = self.cfg.wave_speed
+        hit = self._hits(wave.shape[0])
+        u = torch.rand(wave.shape[0], generator=self.generator, dtype=torch.float64)
+        steps = torch.round(SPEED_STEPS * (low + (high - low) * u)).long()
+        steps = torch.where(hit, steps, torch.full_like(steps, SPEED_STEPS))
+        out = wave.clone()
+        for step in steps.unique().tolist():
+            if step == SPEED_STEPS:
+                continue
+            rows = (steps == step).nonzero().flatten().to(wave.device)
+            fast = torchaudio.functional.resample(wave[rows], int(step), SPEED_STEPS)
+            out[rows] = fix_length(fast, wave.shape[1], "start")
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,7 +32,12 @@ from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
 from tympan.progress import progress as show_progress
-from tympan.training.augment import AugmentedInputs, Augmenter, soft_cross_entropy
+from tympan.training.augment import (
+    AugmentedInputs,
+    Augmenter,
+    mel_centres,
+    soft_cross_entropy,
+)
 
 
 class TrainingError(ValueError):
@@ -271,7 +276,8 @@ class SeedTrainer:
             if not classify and augment.mixup_alpha > 0:
                 raise TrainingError("augment.mixup_alpha needs train.task=classification")
             seconds = float(cache.meta["params"]["seconds"])  # the window the frames cover
-            self.augmenter = Augmenter(augment, n, seed, seconds)
+            bin_hz = mel_centres(_cache_features(cache)) if augment.vtlp > 0 else None
+            self.augmenter = Augmenter(augment, n, seed, seconds, bin_hz)
         if augment is not None and augment.waveform:
             # its own stream, so spectral draws stay as they were without waveform augmentation
             self.inputs = AugmentedInputs(
