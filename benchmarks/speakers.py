@@ -11,8 +11,10 @@ evaluate) in a folder of its own under --work and tracked in MLflow under the ex
 `fsdd-ablations`. The table shows the out-of-fold accuracy of the seed ensemble over all
 3,000 clips, the worst held-out speaker's accuracy (evaluate's breakdown), the members'
 accuracy mean +- std over folds x seeds, and the row's wall time. To rank levers on a busy
-2-core machine the rows train --seeds (default one) for at most --epochs epochs; the final
-preset is run with its own 3 seeds and epochs (`--row final --preset-sizes`).
+2-core machine the rows train --seeds (default one) for at most --epochs epochs. Every row
+starts from the preset as it was before it took the levers (`BEFORE`), so its figure
+reproduces; `trim-val-vtlp` is the preset as it is now, which `--row trim-val-vtlp --seeds 0 1
+2 --epochs 40` (or `--preset-sizes`) runs at its own size.
 
 Finished rows are kept in --work/speakers.json (a rerun of a row at the same seeds x epochs
 replaces it), so rows can run
@@ -38,10 +40,27 @@ FSDD = Path(os.environ.get("TYMPAN_FSDD", REPO.parent / "shared" / "datasets" / 
 PRESET = "fsdd_speaker_independent"
 EXPERIMENT = "fsdd-ablations"
 
-# The fast base the levers are measured against: the preset's protocol, features and spectral
+# The rows were measured before the preset took its levers; every row starts from the preset
+# as it was then (val a whole training speaker, no trimming, no VTLP), so each figure
+# reproduces. `final` is the preset as it is now.
+BEFORE = {"data.group_by": "speaker", "features.trim_db": 0.0, "augment.vtlp": 0.0}
+# main's preset before issue 15: S5's CRNN with pitch shift, 60 epochs
+CRNN = {
+    **BEFORE,
+    "model.name": "crnn",
+    "model.channels": 32,
+    "model.kernel": 3,
+    "model.units": [64, 64],
+    "model.dropout_conv": 0.1,
+    "model.dropout": 0.3,
+    "augment.wave_pitch": 2,
+    "augment.wave_p": 0.5,
+}
+# The fast base the levers are measured against: that protocol, features and spectral
 # augmentation with the S3 CNN (one 5x5 conv of 32, pool 4, dense 128: 5x cheaper per batch
 # than the CRNN on this CPU) and without the phase-vocoder pitch shift (its own row).
 FAST = {
+    **BEFORE,
     "model.name": "s3_cnn",
     "model.channels": 32,
     "model.kernel": 5,
@@ -66,7 +85,7 @@ POOLED = {"model.name": "pooled_cnn", "model.channels": 16, "model.kernel": 3}
 
 # row name -> (what changes, overrides on the preset); each lever row is `fast` plus one lever
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "baseline": ("main's preset: CRNN, pitch shift, val a whole training speaker", {}),
+    "baseline": ("the preset before issue 15: CRNN, pitch shift, val a whole speaker", CRNN),
     "fast": ("S3 CNN instead of the CRNN, no pitch shift (the base of the rows below)", FAST),
     "val-recordings": (
         "val: a stratified sample of the five training speakers' recordings",
