@@ -1,27 +1,35 @@
-"""Tuning strategies against a grid, over several sampler seeds, through tympan's tune stage.
+"""Tuning strategies against a grid, over many sampler seeds, through tympan's tune stage.
 
     PATH=.venv/bin:$PATH nice -n 10 python benchmarks/tuning.py --features data/features \\
-        --jobs 2 --record bench-tuning.jsonl             # after `dvc repro`; --quick: minutes
+        --jobs 2 --record bench-tuning.jsonl          # after `dvc repro`; --quick: a smoke run
 
-Every search runs through `stages.run_tune` (the same objective, seeds in lockstep, storage and
-report code as `dvc repro`) on a cached feature set, in a temporary SQLite study and MLflow
-store, one process per search (`--jobs` at a time, one torch thread each).
+The grids and the checking searches run through `stages.run_tune` (the same objective, seeds
+in lockstep, storage and report code as `dvc repro`) on a cached feature set, each in its own
+process with a temporary SQLite study and MLflow store (`--jobs` at a time, one torch thread
+each). `--record` keeps every finished search (JSON lines) and reuses it when the same search
+comes again; `--report-only` prints what a stopped run had finished.
 
 1. S5's space. The grid is S5's hand search: dropout (0.3, 0.5, 0.7) x batch (16, 32) x
-   epochs (10, 20), 12 points, no pruning. It is deterministic (its training seeds are
-   `--seeds`, i.e. tune.seeds), so it runs once. Its best seed-mean minus that trial's seed
-   std is the target. Each candidate strategy searches dropout x batch with epochs as the
-   budget (every trial up to 20 epochs, early stopping; a pruner may not compare trials at
-   unequal budgets), once per sampler seed, and stops at the target or when it has spent the
-   grid's seed-epochs (at most `--trials` trials). Printed per strategy: the seed-epochs it
-   spent to reach the target as a share of the grid's (median and min-max over sampler seeds),
-   how many seeds never reached it, trials and pruned trials to the target, wall time.
+   epochs (10, 20), 12 points, no pruning. It is deterministic (its training seeds are fixed:
+   `--seeds`, tune.seeds), so it runs once. Its best seed mean minus that trial's seed std is
+   the target. A candidate strategy searches dropout x batch with epochs as the budget (every
+   trial up to 20 epochs with early stopping; a pruner may not compare trials at unequal
+   budgets) and stops at the target, at the grid's seed-epochs or after `--trials` trials.
+   Such a trial trains exactly what the grid's 20-epoch point of the same dropout and batch
+   trained, epoch by epoch, so each strategy is replayed for every `--sampler-seeds` seed from
+   the grid's recorded seed means and epochs per seed, with tympan's own sampler and pruner
+   (`make_sampler`, `make_pruner`) on a study of the stage's name: seconds, not hours. Two
+   checks are printed: the grid's 10-epoch points against what its 20-epoch points reported
+   at epoch 10 (determinism), and the `--real-seeds` searches, run through the stage, against
+   their replays trial by trial. Printed per strategy: seed-epochs to the target, as a share
+   of the grid's (median and min-max over sampler seeds; a seed that never got there counts
+   as "never"), trials and pruned trials to it, and wall time for the searches that ran.
 2. A wide space, where a grid is hopeless: lr log-uniform in [1e-4, 3e-3], dropout in
    [0.1, 0.6], batch (16, 32, 64) and epochs 1-4 (short, so that 81 trials fit a 2-core
-   machine; pruner none, epochs is a dimension). The grid takes 3 points per axis (81: lr
-   1e-4, 5.5e-4, 3e-3; dropout 0.1, 0.35, 0.6; epochs 1, 2, 4); TPE gets the grid's
-   seed-epochs (it stops at the first trial that would start past them) once per sampler
-   seed. Printed: the best value each found, TPE's median and min-max.
+   machine; pruner none, as epochs is a dimension; one training seed, `--wide-seeds`). The
+   grid takes 3 points per axis, 81 (lr 1e-4, 5.5e-4, 3e-3; dropout 0.1, 0.35, 0.6; epochs
+   1, 2, 4); TPE gets the grid's seed-epochs, once per `--wide-sampler-seeds` seed. Printed:
+   the best value each found, TPE's median and min-max.
 
 A search that stops early does so through the stage: the benchmark wraps the objective so that
 a queued trial started once the search is done is pruned at once (user attr `bench.skipped`,
@@ -197,6 +205,7 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - start
         name = study_name(params, open_cache(features).meta["key"])
         study = optuna.load_study(study_name=name, storage=params.tune.storage)
+        lengths = seed_epochs()
         trials = [
             {
                 "number": t.number,
@@ -206,12 +215,143 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
                 "epochs": int(t.user_attrs.get("epochs_trained", 0)),
                 "skipped": bool(t.user_attrs.get("bench.skipped")),
                 "params": t.params,
+                # the seed mean reported at each epoch, and how many epochs each seed trained
+                "reported": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                "seed_epochs": lengths.get(t.number, []),
                 "start": t.datetime_start.timestamp() if t.datetime_start else None,
                 "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
             }
             for t in sorted(study.trials, key=lambda t: t.number)
         ]
     return {"key": job["key"], "label": job["label"], "wall_s": wall, "trials": trials}
+
+
+def seed_epochs() -> dict[int, list[int]]:
+    """Trial number -> epochs trained by each of its seeds (in seed order), from the MLflow
+    store: every seed's run logs val_loss once an epoch."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found: dict[int, dict[int, int]] = {}
+    for run in client.search_runs(ids, "tags.`tympan.seed` != ''", max_results=50000):
+        tags = run.data.tags
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        found.setdefault(int(tags["optuna.trial"]), {})[int(tags["tympan.seed"])] = len(history)
+    return {trial: [n for _, n in sorted(seeds.items())] for trial, seeds in found.items()}
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def replay(
+    grid: dict[str, Any], label: str, sampler_seed: int, job: dict[str, Any]
+) -> dict[str, Any]:
+    """Strategy `label` with `sampler_seed` on S5's space, its trials' training replayed from
+    the grid's longest-epochs trials instead of run again.
+
+    A candidate trial (dropout, batch, up to the grid's largest epochs, early stopping) trains
+    exactly what the grid's point (dropout, batch, largest epochs) trained, same seeds, epoch
+    by epoch (training is deterministic on the CPU; the run checks it on the grid's shorter
+    points and on the real-stage searches). So the seed means it reports, where the pruner
+    stops it and the seed-epochs it costs are read off that grid trial. The sampler and pruner
+    are tympan's own (`make_sampler`, `make_pruner`), on a study of the stage's name, fed
+    queued trials in the stage's order; only the training is skipped.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from tympan.config import load_params
+    from tympan.features import open_cache
+    from tympan.tuning.study import QUEUED, make_pruner, make_sampler, study_name
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = load_params(Path(job["params"]))
+    sampler, pruner = STRATEGIES[label]
+    params = replace(
+        base,
+        train=replace(base.train, **job["train"]),
+        tune=replace(
+            base.tune,
+            enabled=True,
+            seeds=tuple(job["seeds"]),
+            metric="val_accuracy",
+            sampler=sampler,
+            pruner=pruner,
+            sampler_seed=sampler_seed,
+            n_trials=job["n_trials"],
+            space=job["space"],
+            study_name="bench",
+        ),
+    )
+    longest = max(t["params"]["train.epochs"] for t in grid["trials"])
+    curves = {
+        (t["params"]["model.dropout"], t["params"]["train.batch_size"]): t
+        for t in grid["trials"]
+        if t["params"]["train.epochs"] == longest
+    }
+    study = optuna.create_study(
+        study_name=study_name(params, open_cache(Path(job["features"])).meta["key"]),
+        sampler=make_sampler(params),
+        pruner=make_pruner(params),
+        direction="maximize",
+    )
+    for _ in range(params.tune.n_trials):
+        study.enqueue_trial({}, user_attrs={QUEUED: True})
+    target, budget = job["goal"]["target"], job["goal"]["budget"]
+    trials, used = [], 0
+    for _ in range(params.tune.n_trials):
+        if used >= budget or any(t["state"] == "complete" and t["value"] >= target for t in trials):
+            break
+        trial = study.ask()
+        point = (
+            trial.suggest_categorical("model.dropout", [0.3, 0.5, 0.7]),
+            trial.suggest_categorical("train.batch_size", [16, 32]),
+        )
+        source = curves[point]
+        state, value, epochs = "complete", source["value"], sum(source["seed_epochs"])
+        for step, mean in sorted((int(k), v) for k, v in source["reported"].items()):
+            trial.report(mean, step)
+            if trial.should_prune():
+                state, value = "pruned", None
+                epochs = sum(min(step, n) for n in source["seed_epochs"])
+                break
+        if state == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+        used += epochs
+        trials.append(
+            {
+                "number": trial.number,
+                "state": state,
+                "value": value,
+                "seed_std": source["seed_std"] if state == "complete" else None,
+                "epochs": epochs,
+                "skipped": False,
+                "params": dict(zip(("model.dropout", "train.batch_size"), point, strict=True)),
+                "start": 0.0,
+                "end": 0.0,
+            }
+        )
+    return {"label": f"replay {label} {sampler_seed}", "wall_s": 0.0, "trials": trials}
+
+
+def same_search(real: dict[str, Any], replayed: dict[str, Any]) -> bool:
+    """The real stage's search and its replay tried the same points with the same outcome."""
+
+    def steps(record: dict[str, Any]) -> list[tuple]:
+        return [
+            (
+                t["params"],
+                t["state"],
+                t["epochs"],
+                None if t["value"] is None else round(t["value"], 6),
+            )
+            for t in ran(record)
+        ]
+
+    return steps(real) == steps(replayed)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -247,12 +387,14 @@ def reach(record: dict[str, Any], target: float) -> dict[str, Any] | None:
 
 
 def spread(values: list[float], fmt: str) -> str:
+    """Median [min-max]; infinity (a search that never reached the target) reads "never"."""
     if not values:
         return "-"
-    return (
-        f"{format(statistics.median(values), fmt)} "
-        f"[{format(min(values), fmt)}-{format(max(values), fmt)}]"
-    )
+
+    def show(value: float) -> str:
+        return "never" if value == float("inf") else format(value, fmt)
+
+    return f"{show(statistics.median(values))} [{show(min(values))}-{show(max(values))}]"
 
 
 def show_params(params: dict[str, Any]) -> str:
@@ -276,8 +418,8 @@ class Runner:
     """Runs searches in a process pool, `jobs` at a time, lowest priority number first; a
     search whose key is in `--record` is not run again: its record is reused."""
 
-    def __init__(self, jobs: int, record: Path | None) -> None:
-        self.jobs = jobs
+    def __init__(self, jobs: int, record: Path | None, report_only: bool = False) -> None:
+        self.jobs, self.report_only = jobs, report_only
         self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
         self.record = record
         self.known: dict[str, dict[str, Any]] = {}
@@ -305,6 +447,9 @@ class Runner:
                     result = {**self.known[job["key"]], "reused": True}
                     self.keep(result)
                     yield which, result
+                    continue
+                if self.report_only:
+                    print(f"  not in the record, not run: {job['label']}", flush=True)
                     continue
                 self.running[self.pool.submit(search, job)] = which
             if not self.running:
@@ -338,7 +483,20 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (tune.seeds)"
     )
-    parser.add_argument("--sampler-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--sampler-seeds",
+        type=int,
+        nargs="+",
+        default=list(range(20)),
+        help="S5's space: the sampler seeds replayed from the grid",
+    )
+    parser.add_argument(
+        "--real-seeds",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="S5's space: the sampler seeds also searched through the stage (checks the replay)",
+    )
     parser.add_argument(
         "--strategies", nargs="+", choices=sorted(STRATEGIES), default=list(DEFAULT_STRATEGIES)
     )
@@ -348,14 +506,17 @@ def main() -> None:
     parser.add_argument(
         "--wide-seeds", type=int, nargs="+", default=[0], help="the wide space's training seeds"
     )
-    parser.add_argument(
-        "--wide-sampler-seeds", type=int, nargs="+", help="default: --sampler-seeds"
-    )
+    parser.add_argument("--wide-sampler-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--no-wide", action="store_true", help="S5's space only")
     parser.add_argument("--jobs", type=int, default=1, help="searches at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per search")
     parser.add_argument(
         "--record", type=Path, help="JSON lines of finished searches: appended, and reused"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the searches found in --record (a stopped run's)",
     )
     parser.add_argument(
         "--quick",
@@ -366,18 +527,16 @@ def main() -> None:
     args = parser.parse_args()
     grid_epochs, wide_epochs, points = S5_GRID_EPOCHS, (1, 2, 4), 3
     if args.quick:
-        args.seeds, args.sampler_seeds, args.wide_seeds = [0], [0, 1], [0]
-        args.wide_sampler_seeds = None
+        args.seeds, args.sampler_seeds, args.wide_seeds = [0], [0, 1, 2, 3, 4], [0]
+        args.wide_sampler_seeds = [0, 1]
         grid_epochs, wide_epochs, points = (2, 4), (1, 2), 2
-    if args.wide_sampler_seeds is None:
-        args.wide_sampler_seeds = args.sampler_seeds
     features, params = str(args.features.resolve()), str(args.params.resolve())
     common = {"features": features, "params": params, "threads": args.threads}
     s5_grid_space, s5_space = s5_spaces(grid_epochs)
     wide_space, wide_grid_space = wide_spaces(wide_epochs, points)
     n_grid = 3 * 2 * 2
     n_wide = points**4
-    runner = Runner(args.jobs, args.record)
+    runner = Runner(args.jobs, args.record, args.report_only)
     wall_start = time.perf_counter()
 
     # S5's searches first (priority 0), the wide space's after (1)
@@ -421,6 +580,8 @@ def main() -> None:
         if which[0] == "s5-grid":
             top = best(result)
             goal = {"target": top["value"] - top["seed_std"], "budget": spent(result)}
+            # every sampler seed replayed from the grid's curves (seconds), the --real-seeds
+            # also through the stage, which checks the replay
             for seed in args.sampler_seeds:
                 for label in args.strategies:
                     sampler, pruner = STRATEGIES[label]
@@ -436,7 +597,9 @@ def main() -> None:
                         "train": {"epochs": max(grid_epochs)},
                         "goal": goal,
                     }
-                    runner.add(job, ("s5", (label, seed)), 0)
+                    results[("replay", (label, seed))] = replay(result, label, seed, job)
+                    if seed in args.real_seeds:
+                        runner.add(job, ("s5", (label, seed)), 0)
         elif which[0] == "wide-grid":
             goal = {"budget": spent(result)}
             for seed in args.wide_sampler_seeds:
@@ -462,15 +625,22 @@ def report(args, results, grid_epochs, wide_epochs, points, total: float) -> Non
     from tympan.features import open_cache
 
     clips = open_cache(args.features).features.shape[0]
-    grid = results[("s5-grid", None)]
-    top = best(grid)
-    target = top["value"] - top["seed_std"]
-    budget = spent(grid)
     print(
         f"\n{' '.join(sys.argv)}\nfeatures {args.features} ({clips} clips), training seeds "
         f"{args.seeds} (tune.seeds), sampler seeds {args.sampler_seeds}; wall {total:.0f} s "
         f"with {args.jobs} search(es) at a time"
     )
+    if ("s5-grid", None) in results:
+        report_s5(args, results, grid_epochs)
+    if ("wide-grid", None) in results:
+        report_wide(args, results, wide_epochs, points)
+
+
+def report_s5(args, results, grid_epochs) -> None:
+    grid = results[("s5-grid", None)]
+    top = best(grid)
+    target = top["value"] - top["seed_std"]
+    budget = spent(grid)
     print(
         f"\n== S5's space: grid = dropout (0.3, 0.5, 0.7) x batch (16, 32) x epochs "
         f"{grid_epochs}, {len(ran(grid))} points, once (deterministic: its training seeds are "
@@ -483,41 +653,84 @@ def report(args, results, grid_epochs, wide_epochs, points, total: float) -> Non
         f"{top['seed_std']:.4f} ({show_params(top['params'])}); target (best - one seed-std) "
         f">= {target:.4f}"
     )
+    longest = max(grid_epochs)
+    curves = {
+        (t["params"]["model.dropout"], t["params"]["train.batch_size"]): t
+        for t in grid["trials"]
+        if t["params"]["train.epochs"] == longest
+    }
+    gaps = [
+        abs(
+            t["value"]
+            - curves[(t["params"]["model.dropout"], t["params"]["train.batch_size"])]["reported"][
+                str(t["params"]["train.epochs"])
+            ]
+        )
+        for t in grid["trials"]
+        if t["params"]["train.epochs"] != longest
+    ]
+    print(
+        f"determinism: the grid's {min(grid_epochs)}-epoch points vs the seed means its "
+        f"{longest}-epoch points reported at epoch {min(grid_epochs)}: largest difference "
+        f"{max(gaps):.2g}"
+    )
     head = (
-        f"{'strategy':<15}{'reached':>8}  {'seed-epochs to target':<24}{'% of grid':<18}"
-        f"{'trials':<13}{'pruned':<12}{'wall s to target':<18}"
+        f"{'strategy':<28}{'reached':>8}  {'seed-epochs to target':<24}{'% of grid':<18}"
+        f"{'trials':<12}{'pruned':<12}{'wall s to target':<16}"
     )
     print(head)
     print("-" * len(head))
     per_seed = []
-    for label in args.strategies:
-        records = [results[("s5", (label, seed))] for seed in args.sampler_seeds]
+
+    def row(name: str, records: list[dict[str, Any]], wall: bool) -> None:
         hits = [reach(r, target) for r in records]
         got = [h for h in hits if h is not None]
+        never = float("inf")
+        epochs = [never if h is None else h["epochs"] for h in hits]
+        seconds = [never if h is None else h["seconds"] for h in hits]
         print(
-            f"{label:<15}{f'{len(got)}/{len(hits)}':>8}  "
-            f"{spread([h['epochs'] for h in got], '.0f'):<24}"
-            f"{spread([100 * h['epochs'] / budget for h in got], '.0f'):<18}"
-            f"{spread([h['trials'] for h in got], '.0f'):<13}"
+            f"{name:<28}{f'{len(got)}/{len(hits)}':>8}  "
+            f"{spread(epochs, '.0f'):<24}"
+            f"{spread([100 * e / budget for e in epochs], '.0f'):<18}"
+            f"{spread([h['trials'] for h in got], '.0f'):<12}"
             f"{spread([h['pruned'] for h in got], '.0f'):<12}"
-            f"{spread([h['seconds'] for h in got], '.0f'):<18}"
+            f"{spread(seconds, '.0f') if wall else '(replayed)':<16}"
         )
+
+    checks = []
+    for label in args.strategies:
+        records = [results[("replay", (label, seed))] for seed in args.sampler_seeds]
+        row(f"{label} (seeds {args.sampler_seeds[0]}-{args.sampler_seeds[-1]})", records, False)
+        real = [
+            (seed, results[("s5", (label, seed))])
+            for seed in args.real_seeds
+            if ("s5", (label, seed)) in results
+        ]
+        if real:
+            row(f"  through the stage: {[s for s, _ in real]}", [r for _, r in real], True)
+        for seed, record in real:
+            same = same_search(record, results[("replay", (label, seed))])
+            checks.append(f"{label} seed {seed}: {'same' if same else 'DIFFERENT'}")
+        hits = [reach(r, target) for r in records]
         per_seed.append(
             f"  {label:<15}"
             + ", ".join(
-                f"{s}: {h['epochs']} ({100 * h['epochs'] / budget:.0f}%)"
-                if h
-                else f"{s}: never ({spent(r)} spent)"
-                for s, h, r in zip(args.sampler_seeds, hits, records, strict=True)
+                f"{s}: {100 * h['epochs'] / budget:.0f}%" if h else f"{s}: never"
+                for s, h in zip(args.sampler_seeds, hits, strict=True)
             )
         )
     print(
-        "(median [min-max] over the sampler seeds that reached the target; a seed that never "
-        "did spent the grid's seed-epochs)\nseed-epochs to target by sampler seed:"
+        "seed-epochs, % and wall: median [min-max] over all sampler seeds, a seed that never "
+        "reached the target counting as 'never' (it spent the grid's seed-epochs or its trials);"
+        " trials and pruned: over the seeds that reached it"
     )
+    if checks:
+        print("real stage vs replay, trial by trial: " + "; ".join(checks))
+    print("share of the grid's seed-epochs to the target, by sampler seed:")
     print("\n".join(per_seed))
-    if ("wide-grid", None) not in results:
-        return
+
+
+def report_wide(args, results, wide_epochs, points) -> None:
     wide = results[("wide-grid", None)]
     wtop = best(wide)
     _, wide_grid_space = wide_spaces(wide_epochs, points)
@@ -540,6 +753,7 @@ def report(args, results, grid_epochs, wide_epochs, points, total: float) -> Non
         f"{'grid':<22}{wtop['value']:<26.4f}{spent(wide):<20}{len(ran(wide)):<16}"
         f"{wide['wall_s']:<16.0f}"
     )
+    args.wide_sampler_seeds = [s for s in args.wide_sampler_seeds if ("wide", s) in results]
     tpe = [results[("wide", seed)] for seed in args.wide_sampler_seeds]
     print(
         f"{'TPE (median [range])':<22}{spread([best(r)['value'] for r in tpe], '.4f'):<26}"
