@@ -61,8 +61,20 @@ STRATEGIES = {  # label -> tune.sampler, tune.pruner
     "tpe+hyperband": ("tpe", "hyperband"),
     "tpe+sha": ("tpe", "sha"),
     "random+sha": ("random", "sha"),
+    # each point once, in an order shuffled by the sampler seed (the stage's grid queue)
+    "grid+none": ("grid", "none"),
+    "grid+median": ("grid", "median"),
+    "grid+sha": ("grid", "sha"),
+    "grid+hyperband": ("grid", "hyperband"),
 }
-DEFAULT_STRATEGIES = ("tpe+median", "tpe+hyperband", "tpe+sha")
+DEFAULT_STRATEGIES = (
+    "tpe+median",
+    "tpe+hyperband",
+    "tpe+sha",
+    "grid+none",
+    "grid+median",
+    "grid+hyperband",
+)
 WIDE_LR = (1e-4, 3e-3)
 WIDE_DROPOUT = (0.1, 0.6)
 WIDE_BATCH = (16, 32, 64)
@@ -263,7 +275,7 @@ def replay(
 
     from tympan.config import load_params
     from tympan.features import open_cache
-    from tympan.tuning.study import QUEUED, make_pruner, make_sampler, study_name
+    from tympan.tuning.study import make_pruner, make_sampler, study_name, top_up
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_params(Path(job["params"]))
@@ -296,11 +308,10 @@ def replay(
         pruner=make_pruner(params),
         direction="maximize",
     )
-    for _ in range(params.tune.n_trials):
-        study.enqueue_trial({}, user_attrs={QUEUED: True})
+    queued = top_up(study, params)  # the stage's queue: n_trials, or the grid's points
     target, budget = job["goal"]["target"], job["goal"]["budget"]
     trials, used = [], 0
-    for _ in range(params.tune.n_trials):
+    for _ in range(queued):
         if used >= budget or any(t["state"] == "complete" and t["value"] >= target for t in trials):
             break
         trial = study.ask()
@@ -508,6 +519,7 @@ def main() -> None:
     )
     parser.add_argument("--wide-sampler-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--no-wide", action="store_true", help="S5's space only")
+    parser.add_argument("--no-s5", action="store_true", help="the wide space only")
     parser.add_argument("--jobs", type=int, default=1, help="searches at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per search")
     parser.add_argument(
@@ -540,22 +552,23 @@ def main() -> None:
     wall_start = time.perf_counter()
 
     # S5's searches first (priority 0), the wide space's after (1)
-    runner.add(
-        {
-            **common,
-            "label": "S5 grid",
-            "seeds": args.seeds,
-            "sampler": "grid",
-            "pruner": "none",
-            "sampler_seed": 0,
-            "n_trials": n_grid,
-            "space": s5_grid_space,
-            "train": {},
-            "goal": {},
-        },
-        ("s5-grid", None),
-        0,
-    )
+    if not args.no_s5:
+        runner.add(
+            {
+                **common,
+                "label": "S5 grid",
+                "seeds": args.seeds,
+                "sampler": "grid",
+                "pruner": "none",
+                "sampler_seed": 0,
+                "n_trials": n_grid,
+                "space": s5_grid_space,
+                "train": {},
+                "goal": {},
+            },
+            ("s5-grid", None),
+            0,
+        )
     if not args.no_wide:
         runner.add(
             {
