@@ -468,7 +468,11 @@ class Runner:
             finished, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
             for future in finished:
                 which = self.running.pop(future)
-                result = future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:  # one failed search must not lose the others' records
+                    print(f"  FAILED: {which}: {exc!r}", flush=True)
+                    continue
                 self.keep(result)
                 yield which, result
         self.pool.shutdown()
