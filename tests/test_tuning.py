@@ -42,7 +42,7 @@ from tympan.data.splits import split_manifest
 from tympan.features import build_cache, open_cache
 from tympan.training import SeedTrainer, fit
 from tympan.tuning.space import grid_values, validate_space
-from tympan.tuning.study import TuneError, open_storage, study_name
+from tympan.tuning.study import TuneError, make_pruner, open_storage, study_name
 
 from conftest import REPO, TONE_FEATURES, copy_project, free_port
 
@@ -308,7 +308,7 @@ def test_a_searched_params_value_is_not_part_of_the_study():
     assert study_name(fixed, "k") != study_name(params, "k")
 
 
-@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "sha"])
 def test_epochs_are_the_budget_not_a_dimension_when_pruning(tmp_path, pruner):
     """A pruner compares trials epoch by epoch; searching epochs would compare a 10-epoch
     trial's last value with a 60-epoch trial's at unequal budgets."""
@@ -338,13 +338,27 @@ def test_the_space_is_nested_so_dvc_set_param_reaches_each_bound(tmp_path):
     )
 
 
-def test_pruned_trials_are_recorded_as_pruned(tmp_path, tone_cache_dir, mlflow_store):
+@pytest.mark.parametrize(
+    ("pruner", "kind"),
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("sha", optuna.pruners.SuccessiveHalvingPruner),
+        ("none", optuna.pruners.NopPruner),
+    ],
+)
+def test_each_pruner_name_makes_its_optuna_pruner(tmp_path, pruner, kind):
+    assert isinstance(make_pruner(tune_params(tmp_path, pruner=pruner)), kind)
+
+
+@pytest.mark.parametrize("pruner", ["median", "sha"])
+def test_pruned_trials_are_recorded_as_pruned(tmp_path, tone_cache_dir, mlflow_store, pruner):
     space = {"train.lr": SearchParam("float", 1e-5, 1e-2, log=True)}
-    params = tune_params(tmp_path, sampler="random", pruner="median", n_trials=8, space=space)
+    params = tune_params(tmp_path, sampler="random", pruner=pruner, n_trials=8, space=space)
     params = replace(params, train=replace(params.train, epochs=6, patience=6))
     figures = _run_tune(params, tone_cache_dir, tmp_path)
     assert figures["trials_complete"] + figures["trials_pruned"] == 8
-    assert figures["trials_pruned"] >= 1  # lrs near 1e-5 barely learn: the median prunes them
+    assert figures["trials_pruned"] >= 1  # lrs near 1e-5 barely learn: the pruner drops them
     table = (tmp_path / "trials.csv").read_text()
     assert table.startswith("number,state,value")
 

@@ -754,7 +754,7 @@ class TuneConfig:
     )
     sampler: str = field(default="tpe", metadata=_choices("tpe", "grid", "random"))
     sampler_seed: int = field(default=0, metadata=_SEED)
-    pruner: str = field(default="median", metadata=_choices("median", "hyperband", "none"))
+    pruner: str = field(default="median", metadata=_choices("median", "hyperband", "sha", "none"))
     # Any SQLAlchemy URL without a password (params.yaml lands in dvc.lock and MLflow);
     # $TYMPAN_TUNE_STORAGE, when set, is used instead and may hold one.
     storage: str = "sqlite:///optuna.db"

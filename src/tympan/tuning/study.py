@@ -158,6 +158,8 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if params.tune.pruner == "hyperband":  # train.epochs is never searched with a pruner
         return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=params.train.epochs)
+    if params.tune.pruner == "sha":  # asynchronous successive halving: rungs at 2, 6, 18 epochs
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
