@@ -114,6 +114,7 @@ def test_every_stage_of_a_state_seen_before_comes_back_from_the_run_cache(projec
     assert "up to date" in _run(project, "dvc", "status")
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 @pytest.mark.integration
 def test_the_same_model_is_registered_once(project):
     """evaluate and register run again on the same models (what the run-cache now spares,
@@ -157,6 +158,7 @@ def test_the_same_model_is_registered_once(project):
     _run(project, "git", "commit", "-qm", "retrained")
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 @pytest.mark.integration
 def test_tuned_values_are_dvc_params_that_win_over_params_yaml(project):
     """With tuning on, `dvc params diff`/`dvc exp show` list what train used; a searched

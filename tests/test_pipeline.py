@@ -89,6 +89,7 @@ def test_repro_runs_every_stage_then_nothing(repo, demo_build):
     assert "up to date" in _run(repo, "dvc", "status")
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_changing_train_lr_reruns_only_downstream(repo, tmp_path):
     assert _run(repo, "git", "status", "--porcelain") == ""  # the first repro is committed
     _set(repo / "params.yaml", "train", "lr", 0.0005)
@@ -211,6 +212,7 @@ def test_default_local_remote_push_and_pull(repo):
     assert "Cache and remote 'local' are in sync" in _run(repo, "dvc", "status", "--cloud")
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_switching_a_feature_param_back_restores_from_the_run_cache(repo):
     """A changed feature param recomputes the features; a state seen before is restored from
     DVC's run-cache (no stage run). The remote test emptied the cache, so the first visit to

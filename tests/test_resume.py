@@ -64,6 +64,7 @@ def _members(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     return torch.load(out / "bundle.pt", map_location="cpu", weights_only=True)["members"]
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_a_killed_train_resumes_and_matches_an_uninterrupted_run(tone_cache_dir, tmp_path):
     base = load_params(REPO / "params.yaml")
     params = replace(

@@ -324,6 +324,7 @@ def test_the_client_starts_without_torch():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_tympan_predict_scores_a_folder_and_lists_bad_files(
     registered, served, fsdd_root, tmp_path
 ):

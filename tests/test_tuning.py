@@ -393,6 +393,7 @@ def _tympan(params_file: Path, *args: str, env: dict) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 @pytest.mark.integration
 def test_killed_study_resumes_with_the_lost_trial_retried(tmp_path, tone_cache_dir):
     params = tune_params(tmp_path, sampler="tpe", n_trials=3, heartbeat_s=1)

@@ -146,6 +146,7 @@ def test_git_holds_the_headline_and_dvc_the_rest(project):
         _run(project.root, "git", "check-ignore", "-q", path)
 
 
+@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_a_second_run_on_this_machine_is_bit_identical(project, tmp_path):
     """Train and evaluate again in new processes: the same weights, history and metrics,
     byte for byte, as `dvc repro` wrote."""
