@@ -89,7 +89,6 @@ def test_repro_runs_every_stage_then_nothing(repo, demo_build):
     assert "up to date" in _run(repo, "dvc", "status")
 
 
-@pytest.mark.slow  # over 20 s; run with -m slow (the 20-minute default run)
 def test_changing_train_lr_reruns_only_downstream(repo, tmp_path):
     assert _run(repo, "git", "status", "--porcelain") == ""  # the first repro is committed
     _set(repo / "params.yaml", "train", "lr", 0.0005)
