@@ -80,6 +80,26 @@ WIDE_DROPOUT = (0.1, 0.6)
 WIDE_BATCH = (16, 32, 64)
 
 
+def search_params(base, job: dict[str, Any], sampler: str, pruner: str, sampler_seed: int):
+    """`base` with `job`'s training sizes and a tune section for one benchmark search."""
+    return replace(
+        base,
+        train=replace(base.train, **job["train"]),
+        tune=replace(
+            base.tune,
+            enabled=True,
+            seeds=tuple(job["seeds"]),
+            metric="val_accuracy",
+            sampler=sampler,
+            pruner=pruner,
+            sampler_seed=sampler_seed,
+            n_trials=job["n_trials"],
+            space=job["space"],
+            study_name="bench",
+        ),
+    )
+
+
 def s5_spaces(grid_epochs: tuple[int, int]) -> tuple[dict, dict]:
     """S5's grid (epochs a dimension) and the candidates' space (epochs the budget)."""
     from tympan.config import SearchParam
@@ -188,22 +208,7 @@ def search(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_params(Path(job["params"]))
-    params = replace(
-        base,
-        train=replace(base.train, **job["train"]),
-        tune=replace(
-            base.tune,
-            enabled=True,
-            seeds=tuple(job["seeds"]),
-            metric="val_accuracy",
-            sampler=job["sampler"],
-            pruner=job["pruner"],
-            sampler_seed=job["sampler_seed"],
-            n_trials=job["n_trials"],
-            space=job["space"],
-            study_name="bench",
-        ),
-    )
+    params = search_params(base, job, job["sampler"], job["pruner"], job["sampler_seed"])
     with tempfile.TemporaryDirectory(prefix="tympan-bench-") as tmp:
         workdir = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlruns.db'}"
@@ -280,22 +285,7 @@ def replay(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_params(Path(job["params"]))
     sampler, pruner = STRATEGIES[label]
-    params = replace(
-        base,
-        train=replace(base.train, **job["train"]),
-        tune=replace(
-            base.tune,
-            enabled=True,
-            seeds=tuple(job["seeds"]),
-            metric="val_accuracy",
-            sampler=sampler,
-            pruner=pruner,
-            sampler_seed=sampler_seed,
-            n_trials=job["n_trials"],
-            space=job["space"],
-            study_name="bench",
-        ),
-    )
+    params = search_params(base, job, sampler, pruner, sampler_seed)
     longest = max(t["params"]["train.epochs"] for t in grid["trials"])
     curves = {
         (t["params"]["model.dropout"], t["params"]["train.batch_size"]): t

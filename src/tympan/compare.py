@@ -26,6 +26,7 @@ import yaml
 from tympan import stages, tracking
 from tympan.config import ConfigError, Params, load_params, params_from_dict, to_dict
 from tympan.evaluation.card import leak_detail
+from tympan.stages import read_optional
 
 # What each study reported, on its own data and under its own protocol (SEEDS.md), by the
 # honest preset's name: shown beside the reruns, never compared with them as if like for like.
@@ -193,7 +194,7 @@ def row(run: Run, params: Params, d: Path, seconds: float, study: str | None) ->
         "reported": REPORTED.get(base, ""),
         "by": {
             column: {value: {"n": v["n"], metric: v[metric]} for value, v in values.items()}
-            for column, values in _read(d / "metrics" / "breakdown.json").items()
+            for column, values in read_optional(d / "metrics" / "breakdown.json").items()
         },
         "mlflow_run": train["parent_run_id"],
         "wall_s": round(seconds, 1),
@@ -270,7 +271,7 @@ def write_cards(
         source = f"{pipelines / run.preset}.yaml"
         overrides = {**(common or {}), **run.overrides}
         params = overridden(load_params(source), overrides, f"{source} + overrides")
-        record = _read(d / "models" / "train.json")
+        record = read_optional(d / "models" / "train.json")
         tags = client.get_run(r["mlflow_run"]).data.tags
         card = model_card(
             CardInputs(
@@ -281,11 +282,11 @@ def write_cards(
                 preset=params.preset,
                 metric=r["metric"],
                 tags=tags,
-                split=_read(d / "split.json"),
-                test_set=_read(d / "test_set.json"),
-                results=_read(d / "metrics" / "test.json"),
-                classes=_read(d / "metrics" / "classes.json"),
-                breakdown=_read(d / "metrics" / "breakdown.json"),
+                split=read_optional(d / "split.json"),
+                test_set=read_optional(d / "test_set.json"),
+                results=read_optional(d / "metrics" / "test.json"),
+                classes=read_optional(d / "metrics" / "classes.json"),
+                breakdown=read_optional(d / "metrics" / "breakdown.json"),
                 params=record.get("params", {}),
                 tuning=record.get("tuning", {}),
                 comparison=text,
@@ -295,10 +296,6 @@ def write_cards(
         client.log_text(r["mlflow_run"], card, "model_card.md")
         client.log_text(r["mlflow_run"], text, "protocols.md")
         client.set_tag(r["mlflow_run"], "tympan.compared_as", r["run"])
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def log_table(rows: list[dict[str, Any]], text: str, experiment: str, name: str) -> str:

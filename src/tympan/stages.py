@@ -879,8 +879,8 @@ def run_register(
             split=json.loads(split.read_text()),
             test_set=held_out,
             results=results,
-            classes=_read_optional(metric_files["classes"]),
-            breakdown=_read_optional(metric_files["breakdown"]),
+            classes=read_optional(metric_files["classes"]),
+            breakdown=read_optional(metric_files["breakdown"]),
             params=record["params"],  # what trained the model, tuned values included
             tuning=record.get("tuning", {}),
         )
@@ -956,5 +956,6 @@ def _keep_registered(
     )
 
 
-def _read_optional(path: Path) -> dict:
+def read_optional(path: Path) -> dict:
+    """A pipeline output's JSON, {} when the stage did not write it."""
     return json.loads(path.read_text()) if path.exists() else {}
