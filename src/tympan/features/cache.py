@@ -205,6 +205,8 @@ def cache_key(
     # how it was computed changes no value (beyond float rounding on a GPU)
     for how in ("batch_size", "workers", "device"):
         params.pop(how)
+    if params["stack"]["encoder"]["source"] == "none":  # absent when unused: keys stay
+        params["stack"].pop("encoder")
     if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
         params["segment"] = to_dict(segment)
     if extra:
