@@ -240,6 +240,7 @@ class SplitConfig:
 NEURAL = (
     "s3_cnn",
     "s1_mlp",
+    "embedding_head",
     "resnet18",
     "lstm",
     "bilstm",
@@ -349,7 +350,18 @@ class CopiesConfig:
     seed: int = field(default=0, metadata=_SEED)
 
 
-KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
+KINDS = (
+    "logmel",
+    "mfcc",
+    "stft",
+    "lpc",
+    "lsf",
+    "f0",
+    "contrast",
+    "centroid",
+    "zcr",
+    "embedding",
+)
 F0_METHODS = ("yin", "pyin")
 
 
@@ -405,8 +417,12 @@ class StackConfig:
     preemphasis: float | None = field(default=None, metadata=_FRACTION)
     image: tuple[int, int] | None = field(default=None, metadata=_range(1))
     image_channels: int = field(default=1, metadata=_choices(1, 3))
-    # a pretrained encoder (`tympan.encoders`), for the embedding kinds (issue 16)
+    # the `embedding` kind: a pretrained encoder's hidden states (`tympan.encoders`), pooled
+    # over time per layer (`mean`, or `mean_std`: mean and std side by side), every layer
+    # (`all`: the head weighs them, the SUPERB way) or the `last`
     encoder: EncoderConfig = EncoderConfig()
+    pooling: str = field(default="mean", metadata=_choices("mean", "mean_std"))
+    layers: str = field(default="all", metadata=_choices("all", "last"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -430,6 +446,17 @@ class StackConfig:
             )
         if self.image is not None and len(self.image) != 2:
             raise ValueError(f"stack.image must be two sizes (H, W), got {list(self.image)}")
+        if "embedding" in self.kinds:
+            if self.kinds != ("embedding",) or self.image is not None:
+                raise ValueError(
+                    "stack.kinds: embedding stands alone (its frames are the encoder's layers, "
+                    f"not time frames) and takes no image resize, got {list(self.kinds)}"
+                )
+            if self.encoder.source == "none":
+                raise ValueError(
+                    "stack.kinds: embedding needs stack.encoder (source and name), e.g. "
+                    "{source: crepe, name: full}"
+                )
 
 
 @dataclass(frozen=True)
@@ -919,6 +946,25 @@ class Params:
                 "protocol.leaks names augmented_test_copies but copies.recipes is empty: "
                 "there are no copies to leak (add the study's recipes)"
             )
+        if "embedding" in self.features.stack.kinds:
+            a = self.augment
+            on = [
+                name
+                for name, value in (
+                    ("waveform augmentation (augment.wave_*)", a.waveform),
+                    ("augment.time_shift", a.time_shift > 0),
+                    ("augment.time_masks", a.time_masks > 0),
+                    ("augment.pitch_shift", a.pitch_shift > 0),
+                    ("augment.vtlp", a.vtlp > 0),
+                )
+                if value
+            ]
+            if on:
+                raise ValueError(
+                    f"features.stack.kinds: embedding is computed once, at featurize; "
+                    f"{', '.join(on)} would need the encoder at every batch (its frames are "
+                    "layers, not time): turn it off, or fine-tune the encoder instead"
+                )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
