@@ -277,9 +277,11 @@ def read_row(
 
 
 def key(row: dict[str, Any]) -> str:
-    """A row's place in --work/speakers.json: its name and sizes (one row, several budgets)."""
+    """A row's place in --work/speakers.json: its name, sizes, tuning and processes (one row,
+    several budgets)."""
     nested = f" nested{row['tuning']['trials_per_fold']}" if "tuning" in row else ""
-    return f"{row['row']} {len(row['seeds'])}x{row['epochs']}{nested}"
+    spread = f" p{row['processes']}" if row.get("processes", 1) != 1 else ""
+    return f"{row['row']} {len(row['seeds'])}x{row['epochs']}{nested}{spread}"
 
 
 def command(row: dict[str, Any]) -> str:
