@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tympan import stages
 from tympan.compare import overridden, run_stages
 from tympan.config import load_params
 
@@ -136,8 +137,18 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_row(name: str, work: Path, seeds: list[int] | None, epochs: int | None) -> dict:
-    """Run one row end to end under `work/name`; -> its table row (also kept in the JSON)."""
+def run_row(
+    name: str,
+    work: Path,
+    seeds: list[int] | None,
+    epochs: int | None,
+    processes: int = 1,
+    tune: int = 0,
+    tune_epochs: int = 15,
+) -> dict:
+    """Run one row end to end under `work/name` (with `tune` trials per outer fold: the nested
+    search first, each fold on its own train/val split, then train with each fold's best
+    values); -> its table row (also kept in the JSON)."""
     change, overrides = ROWS[name]
     params = load_params(REPO / "pipelines" / f"{PRESET}.yaml")
     sizes: dict[str, Any] = {"data.root": str(FSDD), "tracking.experiment": EXPERIMENT}
@@ -145,13 +156,93 @@ def run_row(name: str, work: Path, seeds: list[int] | None, epochs: int | None) 
         sizes["train.seeds"] = seeds
     if epochs:
         sizes["train.epochs"] = epochs
+    sizes["train.processes"] = processes
     params = overridden(params, {**sizes, **overrides}, f"{PRESET} + row {name}")
-    folder = work / name
+    folder = work / name if not tune else work / f"{name}-nested{tune}"
     print(f"\n== {name}: {change}\n   {overrides or 'no overrides'} in {folder}", flush=True)
     started = time.perf_counter()
-    run_stages(params, folder)
+    if not tune:
+        run_stages(params, folder)
+    else:
+        run_nested(params, folder, tune, tune_epochs)
     wall = time.perf_counter() - started
-    return read_row(name, change, overrides, params.train.seeds, params.train.epochs, folder, wall)
+    row = read_row(name, change, overrides, params.train.seeds, params.train.epochs, folder, wall)
+    row["processes"] = processes
+    if tune:
+        row.update(read_tuning(folder, tune, tune_epochs))
+    return row
+
+
+# The nested search of `--tune N`: lr and dropout, the two the rows did not sweep, one training
+# seed per trial, TPE with median pruning, a study per outer fold in the row's own SQLite file.
+NESTED_SPACE = {
+    "train": {"lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True}},
+    "model": {"dropout": {"type": "float", "low": 0.1, "high": 0.5}},
+}
+
+
+def run_nested(params: Any, folder: Path, trials: int, tune_epochs: int) -> None:
+    """ingest .. featurize, the tune stage under CV (one study per outer fold, trials of
+    `tune_epochs` epochs on that fold's train/val split only), then train and evaluate with
+    each fold's best values: tuned without any test speaker's recordings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tune = overridden(
+        params,
+        {
+            "tune.enabled": True,
+            "tune.n_trials": trials,
+            "tune.seeds": [0],
+            "tune.storage": f"sqlite:///{(folder / 'optuna.db').resolve()}",
+            "tune.study_name": f"speakers-{folder.name}",
+            "tune.space": NESTED_SPACE,
+            "train.epochs": tune_epochs,
+        },
+        f"{params.preset} + nested tuning",
+    )
+    stages.run_ingest(
+        params, folder / "manifest.csv", folder / "rejects.csv", folder / "ingest.json"
+    )
+    stages.run_split(params, folder / "manifest.csv", folder / "splits.csv", folder / "split.json")
+    stages.run_featurize(
+        params, folder / "manifest.csv", folder / "splits.csv", folder / "features"
+    )
+    stages.run_tune(
+        tune,
+        folder / "features",
+        folder / "best_params.yaml",
+        folder / "trials.csv",
+        folder / "tuning.json",
+    )
+    # the final members train with the row's epochs; the search owns lr and dropout
+    final = overridden(params, {"tune.space": NESTED_SPACE}, params.preset)
+    stages.run_train(
+        final,
+        folder / "features",
+        folder / "manifest.csv",
+        folder / "models",
+        folder / "best_params.yaml",
+    )
+    stages.run_evaluate(
+        final,
+        folder / "features",
+        folder / "models",
+        folder / "metrics",
+        folder / "plots",
+        folder / "test_set.json",
+    )
+
+
+def read_tuning(folder: Path, trials: int, tune_epochs: int) -> dict[str, Any]:
+    """What each outer fold's study chose, from train.json's nested-CV record."""
+    record = json.loads((folder / "models" / "train.json").read_text())["tuning"]
+    return {
+        "tuning": {
+            "trials_per_fold": trials,
+            "trial_epochs": tune_epochs,
+            "protocol": record["protocol"],
+            "per_fold": {k: v["values"] for k, v in record.get("per_fold", {}).items()},
+        }
+    }
 
 
 def read_row(
@@ -186,14 +277,36 @@ def read_row(
 
 
 def key(row: dict[str, Any]) -> str:
-    """A row's place in --work/speakers.json: its name and sizes (one row, several budgets)."""
-    return f"{row['row']} {len(row['seeds'])}x{row['epochs']}"
+    """A row's place in --work/speakers.json: its name, sizes, tuning and processes (one row,
+    several budgets)."""
+    nested = f" nested{row['tuning']['trials_per_fold']}" if "tuning" in row else ""
+    spread = f" p{row['processes']}" if row.get("processes", 1) != 1 else ""
+    return f"{row['row']} {len(row['seeds'])}x{row['epochs']}{nested}{spread}"
 
 
 def command(row: dict[str, Any]) -> str:
     """The command that reproduces `row`."""
     sizes = f" --seeds {' '.join(map(str, row['seeds']))} --epochs {row['epochs']}"
+    if row.get("processes", 1) != 1:
+        sizes += f" --processes {row['processes']}"
+    if "tuning" in row:
+        t = row["tuning"]
+        sizes += f" --tune {t['trials_per_fold']} --tune-epochs {t['trial_epochs']}"
     return f"python benchmarks/speakers.py --row {row['row']}{sizes}"
+
+
+def nested(row: dict[str, Any]) -> str:
+    """How a row was tuned, when it was: nested, N trials of E epochs per outer fold."""
+    if "tuning" not in row:
+        return ""
+    t = row["tuning"]
+    return f" (nested tuning, {t['trials_per_fold']} x {t['trial_epochs']}-epoch trials a fold)"
+
+
+def processes(row: dict[str, Any]) -> str:
+    """`, 2 processes` for a row whose members trained several at a time."""
+    n = row.get("processes", 1)
+    return "" if n == 1 else f", {n or 'a CPU each'} processes"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -205,9 +318,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| `{r['row']}` | {r['change']} | {len(r['seeds'])} x {r['epochs']} | "
+            f"| `{r['row']}`{nested(r)} | {r['change']} | {len(r['seeds'])} x {r['epochs']} | "
             f"{r['oof_accuracy']:.3f} | {r['worst_speaker']} {r['worst_accuracy']:.3f} | "
-            f"{r['members_mean']:.3f} +- {r['members_std']:.3f} | {r['wall_s'] / 60:.1f} min |"
+            f"{r['members_mean']:.3f} +- {r['members_std']:.3f} | {r['wall_s'] / 60:.1f} min"
+            f"{processes(r)} |"
         )
     lines.append("")
     lines += [f"- `{r['row']}`: `{command(r)}`" for r in rows]
@@ -223,6 +337,16 @@ def main() -> None:
         "--preset-sizes", action="store_true", help="the preset's own seeds and epochs"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="members at a time (train.processes; 0: a CPU each)",
+    )
+    parser.add_argument(
+        "--tune", type=int, default=0, help="nested tuning first: this many trials per outer fold"
+    )
+    parser.add_argument("--tune-epochs", type=int, default=15, help="epochs per tuning trial")
     parser.add_argument("--work", type=Path, default=Path(".tympan/speakers-bench"))
     parser.add_argument("--table", action="store_true", help="only print the rows run so far")
     args = parser.parse_args()
@@ -233,7 +357,9 @@ def main() -> None:
         seeds = None if args.preset_sizes else args.seeds
         epochs = None if args.preset_sizes else args.epochs
         for name in args.row or list(ROWS):
-            row = run_row(name, args.work, seeds, epochs)
+            row = run_row(
+                name, args.work, seeds, epochs, args.processes, args.tune, args.tune_epochs
+            )
             # read again: rows may run in two processes at once
             done = json.loads(store.read_text()) if store.exists() else {}
             done[key(row)] = row

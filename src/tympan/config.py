@@ -648,6 +648,9 @@ class TrainConfig:
     class_weights: bool = True
     undersample: bool = False
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # members (seeds, CV folds x seeds) trained at a time, each in its own process with its
+    # share of the CPU's torch threads; 0: one per CPU. CPU only (on CUDA one at a time)
+    processes: int = field(default=1, metadata=_range(0))
     # regression needs a numeric `target` column in the manifest (csv adapter, target_column)
     task: str = field(default="classification", metadata=_choices("classification", "regression"))
     # ce: softmax over the classes; bce: one sigmoid output (two classes); mse, l1: regression

@@ -45,8 +45,9 @@ from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
-from tympan.training import fit, predict, resolve_device
+from tympan.training import predict, resolve_device
 from tympan.training.loop import task_for
+from tympan.training.members import MemberJob, process_count, train_members
 from tympan.training.used import used_params
 
 if TYPE_CHECKING:
@@ -341,9 +342,11 @@ def run_train(
         )
         record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
         # without CV one member per seed, named by the seed; with CV one per fold and seed
-        plan = [(None, cache)] if not cache.folds else [(k, cache.for_fold(k)) for k in cache.folds]
+        plan = {None: cache} if not cache.folds else {k: cache.for_fold(k) for k in cache.folds}
+        jobs: list[MemberJob] = []
         n_members = len(plan) * len(params.train.seeds)
-        for fold, fold_cache in plan:
+        side_vocab = None
+        for fold, fold_cache in plan.items():
             for seed in params.train.seeds:
                 name = str(seed) if fold is None else f"fold{fold}-seed{seed}"
                 which = f"seed {seed}" if fold is None else f"fold {fold}, seed {seed}"
@@ -352,7 +355,6 @@ def run_train(
                     member_tags["tympan.fold"] = str(fold)
                 # nested CV: the fold's own tuned values, from its own study
                 fold_tuned = tuning.folds.get(fold) if fold is not None else None
-                fold_params = per_fold.get(fold, params) if fold is not None else params
                 if fold_tuned is not None:
                     member_tags.update(
                         {
@@ -360,68 +362,66 @@ def run_train(
                             "optuna.best_trial": str(fold_tuned.trial),
                         }
                     )
-                with mlflow.start_run(
-                    run_name=name if fold is not None else f"seed-{seed}",
-                    nested=True,
-                    tags=member_tags,
-                    log_system_metrics=system,
-                ) as child:
-                    tracking.log_datasets(inputs)
-                    mlflow.log_params(
-                        {
-                            "seed": seed,
-                            "n_train": len(fold_cache.rows("train")),
-                            "n_val": len(fold_cache.rows("val")),
-                            **({"fold": fold} if fold is not None else {}),
-                            **(fold_tuned.values if fold_tuned is not None else {}),
-                        }
-                    )
-                    result = fit(
-                        fold_cache,
-                        fold_params.model,
-                        fold_params.train,
-                        seed,
-                        device,
-                        augment=fold_params.augment,
-                        on_epoch=lambda e: mlflow.log_metrics(
-                            tracking.finite(e.flat()), step=e.epoch
-                        ),
+                logged = {
+                    "seed": seed,
+                    "n_train": len(fold_cache.rows("train")),
+                    "n_val": len(fold_cache.rows("val")),
+                    **({"fold": fold} if fold is not None else {}),
+                    **(fold_tuned.values if fold_tuned is not None else {}),
+                }
+                jobs.append(
+                    MemberJob(
+                        name=name,
+                        seed=seed,
+                        fold=fold,
+                        params=per_fold.get(fold, params) if fold is not None else params,
+                        tags=member_tags,
+                        logged_params=logged,
                         checkpoint=checkpoints / f"{name}.pt",
-                        fingerprint=name,
+                        desc=f"train member {len(jobs) + 1} of {n_members} ({which})",
                         aggregate=params.segment.aggregate,
-                        desc=f"train member {len(members) + 1} of {n_members} ({which})",
                     )
-                    if result.resumed_at:
-                        mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))
-                        print(
-                            f"train: {name} resumed from its epoch-{result.resumed_at} checkpoint"
-                        )
-                    best = result.history[result.best_epoch - 1]
-                    mlflow.log_metrics(
-                        tracking.finite(
-                            {
-                                "best_epoch": result.best_epoch,
-                                "best_val_loss": best.val_loss,
-                                **{f"best_{k}": v for k, v in best.val.items()},
-                            }
-                        )
-                    )
-                    history += [
-                        {"member": name, "seed": seed, "fold": fold, "epoch": e.epoch, **e.flat()}
-                        for e in result.history
-                    ]
-                    members[name] = {k: v.cpu() for k, v in result.model.state_dict().items()}
-                    record["seeds"][name] = {
-                        "run_id": child.info.run_id,
-                        "seed": seed,
-                        "fold": fold,
-                        "best_epoch": result.best_epoch,
-                        "epochs_run": len(result.history),
-                        "stopped_early": result.stopped_early,
-                        "val_loss": best.val_loss,
-                        **best.val,
-                        **({"tuned": fold_tuned.values} if fold_tuned is not None else {}),
-                    }
+                )
+        processes = process_count(params.train.processes, len(jobs), device)
+        for member in train_members(
+            jobs,
+            features,
+            plan.__getitem__,
+            device,
+            processes,
+            inputs,
+            system,
+            parent.info.experiment_id,
+            parent.info.run_id,
+        ):
+            best = member.best
+            history += [
+                {
+                    "member": member.name,
+                    "seed": member.seed,
+                    "fold": member.fold,
+                    "epoch": e.epoch,
+                    **e.flat(),
+                }
+                for e in member.history
+            ]
+            members[member.name] = member.state
+            side_vocab = member.side_vocab
+            record["seeds"][member.name] = {
+                "run_id": member.run_id,
+                "seed": member.seed,
+                "fold": member.fold,
+                "best_epoch": member.best_epoch,
+                "epochs_run": len(member.history),
+                "stopped_early": member.stopped_early,
+                "val_loss": best.val_loss,
+                **best.val,
+                **(
+                    {"tuned": tuning.folds[member.fold].values}
+                    if member.fold is not None and member.fold in tuning.folds
+                    else {}
+                ),
+            }
         values = [s[primary] for s in record["seeds"].values()]
         mlflow.log_metrics(
             {
@@ -439,7 +439,7 @@ def run_train(
             cache.std,
             members,
             params.segment,
-            result.model.side_vocab,
+            side_vocab,
             task.head,
         )
         pd.DataFrame(history).to_csv(out / HISTORY, index=False)
@@ -479,7 +479,9 @@ def _checkpoint_dir(
             .encode()
         ).hexdigest(),
         "model": to_dict(params.model),
-        "train": to_dict(params.train),
+        # how many members train at a time changes no member: a run killed under one count
+        # resumes under another
+        "train": {k: v for k, v in to_dict(params.train).items() if k != "processes"},
         "augment": to_dict(params.augment),
     }
     if per_fold:
