@@ -5,6 +5,7 @@ on them without ever running the encoder again."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -149,3 +150,65 @@ def test_embedding_params_are_checked(tmp_path):
     cfg = _features(EncoderConfig(source="crepe", name="tiny"))
     with pytest.raises(ValueError, match="the encoder's own rate, 16000 Hz"):
         FeatureStack(replace(cfg, sample_rate=8000), cfg.stack)
+
+
+@pytest.mark.parametrize("kind", ["transformers", "crepe"])
+def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_path, kind):
+    from tympan.config import Params
+    from tympan.features import stack as stack_module
+    from tympan.serving.bundle import Predictor, save_bundle
+    from tympan.serving.pyfunc import requirements
+    from tympan.stages import _encoder_export
+    from tympan.training import predict
+
+    if kind == "transformers":
+        _tiny_transformers("wav2vec2", tmp_path / "w2v")
+        spec = EncoderConfig(source="transformers", name=str(tmp_path / "w2v"))
+    else:
+        spec = EncoderConfig(source="crepe", name="tiny", hop_s=0.05)
+    cfg = _features(spec)
+    table = _tones(tmp_path / "audio", n=12)
+    cache = build_cache(table, cfg, tmp_path / "cache")
+    model = ModelConfig(name="embedding_head", head=(8,), dropout=0.0)
+    result = fit(cache, model, TrainConfig(epochs=2, batch_size=4), 0, torch.device("cpu"))
+    params = replace(Params(), features=cfg, model=model)
+    exported = _encoder_export(params, cache)
+    save_bundle(
+        tmp_path / "bundle.pt",
+        cfg,
+        model,
+        cache.labels,
+        tuple(cache.features.shape[1:]),
+        cache.mean,
+        cache.std,
+        {0: result.model.state_dict()},
+        encoder=exported,
+    )
+    expected = predict(
+        result.model, cache.features, np.arange(len(table)), 256, torch.device("cpu")
+    )
+
+    # the serving side has no source to read: the model's own copy of the weights is used
+    shutil.rmtree(tmp_path / "w2v", ignore_errors=True)
+    _encoder.cache_clear()
+    stack_module._INSTALLED.clear()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("tympan.encoders.load_encoder", lambda *a: pytest.fail("read the source"))
+    try:
+        predictor = Predictor.load(tmp_path / "bundle.pt")
+        served = predictor.predict_proba(table["path"].tolist())
+    finally:
+        monkey.undo()
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+    assert predictor.encoder["hash"] == exported["hash"]
+    needs = {r.split("==")[0] for r in requirements(exported)}
+    assert ({"transformers", "safetensors"} if kind == "transformers" else {"torchcrepe"}) <= needs
+
+    # a damaged copy is refused, naming the encoder
+    from tympan.encoders import from_export
+
+    damaged = {**exported, "state": {k: v.clone() for k, v in exported["state"].items()}}
+    first = next(k for k, v in damaged["state"].items() if v.is_floating_point())
+    damaged["state"][first] += 1.0
+    with pytest.raises(ValueError, match="does not hash to what was exported"):
+        from_export(damaged)

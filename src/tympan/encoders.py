@@ -71,6 +71,26 @@ class Encoder(nn.Module):
     def describe(self) -> str:
         return f"{self.source} (sha256 {self.weights_hash[:16]})"
 
+    # the distributions a served model needs to rebuild this encoder (`from_export`)
+    packages: tuple[str, ...] = ()
+
+    def export(self) -> dict:
+        """Everything `from_export` needs to rebuild this encoder with no file or hub at hand:
+        weights (tensors), architecture and extractor settings (plain values), the hash and
+        where the weights came from. Safe for `torch.load(weights_only=True)`."""
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "hash": self.weights_hash,
+            "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            **self.export_settings(),
+        }
+
+    kind = ""
+
+    def export_settings(self) -> dict:
+        return {}
+
 
 def state_hash(state: dict[str, torch.Tensor], settings: dict) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes, in name order) and `settings`."""
@@ -125,8 +145,8 @@ class TransformersEncoder(Encoder):
         self.model_type = str(config.model_type)
         self.source = f"transformers {name} ({where})"
         self._settings = {
-            "config": config.to_dict(),
-            "extractor": json.loads(extractor.to_json_string()),
+            "config": _stable(config.to_dict()),
+            "extractor": _stable(json.loads(extractor.to_json_string())),
         }
 
     def settings(self) -> dict:
@@ -164,6 +184,36 @@ class TransformersEncoder(Encoder):
             model = model.get_encoder()
         return cls(model, extractor, cfg.name, where)
 
+    kind = "transformers"
+    packages = ("transformers", "huggingface-hub", "safetensors", "tokenizers")
+
+    def export_settings(self) -> dict:
+        return {
+            "config": self.model.config.to_json_string(),
+            "extractor": self.extractor.to_json_string(),
+        }
+
+    @classmethod
+    def rebuild(cls, saved: dict) -> TransformersEncoder:
+        import tempfile
+
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "config.json").write_text(saved["config"])
+            (Path(folder) / "preprocessor_config.json").write_text(saved["extractor"])
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            extractor = AutoFeatureExtractor.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_config(config)
+        if getattr(config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        model.load_state_dict(saved["state"])
+        encoder = cls(model, extractor, "", "")
+        encoder.source = saved["source"]
+        return encoder
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         clips = [w.detach().cpu().float().numpy() for w in wave]
         inputs = self.extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")
@@ -180,6 +230,12 @@ class TransformersEncoder(Encoder):
 
 
 _MODEL_INPUTS = ("input_values", "input_features", "attention_mask")
+# where a config was read from and which transformers wrote it: not what the model computes
+_VOLATILE = ("_name_or_path", "transformers_version", "_commit_hash", "processor_class")
+
+
+def _stable(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in _VOLATILE}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -255,6 +311,20 @@ class TorchaudioEncoder(Encoder):
         norm = bool(getattr(bundle, "_normalize_waveform", False))
         return cls(model, config, int(bundle.sample_rate), norm, f"torchaudio {cfg.name} ({file})")
 
+    kind = "torchaudio"
+
+    def export_settings(self) -> dict:
+        return {"config": self.config, "rate": self.sample_rate, "normalize": self.normalize}
+
+    @classmethod
+    def rebuild(cls, saved: dict) -> TorchaudioEncoder:
+        from torchaudio.models import wav2vec2_model
+
+        config = dict(saved["config"])
+        model = wav2vec2_model(**config)
+        model.load_state_dict(saved["state"])
+        return cls(model, config, int(saved["rate"]), bool(saved["normalize"]), saved["source"])
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             wave = nn.functional.layer_norm(wave, wave.shape[-1:])
@@ -279,6 +349,7 @@ class CrepeEncoder(Encoder):
         self.capacity = capacity
         self.hop = hop
         self.layers = 1
+        model.eval()  # batch norm in training mode would move its running statistics
         with torch.no_grad():
             self.dim = int(model.embed(torch.zeros(1, CREPE_WINDOW)).numel())
         self.source = f"crepe {capacity} ({file})"
@@ -300,6 +371,22 @@ class CrepeEncoder(Encoder):
         model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         return cls(model, cfg.name, max(1, round(cfg.hop_s * CREPE_RATE)), file)
 
+    kind = "crepe"
+    packages = ("torchcrepe",)
+
+    def export_settings(self) -> dict:
+        return {"capacity": self.capacity, "hop": self.hop}
+
+    @classmethod
+    def rebuild(cls, saved: dict) -> CrepeEncoder:
+        import torchcrepe
+
+        model = torchcrepe.Crepe(saved["capacity"])
+        model.load_state_dict(saved["state"])
+        encoder = cls(model, saved["capacity"], int(saved["hop"]), Path(""))
+        encoder.source = saved["source"]
+        return encoder
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         batch = wave.shape[0]
         padded = nn.functional.pad(wave, (CREPE_WINDOW // 2, CREPE_WINDOW // 2))
@@ -310,6 +397,33 @@ class CrepeEncoder(Encoder):
         frames = frames / frames.std(dim=1, keepdim=True).clamp_min(1e-10)
         embedded = self.model.embed(frames)  # (batch * frames, channels, 32, 1)
         return embedded.reshape(batch, 1, count, -1)
+
+
+def packages_for(kind: str) -> tuple[str, ...]:
+    """The distributions that rebuild an exported encoder of `kind` (beyond torch)."""
+    return {
+        "transformers": TransformersEncoder.packages,
+        "torchaudio": TorchaudioEncoder.packages,
+        "crepe": CrepeEncoder.packages,
+    }[kind]
+
+
+def from_export(saved: dict) -> Encoder:
+    """The encoder `Encoder.export` wrote (a served model's), in eval mode on the CPU; its
+    weights must hash to what was exported."""
+    kinds = {
+        "transformers": TransformersEncoder,
+        "torchaudio": TorchaudioEncoder,
+        "crepe": CrepeEncoder,
+    }
+    encoder = kinds[saved["kind"]].rebuild(saved).eval()
+    if encoder.weights_hash != saved["hash"]:
+        raise ValueError(
+            f"the encoder stored with this model ({saved['source']}) does not hash to what was "
+            f"exported ({encoder.weights_hash[:16]} vs {saved['hash'][:16]}): the model file is "
+            "damaged or was edited"
+        )
+    return encoder
 
 
 def pooled(hidden: torch.Tensor, how: str = "mean") -> torch.Tensor:

@@ -57,6 +57,7 @@ from tympan.features.stack import (
     assemble,
     bins_per_kind,
     check_stack,
+    encoder_for,
     output_shape,
     set_params,
 )
@@ -806,6 +807,9 @@ def _finish(
             for kind, a in features.sets.items()
         },
     }
+    if "embedding" in cfg.stack.kinds:  # which weights made the set (train checks them)
+        encoder = encoder_for(cfg.stack.encoder)
+        meta["encoder"] = {"hash": encoder.weights_hash, "source": encoder.source}
     if WAVE in keys:
         meta["waves"] = {
             "key": keys[WAVE],

@@ -53,8 +53,21 @@ CPU_CHUNK_SAMPLES = 1 << 19
 LPC_NOISE_FLOOR = 1e-6
 
 
+# encoders put in place by a served model (`install_encoder`): its own copy of the weights
+_INSTALLED: dict[EncoderConfig, nn.Module] = {}
+
+
+def install_encoder(spec: EncoderConfig, encoder: nn.Module) -> None:
+    """Make `encoder_for(spec)` answer `encoder` (a served model's, rebuilt from its bundle)
+    instead of reading `spec`'s source from disk."""
+    _INSTALLED[spec] = encoder.requires_grad_(False)
+
+
 def encoder_for(spec: EncoderConfig):
-    """The encoder `spec` names, loaded once per process (`tympan.encoders.load_encoder`)."""
+    """The encoder `spec` names: the one a served model installed, else loaded from its
+    source once per process (`tympan.encoders.load_encoder`)."""
+    if spec in _INSTALLED:
+        return _INSTALLED[spec]
     return _encoder(spec)
 
 
