@@ -212,3 +212,96 @@ def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_pa
     damaged["state"][first] += 1.0
     with pytest.raises(ValueError, match="does not hash to what was exported"):
         from_export(damaged)
+
+
+@pytest.mark.integration
+def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, fsdd_root):
+    """FSDD through the stages on CREPE-tiny embeddings, registered, then `mlflow models serve`:
+    the same answers as the in-process predictor, a long recording windowed the same way."""
+    import base64
+    import os
+    import sys
+    from pathlib import Path
+
+    import requests
+    import soundfile as sf
+    from test_serving import _start, _stop
+
+    from tympan import stages
+    from tympan.config import load_params
+    from tympan.serving import Predictor
+
+    from audio_helpers import encode
+    from conftest import REPO, fsdd_subset, run_to_evaluate
+
+    root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["jackson", "george"], range(0, 8))
+    params = load_params(REPO / "pipelines" / "fsdd.yaml")
+    stack = StackConfig(
+        kinds=("embedding",),
+        encoder=EncoderConfig(source="crepe", name="tiny", hop_s=0.05),
+        layers="last",
+    )
+    params = replace(
+        params,
+        data=replace(params.data, root=str(root)),
+        features=replace(params.features, sample_rate=RATE, stack=stack),
+        model=ModelConfig(name="embedding_head", head=(32,), dropout=0.1),
+        augment=replace(params.augment, time_shift=0.0, time_masks=0, freq_masks=0),
+        train=replace(params.train, seeds=(0,), epochs=3),
+        register=replace(params.register, name="tympan-crepe-test"),
+        tracking=replace(params.tracking, experiment="embedding-serve-test"),
+    )
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        run_to_evaluate(params, tmp_path)
+        stages.run_register(
+            params,
+            tmp_path / "models",
+            tmp_path / "metrics",
+            tmp_path / "split.json",
+            tmp_path / "test_set.json",
+            tmp_path / "registered.json",
+            tmp_path / "card.md",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    card = (tmp_path / "card.md").read_text()
+    assert "- Encoder: crepe tiny" in card and "weights sha256" in card
+
+    bin_dir = Path(sys.executable).parent
+    url, server = _start(
+        [
+            *(
+                str(bin_dir / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/tympan-crepe-test@champion",
+            ),
+            *("--env-manager", "local", "-h", "127.0.0.1"),
+        ],
+        {"MLFLOW_TRACKING_URI": uri},
+        tmp_path / "server.log",
+    )
+    try:
+        predictor = Predictor.load(tmp_path / "models" / "bundle.pt")
+        files = sorted(root.rglob("*.wav"))[:4]
+        clips = [f.read_bytes() for f in files]
+        waves = [sf.read(f, dtype="float32")[0] for f in files]
+        clips.append(encode(np.concatenate(waves), 8000))  # several seconds: windows
+        expected = predictor.predict(clips)
+        body = {"inputs": {"audio": [base64.b64encode(c).decode() for c in clips]}}
+        response = requests.post(f"{url}/invocations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        assert got[-1]["windows"] == expected[-1]["windows"] > 1
+        for g, e in zip(got, expected, strict=True):
+            assert g["label"] == e["label"]
+            assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-4, abs=1e-6)
+    finally:
+        _stop(server)

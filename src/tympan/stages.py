@@ -274,6 +274,9 @@ def run_train(
     if params.protocol.leaks:
         tags["tympan.leaks"] = ",".join(params.protocol.leaks)
     tags["tympan.tuning"] = _tuning_record(tuning)["protocol"]
+    if "encoder" in cache.meta:  # embedding features: the pretrained encoder that made them
+        tags["tympan.encoder"] = cache.meta["encoder"]["source"]
+        tags["tympan.encoder_sha256"] = cache.meta["encoder"]["hash"]
     if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
             {
@@ -872,6 +875,8 @@ def run_register(
         "tympan.tuning": record.get("tuning", {}).get(
             "protocol", "val_split" if record.get("tuned") else "none"
         ),
+        # embedding features: the registry names the encoder the model carries
+        **{k: tags[k] for k in ("tympan.encoder", "tympan.encoder_sha256") if k in tags},
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
