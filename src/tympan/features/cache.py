@@ -57,6 +57,7 @@ from tympan.features.stack import (
     assemble,
     bins_per_kind,
     check_stack,
+    encoder_for,
     output_shape,
     set_params,
 )
@@ -205,6 +206,8 @@ def cache_key(
     # how it was computed changes no value (beyond float rounding on a GPU)
     for how in ("batch_size", "workers", "device"):
         params.pop(how)
+    if params["stack"]["encoder"]["source"] == "none":  # absent when unused: keys stay
+        params["stack"].pop("encoder")
     if segment is not None and segment.enabled:  # absent when off: unsegmented keys stay
         params["segment"] = to_dict(segment)
     if extra:
@@ -804,6 +807,9 @@ def _finish(
             for kind, a in features.sets.items()
         },
     }
+    if "embedding" in cfg.stack.kinds:  # which weights made the set (train checks them)
+        encoder = encoder_for(cfg.stack.encoder)
+        meta["encoder"] = {"hash": encoder.weights_hash, "source": encoder.source}
     if WAVE in keys:
         meta["waves"] = {
             "key": keys[WAVE],

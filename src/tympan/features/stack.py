@@ -16,6 +16,7 @@ train-split statistics later. Every value is finite, silence included.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TypeVar
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tympan.config import FeatureConfig, StackConfig
+from tympan.config import EncoderConfig, FeatureConfig, StackConfig, to_dict
 from tympan.features.logmel import (
     LogMel,
     dct_matrix,
@@ -37,6 +38,7 @@ from tympan.features.logmel import (
 
 TORCH_KINDS = ("logmel", "mfcc", "stft")
 LIBROSA_KINDS = ("f0", "contrast", "centroid", "zcr")
+EMBEDDING = "embedding"
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -51,8 +53,40 @@ CPU_CHUNK_SAMPLES = 1 << 19
 LPC_NOISE_FLOOR = 1e-6
 
 
+# encoders put in place by a served model (`install_encoder`): its own copy of the weights
+_INSTALLED: dict[EncoderConfig, nn.Module] = {}
+
+
+def install_encoder(spec: EncoderConfig, encoder: nn.Module) -> None:
+    """Make `encoder_for(spec)` answer `encoder` (a served model's, rebuilt from its bundle)
+    instead of reading `spec`'s source from disk."""
+    _INSTALLED[spec] = encoder.requires_grad_(False)
+
+
+def encoder_for(spec: EncoderConfig):
+    """The encoder `spec` names: the one a served model installed, else loaded from its
+    source once per process (`tympan.encoders.load_encoder`)."""
+    if spec in _INSTALLED:
+        return _INSTALLED[spec]
+    return _encoder(spec)
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(spec: EncoderConfig):
+    from tympan.encoders import load_encoder
+
+    return load_encoder(spec).requires_grad_(False)
+
+
 def check_stack(cfg: FeatureConfig, stack: StackConfig) -> None:
     """Raise ValueError for stack parameters that do not fit the feature config."""
+    if EMBEDDING in stack.kinds:
+        rate = encoder_for(stack.encoder).sample_rate
+        if cfg.sample_rate != rate:
+            raise ValueError(
+                f"features.sample_rate must be the encoder's own rate, {rate} Hz, for the "
+                f"embedding kind (audio is resampled once, at featurize), got {cfg.sample_rate}"
+            )
     if stack.lpc_order >= cfg.n_fft:
         raise ValueError(
             f"stack.lpc_order must be below features.n_fft ({cfg.n_fft}), got {stack.lpc_order!r}"
@@ -82,7 +116,15 @@ def bins_per_kind(cfg: FeatureConfig, stack: StackConfig) -> dict[str, int]:
         "centroid": 1,
         "zcr": 1,
     }
+    if EMBEDDING in stack.kinds:
+        width = encoder_for(stack.encoder).dim
+        sizes[EMBEDDING] = width * (2 if stack.pooling == "mean_std" else 1)
     return {kind: sizes[kind] for kind in stack.kinds}
+
+
+def embedding_layers(stack: StackConfig) -> int:
+    """The embedding set's "frames": one per encoder layer kept (`stack.layers`)."""
+    return encoder_for(stack.encoder).layers if stack.layers == "all" else 1
 
 
 def output_shape(cfg: FeatureConfig, stack: StackConfig) -> tuple[int, int, int]:
@@ -90,6 +132,8 @@ def output_shape(cfg: FeatureConfig, stack: StackConfig) -> tuple[int, int, int]
     if stack.image is not None:
         check_stack(cfg, stack)
         return (stack.image_channels, *stack.image)
+    if EMBEDDING in stack.kinds:  # (dim, layers): pooled over time, one column per layer
+        return (1, bins_per_kind(cfg, stack)[EMBEDDING], embedding_layers(stack))
     return (1, sum(bins_per_kind(cfg, stack).values()), n_frames(cfg))
 
 
@@ -143,6 +187,16 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
         )
         return {"kind": kind, **{k: v for k, v in common.items() if k in framing}, **trim}
     common.update(trim)
+    if kind == EMBEDDING:  # the encoder's weights by hash: another checkpoint, another set
+        framing = ("sample_rate", "seconds", "crop", "wave_norm", "dtype", "trim_db")
+        return {
+            "kind": kind,
+            **{k: v for k, v in common.items() if k in framing},
+            "encoder": to_dict(stack.encoder),
+            "weights": encoder_for(stack.encoder).weights_hash,
+            "pooling": stack.pooling,
+            "layers": stack.layers,
+        }
     stft = {"pad_mode": cfg.pad_mode, "top_db": cfg.top_db}
     mel = {
         **stft,
@@ -281,6 +335,8 @@ class FeatureStack(nn.Module):
         dct = dct_matrix(stack.n_mfcc, cfg.n_mels).T.contiguous() if "mfcc" in stack.kinds else None
         self.register_buffer("dct", dct)
         self.stft = spectrogram(cfg) if "stft" in stack.kinds else None
+        # the embedding kind's encoder: frozen, shared by every stack of this process
+        self.encoder = encoder_for(stack.encoder) if EMBEDDING in stack.kinds else None
         self.requires_grad_(False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -291,6 +347,8 @@ class FeatureStack(nn.Module):
         the feature sets the cache stores one array each."""
         if wave.dim() != 2:
             raise ValueError(f"expected (batch, samples) audio, got shape {tuple(wave.shape)}")
+        if self.encoder is not None:
+            return {EMBEDDING: self.embed(wave)}
         if self.stack.preemphasis is not None:
             wave = preemphasize(wave, self.stack.preemphasis)
         # centred STFT framing, as torchaudio computes it (see logmel.n_frames)
@@ -305,6 +363,17 @@ class FeatureStack(nn.Module):
                     f"expected {(self.bins[kind], frames)}"
                 )
         return {kind: parts[kind] for kind in self.stack.kinds}
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """`(batch, samples)` -> `(batch, dim, layers)`: the encoder's hidden states pooled over
+        time per layer (`stack.pooling`), every layer or the last (`stack.layers`)."""
+        from tympan.encoders import pooled
+
+        with torch.no_grad():
+            hidden = self.encoder(wave)  # (batch, layers, frames, dim)
+        if self.stack.layers == "last":
+            hidden = hidden[:, -1:]
+        return pooled(hidden, self.stack.pooling).transpose(1, 2).float()
 
     def _torch_parts(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batched torch kinds, each `(batch, bins, frames)` on the module's device.

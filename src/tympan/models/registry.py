@@ -12,7 +12,7 @@ from tympan.features import Normalizer
 from tympan.models.alexnet import AlexNet2012
 from tympan.models.classical import Classical
 from tympan.models.cnn import CRNN, ParallelCNN, PooledCNN, SmallCNN
-from tympan.models.dense import FlatMLP
+from tympan.models.dense import EmbeddingHead, FlatMLP
 from tympan.models.recurrent import bigru, bilstm, gru, lstm
 from tympan.models.resnet import ResNet18
 from tympan.models.vision import DenseNetBiGRUAttention, vision
@@ -24,6 +24,7 @@ Builder = Callable[[ModelConfig, tuple[int, int, int], int, int], nn.Module]
 FAMILIES: dict[str, Builder] = {
     "s3_cnn": SmallCNN,
     "s1_mlp": FlatMLP,
+    "embedding_head": EmbeddingHead,
     "resnet18": ResNet18,
     "lstm": lstm,
     "bilstm": bilstm,
@@ -53,6 +54,7 @@ _VISION = ("weights", "freeze", "pooling", *_HEAD)
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "s3_cnn": ("channels", "kernel", "pool", "hidden", "dropout_conv", "dropout"),
     "s1_mlp": ("head", "dropout", "head_dropout"),
+    "embedding_head": ("head", "dropout", "head_dropout"),
     "resnet18": ("init", *_HEAD),
     "lstm": _RECURRENT,
     "bilstm": _RECURRENT,

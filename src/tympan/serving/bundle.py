@@ -31,7 +31,7 @@ from tympan.config import (
     to_dict,
 )
 from tympan.features import windows
-from tympan.features.stack import FeatureStack
+from tympan.features.stack import FeatureStack, install_encoder
 from tympan.models import HEADS, build_model, to_output
 
 BUNDLE_VERSION = 3
@@ -101,9 +101,11 @@ def save_bundle(
     segment: SegmentConfig | None = None,
     side_vocab: dict[str, list[str]] | None = None,
     head: str = "softmax",
+    encoder: dict | None = None,
 ) -> None:
     """Everything serving needs: feature and model params, labels, input shape, statistics,
-    every member's weights, and `head` (softmax, sigmoid: classes; identity: regression)."""
+    every member's weights, `head` (softmax, sigmoid: classes; identity: regression) and, for
+    embedding features, the encoder itself (`Encoder.export`: its weights, not a hub id)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     torch.save(
@@ -119,6 +121,7 @@ def save_bundle(
             "mean": torch.as_tensor(mean, dtype=torch.float32),
             "std": torch.as_tensor(std, dtype=torch.float32),
             "members": {str(seed): state for seed, state in members.items()},
+            **({"encoder": encoder} if encoder is not None else {}),
         },
         path,
     )
@@ -179,6 +182,12 @@ class Predictor:
         self.side_vocab: dict[str, list[str]] = bundle["side_vocab"]
         self.limits = Limits.from_env(self.features, self.segment)
         self.device = device or torch.device("cpu")
+        self.encoder: dict | None = None  # embedding features: the encoder this model carries
+        if "encoder" in bundle:
+            from tympan.encoders import from_export
+
+            install_encoder(self.features.stack.encoder, from_export(bundle["encoder"]))
+            self.encoder = {k: bundle["encoder"][k] for k in ("kind", "source", "hash")}
         self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
         shape = tuple(bundle["input_shape"])
         outputs = len(self.labels) if self.head == "softmax" else 1

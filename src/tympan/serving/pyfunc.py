@@ -157,9 +157,13 @@ SERVED_IMPORTS = (
 )
 
 
-def requirements() -> list[str]:
-    """Pinned to what trained the model, so a served model runs the same numerics."""
-    return [f"{name}=={version(name)}" for name in SERVED_IMPORTS]
+def requirements(encoder: dict | None = None) -> list[str]:
+    """Pinned to what trained the model, so a served model runs the same numerics; with an
+    encoder (embedding features), the packages that rebuild it too."""
+    from tympan.encoders import packages_for
+
+    extra = packages_for(encoder["kind"]) if encoder is not None else ()
+    return [f"{name}=={version(name)}" for name in (*SERVED_IMPORTS, *extra)]
 
 
 def model_spec(bundle: Path, sample_rate: int) -> dict[str, Any]:
@@ -173,7 +177,7 @@ def model_spec(bundle: Path, sample_rate: int) -> dict[str, Any]:
         "code_paths": [str(Path(tympan.__file__).parent)],
         "signature": signature(tuple(side_vocab), regression=stored["head"] == "identity"),
         "input_example": example_input(sample_rate, side_vocab),
-        "pip_requirements": requirements(),
+        "pip_requirements": requirements(stored.get("encoder")),
     }
 
 
