@@ -168,6 +168,7 @@ def test_every_study_has_a_preset():
 # runs here (their layer sizes are checked in test_study_models): `pytest -m slow`.
 SLOW_PRESETS = {
     "fsdd_speaker_independent",  # 6-fold CV of S3's CNN: test_cv, test_speakers cover it
+    "fsdd_speaker_independent_crepe",  # its 6 folds; test_embeddings serves CREPE embeddings
     "s3_accent_cnn_augmented",
     "s4_esc50_alexnet",
     "s4_esc50_final",  # s4_esc50_final_original runs the same model in the default run
