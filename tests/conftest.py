@@ -79,6 +79,33 @@ def free_port() -> int:
 run_to_evaluate = run_stages
 
 
+def register_through_stages(params: Params, d: Path) -> str:
+    """ingest .. evaluate, then register, under `d` with a SQLite tracking store of its own
+    (`d/mlruns.db`, the process's MLFLOW_TRACKING_URI restored after): -> the store's URI."""
+    from tympan import stages
+
+    uri = f"sqlite:///{d / 'mlruns.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        run_to_evaluate(params, d)
+        stages.run_register(
+            params,
+            d / "models",
+            d / "metrics",
+            d / "split.json",
+            d / "test_set.json",
+            d / "registered.json",
+            d / "card.md",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return uri
+
+
 def copy_project(dest: Path) -> Path:
     """The files a DVC repo of tympan needs (dvc.yaml, params.yaml, src/) in `dest`."""
     dest.mkdir(parents=True, exist_ok=True)

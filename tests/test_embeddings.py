@@ -219,7 +219,6 @@ def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, f
     """FSDD through the stages on CREPE-tiny embeddings, registered, then `mlflow models serve`:
     the same answers as the in-process predictor, a long recording windowed the same way."""
     import base64
-    import os
     import sys
     from pathlib import Path
 
@@ -227,12 +226,11 @@ def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, f
     import soundfile as sf
     from test_serving import _start, _stop
 
-    from tympan import stages
     from tympan.config import load_params
     from tympan.serving import Predictor
 
     from audio_helpers import encode
-    from conftest import REPO, fsdd_subset, run_to_evaluate
+    from conftest import REPO, fsdd_subset, register_through_stages
 
     root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["jackson", "george"], range(0, 8))
     params = load_params(REPO / "pipelines" / "fsdd.yaml")
@@ -251,25 +249,7 @@ def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, f
         register=replace(params.register, name="tympan-crepe-test"),
         tracking=replace(params.tracking, experiment="embedding-serve-test"),
     )
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        run_to_evaluate(params, tmp_path)
-        stages.run_register(
-            params,
-            tmp_path / "models",
-            tmp_path / "metrics",
-            tmp_path / "split.json",
-            tmp_path / "test_set.json",
-            tmp_path / "registered.json",
-            tmp_path / "card.md",
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    uri = register_through_stages(params, tmp_path)
     card = (tmp_path / "card.md").read_text()
     assert "- Encoder: crepe tiny" in card and "weights sha256" in card
 

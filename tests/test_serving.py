@@ -28,12 +28,11 @@ import pytest
 import requests
 import soundfile as sf
 
-from tympan import stages
 from tympan.config import load_params
 from tympan.serving import Predictor
 
 from audio_helpers import encode, tone, with_rate
-from conftest import REPO, free_port, fsdd_subset, run_to_evaluate
+from conftest import REPO, free_port, fsdd_subset, register_through_stages
 
 pytestmark = pytest.mark.integration
 
@@ -59,26 +58,7 @@ def registered(tmp_path_factory, fsdd_root):
         register=replace(params.register, name=MODEL),
         tracking=replace(params.tracking, experiment="serving-test"),
     )
-    uri = f"sqlite:///{tmp / 'mlruns.db'}"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        run_to_evaluate(params, tmp)
-        stages.run_register(
-            params,
-            tmp / "models",
-            tmp / "metrics",
-            tmp / "split.json",
-            tmp / "test_set.json",
-            tmp / "registered.json",
-            tmp / "card.md",
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    return tmp, uri
+    return tmp, register_through_stages(params, tmp)
 
 
 def _start(command: list[str], env: dict[str, str], log_path: Path) -> tuple[str, object]:

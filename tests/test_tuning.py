@@ -642,7 +642,11 @@ def test_the_password_role_really_needs_its_password(tmp_path, postgres, monkeyp
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("supplied_by", [TUNE_STORAGE_ENV, "PGPASSWORD"])
+@pytest.mark.parametrize(
+    "supplied_by",
+    # libpq's own variable runs under -m slow (20 s; the same never-recorded checks as tympan's)
+    [TUNE_STORAGE_ENV, pytest.param("PGPASSWORD", marks=pytest.mark.slow)],
+)
 def test_a_password_from_the_environment_is_never_recorded(
     tmp_path, tone_cache_dir, postgres, supplied_by
 ):

@@ -190,6 +190,7 @@ def test_a_second_run_on_this_machine_is_bit_identical(project, tmp_path):
         assert (again / name).read_bytes() == (root / name).read_bytes(), name
 
 
+@pytest.mark.slow  # over 20 s: two model loads in new processes; -m slow runs it
 def test_predict_and_serve_load_the_model_quietly(project, tmp_path):
     root = project.root
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}"}
