@@ -79,25 +79,31 @@ def free_port() -> int:
 run_to_evaluate = run_stages
 
 
+def register_in(params: Params, d: Path) -> None:
+    """The register stage on what `run_to_evaluate(params, d)` wrote, with dvc.yaml's file
+    names (registered.json and card.md beside them), in the current tracking store."""
+    from tympan import stages
+
+    stages.run_register(
+        params,
+        d / "models",
+        d / "metrics",
+        d / "split.json",
+        d / "test_set.json",
+        d / "registered.json",
+        d / "card.md",
+    )
+
+
 def register_through_stages(params: Params, d: Path) -> str:
     """ingest .. evaluate, then register, under `d` with a SQLite tracking store of its own
     (`d/mlruns.db`, the process's MLFLOW_TRACKING_URI restored after): -> the store's URI."""
-    from tympan import stages
-
     uri = f"sqlite:///{d / 'mlruns.db'}"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         run_to_evaluate(params, d)
-        stages.run_register(
-            params,
-            d / "models",
-            d / "metrics",
-            d / "split.json",
-            d / "test_set.json",
-            d / "registered.json",
-            d / "card.md",
-        )
+        register_in(params, d)
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI")

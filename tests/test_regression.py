@@ -13,7 +13,7 @@ import pytest
 from tympan.config import DataConfig, ModelConfig, RegisterConfig, SplitConfig
 
 from audio_helpers import tone, write
-from conftest import run_to_evaluate
+from conftest import register_in, run_to_evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,6 @@ def _valence_set(root, n: int = 60):
 def test_regression_pipeline(tmp_path, mlflow_store, repo_params):
     from mlflow.tracking import MlflowClient
 
-    from tympan import stages
     from tympan.serving import Predictor
 
     _valence_set(tmp_path / "data")
@@ -78,15 +77,7 @@ def test_regression_pipeline(tmp_path, mlflow_store, repo_params):
     assert set(speakers) == test_speakers and len(speakers) >= 2
     assert len(pd.read_csv(d / "plots" / "worst.csv")) == 4
 
-    stages.run_register(
-        params,
-        d / "models",
-        d / "metrics",
-        d / "split.json",
-        d / "test_set.json",
-        d / "registered.json",
-        d / "card.md",
-    )
+    register_in(params, d)
     registered = json.loads((d / "registered.json").read_text())
     assert registered["alias"] == "champion" and registered["metric"] == "mae"
     card = (d / "card.md").read_text()

@@ -29,6 +29,8 @@ from tympan.tuning.best import (
 )
 from tympan.tuning.study import rows_digest
 
+from conftest import register_in
+
 FOLDS = 3
 LRS = (0.001, 0.003)
 
@@ -210,15 +212,7 @@ def test_split_report_and_model_card_name_the_protocol(tracked):
     stages.run_evaluate(
         params, d / "features", d / "models", d / "metrics", d / "plots", d / "test_set.json"
     )
-    stages.run_register(
-        params,
-        d / "models",
-        d / "metrics",
-        d / "split.json",
-        d / "test_set.json",
-        d / "registered.json",
-        d / "card.md",
-    )
+    register_in(params, d)
     card = (d / "card.md").read_text()
     assert f"- Tuning: {report['tuning']['text']}." in card
     assert "## Tuning" in card and "Tuned per fold (nested CV)" in card
