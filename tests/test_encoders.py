@@ -16,8 +16,9 @@ from tympan.encoders import EncoderNotFound, load_encoder, pooled
 RATE = 16_000
 
 
-def _tiny_transformers(kind: str, out) -> None:
-    """Save a 2-layer, 32-wide `kind` model and its feature extractor under `out`."""
+def _tiny_transformers(kind: str, out, **conv_overrides) -> None:
+    """Save a 2-layer, 32-wide `kind` model and its feature extractor under `out`
+    (`conv_overrides`: the wav2vec2-family feature encoder's, e.g. a coarser stride)."""
     import transformers as tf
 
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -28,6 +29,7 @@ def _tiny_transformers(kind: str, out) -> None:
         "conv_stride": (5, 2),
         "num_conv_pos_embeddings": 16,
         "num_conv_pos_embedding_groups": 2,
+        **conv_overrides,
     }
     if kind in ("wav2vec2", "hubert", "wavlm"):
         config = {

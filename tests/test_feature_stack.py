@@ -14,9 +14,10 @@ from tympan.features.stack import (
     output_shape,
 )
 
-# the kinds computed from the signal itself; `embedding` (a pretrained encoder's, which stands
-# alone) has its own tests in test_embeddings.py
-KINDS = tuple(kind for kind in ALL_KINDS if kind != "embedding")
+# the kinds computed from the signal itself; `embedding` (a pretrained encoder's) and
+# `waveform` (the clip, for fine-tuning), which stand alone, have their own tests in
+# test_embeddings.py and test_finetune.py
+KINDS = tuple(kind for kind in ALL_KINDS if kind not in ("embedding", "waveform"))
 RATE = 16000
 CFG = FeatureConfig(sample_rate=RATE, seconds=0.5)
 FSDD_CFG = FeatureConfig(sample_rate=8000, seconds=0.5, n_fft=256, hop_length=128, n_mels=40)

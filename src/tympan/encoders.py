@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -74,15 +75,18 @@ class Encoder(nn.Module):
     # the distributions a served model needs to rebuild this encoder (`from_export`)
     packages: tuple[str, ...] = ()
 
-    def export(self) -> dict:
+    def export(self, weights: bool = True) -> dict:
         """Everything `from_export` needs to rebuild this encoder with no file or hub at hand:
         weights (tensors), architecture and extractor settings (plain values), the hash and
-        where the weights came from. Safe for `torch.load(weights_only=True)`."""
+        where the weights came from. Safe for `torch.load(weights_only=True)`. Without
+        `weights` (a fine-tuned model, whose own state dict holds the trained weights): the
+        architecture only, and the hash of the weights fine-tuning started from."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return {
             "kind": self.kind,
             "source": self.source,
             "hash": self.weights_hash,
-            "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            **({"state": state} if weights else {"finetuned": True}),
             **self.export_settings(),
         }
 
@@ -90,6 +94,54 @@ class Encoder(nn.Module):
 
     def export_settings(self) -> dict:
         return {}
+
+    # --- fine-tuning (model.name: finetune) ----------------------------------------------
+
+    def prepare_finetune(
+        self,
+        freeze_feature_encoder: bool = True,
+        checkpointing: bool = False,
+        mask_time_prob: float = 0.0,
+        mask_feature_prob: float = 0.0,
+    ) -> Encoder:
+        """Make this encoder (a copy: the frozen one is shared) trainable: every weight but the
+        convolutional feature encoder's (`freeze_feature_encoder`, where the model has one),
+        gradient checkpointing, SpecAugment-style masking in training mode."""
+        self.requires_grad_(True)
+        if freeze_feature_encoder:
+            self.freeze_feature_encoder()
+        if checkpointing:
+            self.checkpointing()
+        self.set_masking(mask_time_prob, mask_feature_prob)
+        return self
+
+    def freeze_feature_encoder(self) -> None:
+        """Freeze the waveform front end's convolutions (none here)."""
+
+    def checkpointing(self) -> None:
+        raise ValueError(f"model.gradient_checkpointing: {self.source} does not support it")
+
+    def set_masking(self, time_prob: float, feature_prob: float) -> None:
+        """Mask about these fractions of frames / features while training (0: never)."""
+        if time_prob > 0 or feature_prob > 0:
+            raise ValueError(f"model.mask_*_prob: {self.source} has no SpecAugment-style masking")
+
+    def layer_index(self, name: str) -> int | None:
+        """The depth of parameter `name` (as `named_parameters` names it): 0 for the input
+        side (feature encoder, embeddings), i + 1 for transformer layer i, None for what sits
+        above the last layer (a final norm): layer-wise lr decay's order."""
+        found = _LAYER.search(name)
+        if found:
+            return int(found.group(1)) + 1
+        if any(word in name for word in _BOTTOM):
+            return 0
+        return None
+
+
+# `encoder.layers.3.`, `encoder.layer.3.` (AST), `layers.3.` (Whisper's encoder),
+# `encoder.transformer.layers.3.` (torchaudio); not `conv_layers.3.` (the feature encoder)
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_BOTTOM = ("feature_extractor", "feature_projection", "embed", "pos_conv", "conv1", "conv2")
 
 
 def state_hash(state: dict[str, torch.Tensor], settings: dict) -> str:
@@ -186,6 +238,41 @@ class TransformersEncoder(Encoder):
 
     kind = "transformers"
     packages = ("transformers", "huggingface-hub", "safetensors", "tokenizers")
+    # tympan's masking of a spectrogram input (AST, Whisper): fraction of frames and of bins
+    spec_mask = (0.0, 0.0)
+
+    def prepare_finetune(self, *args, **kwargs) -> Encoder:
+        # LayerDrop skips whole layers at random while training, and a skipped layer gives no
+        # hidden state: the head weighs every layer's, so each layer runs every step
+        for name in ("layerdrop", "encoder_layerdrop"):
+            if getattr(self.model.config, name, 0):
+                setattr(self.model.config, name, 0.0)
+        return super().prepare_finetune(*args, **kwargs)
+
+    def freeze_feature_encoder(self) -> None:
+        if hasattr(self.model, "freeze_feature_encoder"):  # wav2vec2, HuBERT, WavLM ...
+            self.model.freeze_feature_encoder()
+
+    def checkpointing(self) -> None:
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            super().checkpointing()
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def set_masking(self, time_prob: float, feature_prob: float) -> None:
+        config = self.model.config
+        if hasattr(self.model, "_mask_hidden_states"):  # the model's own SpecAugment
+            # tympan's values replace the checkpoint's (wav2vec2-base ships 0.05): 0 is off
+            config.mask_time_prob, config.mask_feature_prob = time_prob, feature_prob
+            on = time_prob > 0 or feature_prob > 0
+            config.apply_spec_augment = on
+            if on and getattr(self.model, "masked_spec_embed", None) is None:
+                self.model.masked_spec_embed = nn.Parameter(torch.rand(self.dim))
+        else:  # a spectrogram input: tympan masks it
+            self.spec_mask = (time_prob, feature_prob)
 
     def export_settings(self) -> dict:
         return {
@@ -209,7 +296,8 @@ class TransformersEncoder(Encoder):
         model = AutoModel.from_config(config)
         if getattr(config, "is_encoder_decoder", False):
             model = model.get_encoder()
-        model.load_state_dict(saved["state"])
+        if "state" in saved:
+            model.load_state_dict(saved["state"])
         encoder = cls(model, extractor, "", "")
         encoder.source = saved["source"]
         return encoder
@@ -219,6 +307,10 @@ class TransformersEncoder(Encoder):
         inputs = self.extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items() if k in _MODEL_INPUTS}
+        if self.training and any(self.spec_mask):
+            for key, time_axis in (("input_values", 1), ("input_features", 2)):
+                if key in inputs and inputs[key].dim() == 3:
+                    inputs[key] = spec_masked(inputs[key], time_axis, *self.spec_mask)
         out = self.model(**inputs, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states, dim=1)  # (batch, layers, frames, dim)
         if self.model_type == "whisper":  # 30 s of padding: keep the clip's own frames
@@ -230,6 +322,33 @@ class TransformersEncoder(Encoder):
 
 
 _MODEL_INPUTS = ("input_values", "input_features", "attention_mask")
+SPEC_MASK_LENGTH = 10  # frames or bins per mask, as transformers' mask_*_length defaults
+
+
+def spec_masked(
+    x: torch.Tensor, time_axis: int, time_prob: float, feature_prob: float
+) -> torch.Tensor:
+    """SpecAugment on a batch of spectrograms `(batch, frames, bins)` (`time_axis` 1) or
+    `(batch, bins, frames)` (2): stripes of `SPEC_MASK_LENGTH` frames / bins set to 0 (the
+    extractor's normalised mean) at random starts, about `prob` of each axis covered, at
+    least one stripe per clip and axis when its prob is above 0. Draws from torch's RNG."""
+    x = x.clone()
+    batch = x.shape[0]
+    for axis, prob in ((time_axis, time_prob), (3 - time_axis, feature_prob)):
+        size = x.shape[axis]
+        if prob <= 0 or size <= SPEC_MASK_LENGTH:
+            continue
+        count = max(1, round(prob * size / SPEC_MASK_LENGTH))
+        starts = torch.randint(0, size - SPEC_MASK_LENGTH + 1, (batch, count))
+        covered = torch.zeros(batch, size, dtype=torch.bool)
+        for offset in range(SPEC_MASK_LENGTH):
+            covered.scatter_(1, starts + offset, True)
+        shape = [batch, 1, 1]
+        shape[axis] = size
+        x = x.masked_fill(covered.view(shape).to(x.device), 0.0)
+    return x
+
+
 # where a config was read from and which transformers wrote it: not what the model computes
 _VOLATILE = ("_name_or_path", "transformers_version", "_commit_hash", "processor_class")
 
@@ -313,6 +432,9 @@ class TorchaudioEncoder(Encoder):
 
     kind = "torchaudio"
 
+    def freeze_feature_encoder(self) -> None:
+        self.model.feature_extractor.requires_grad_(False)
+
     def export_settings(self) -> dict:
         return {"config": self.config, "rate": self.sample_rate, "normalize": self.normalize}
 
@@ -322,7 +444,8 @@ class TorchaudioEncoder(Encoder):
 
         config = dict(saved["config"])
         model = wav2vec2_model(**config)
-        model.load_state_dict(saved["state"])
+        if "state" in saved:
+            model.load_state_dict(saved["state"])
         return cls(model, config, int(saved["rate"]), bool(saved["normalize"]), saved["source"])
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -374,6 +497,10 @@ class CrepeEncoder(Encoder):
     kind = "crepe"
     packages = ("torchcrepe",)
 
+    def layer_index(self, name: str) -> int | None:
+        found = re.search(r"conv(\d)", name)  # conv1 ... conv5 feed the embedding
+        return int(found.group(1)) - 1 if found else None
+
     def export_settings(self) -> dict:
         return {"capacity": self.capacity, "hop": self.hop}
 
@@ -382,7 +509,8 @@ class CrepeEncoder(Encoder):
         import torchcrepe
 
         model = torchcrepe.Crepe(saved["capacity"])
-        model.load_state_dict(saved["state"])
+        if "state" in saved:
+            model.load_state_dict(saved["state"])
         encoder = cls(model, saved["capacity"], int(saved["hop"]), Path(""))
         encoder.source = saved["source"]
         return encoder
@@ -410,13 +538,16 @@ def packages_for(kind: str) -> tuple[str, ...]:
 
 def from_export(saved: dict) -> Encoder:
     """The encoder `Encoder.export` wrote (a served model's), in eval mode on the CPU; its
-    weights must hash to what was exported."""
+    weights must hash to what was exported. An export without weights (a fine-tuned model's)
+    gives the architecture, initialised at random, for the model's state dict to fill."""
     kinds = {
         "transformers": TransformersEncoder,
         "torchaudio": TorchaudioEncoder,
         "crepe": CrepeEncoder,
     }
     encoder = kinds[saved["kind"]].rebuild(saved).eval()
+    if "state" not in saved:  # a fine-tuned model's: its own state dict brings the weights
+        return encoder
     if encoder.weights_hash != saved["hash"]:
         raise ValueError(
             f"the encoder stored with this model ({saved['source']}) does not hash to what was "

@@ -277,6 +277,13 @@ def run_train(
     if "encoder" in cache.meta:  # embedding features: the pretrained encoder that made them
         tags["tympan.encoder"] = cache.meta["encoder"]["source"]
         tags["tympan.encoder_sha256"] = cache.meta["encoder"]["hash"]
+    if params.model.name == "finetune":  # the pretrained weights fine-tuning starts from
+        from tympan.features.stack import encoder_for
+
+        start = encoder_for(params.features.stack.encoder)
+        tags["tympan.encoder"] = start.source
+        tags["tympan.encoder_sha256"] = start.weights_hash
+        tags["tympan.encoder_finetuned"] = "true"
     if tuning.values:  # the study as the dashboard names it, and what it set
         tags.update(
             {
@@ -470,11 +477,14 @@ def run_train(
 def _encoder_export(params: Params, cache: FeatureCache) -> dict | None:
     """Embedding features: the encoder that made them, for the bundle (a served model computes
     what featurize computed with its own copy of the weights). It must be the one featurize
-    used: the weights hash in the cache's metadata."""
-    if "embedding" not in params.features.stack.kinds:
-        return None
+    used: the weights hash in the cache's metadata. A fine-tuned encoder: its architecture
+    and extractor settings only (the members' state dicts hold the trained weights)."""
     from tympan.features.stack import encoder_for
 
+    if params.model.name == "finetune":
+        return encoder_for(params.features.stack.encoder).export(weights=False)
+    if "embedding" not in params.features.stack.kinds:
+        return None
     encoder = encoder_for(params.features.stack.encoder)
     made = cache.meta.get("encoder", {})
     if encoder.weights_hash != made.get("hash"):
@@ -876,7 +886,11 @@ def run_register(
             "protocol", "val_split" if record.get("tuned") else "none"
         ),
         # embedding features: the registry names the encoder the model carries
-        **{k: tags[k] for k in ("tympan.encoder", "tympan.encoder_sha256") if k in tags},
+        **{
+            k: tags[k]
+            for k in ("tympan.encoder", "tympan.encoder_sha256", "tympan.encoder_finetuned")
+            if k in tags
+        },
     }
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)

@@ -334,8 +334,12 @@ def model_card(card: CardInputs) -> str:
         *(
             [
                 f"- Encoder: {tag('tympan.encoder')}, weights sha256 "
-                f"`{tag('tympan.encoder_sha256', '?')}` (frozen; its weights are inside the "
-                "model)"
+                f"`{tag('tympan.encoder_sha256', '?')}` "
+                + (
+                    "(fine-tuned from these weights; the tuned weights are inside the model)"
+                    if tag("tympan.encoder_finetuned") == "true"
+                    else "(frozen; its weights are inside the model)"
+                )
             ]
             if tag("tympan.encoder")
             else []

@@ -31,6 +31,7 @@ from tympan.features.logmel import (
     LogMel,
     dct_matrix,
     n_frames,
+    n_samples,
     power_to_db,
     reference,
     spectrogram,
@@ -39,6 +40,7 @@ from tympan.features.logmel import (
 TORCH_KINDS = ("logmel", "mfcc", "stft")
 LIBROSA_KINDS = ("f0", "contrast", "centroid", "zcr")
 EMBEDDING = "embedding"
+WAVEFORM = "waveform"  # the clip itself, `(1, samples)`: what a fine-tuned encoder reads
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -75,7 +77,14 @@ def encoder_for(spec: EncoderConfig):
 def _encoder(spec: EncoderConfig):
     from tympan.encoders import load_encoder
 
-    return load_encoder(spec).requires_grad_(False)
+    # building a model draws its random initialisation before the weights replace it: the
+    # caller's generators stay as they were, so whether this process had already loaded
+    # the encoder changes nothing a seeded run draws
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        encoder = load_encoder(spec).requires_grad_(False)
+    np.random.set_state(numpy_state)
+    return encoder
 
 
 def check_stack(cfg: FeatureConfig, stack: StackConfig) -> None:
@@ -115,6 +124,7 @@ def bins_per_kind(cfg: FeatureConfig, stack: StackConfig) -> dict[str, int]:
         "contrast": CONTRAST_BANDS + 1,
         "centroid": 1,
         "zcr": 1,
+        WAVEFORM: 1,
     }
     if EMBEDDING in stack.kinds:
         width = encoder_for(stack.encoder).dim
@@ -134,6 +144,8 @@ def output_shape(cfg: FeatureConfig, stack: StackConfig) -> tuple[int, int, int]
         return (stack.image_channels, *stack.image)
     if EMBEDDING in stack.kinds:  # (dim, layers): pooled over time, one column per layer
         return (1, bins_per_kind(cfg, stack)[EMBEDDING], embedding_layers(stack))
+    if WAVEFORM in stack.kinds:  # one row, one column per sample
+        return (1, 1, n_samples(cfg))
     return (1, sum(bins_per_kind(cfg, stack).values()), n_frames(cfg))
 
 
@@ -177,7 +189,7 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
     # the levers added later join a set's key only when on, so earlier caches keep theirs
     trim = {"trim_db": cfg.trim_db} if cfg.trim_db > 0 else {}
     per_clip = {"utterance_norm": cfg.utterance_norm} if cfg.utterance_norm != "none" else {}
-    if kind == "wave":  # the clip itself, before pre-emphasis
+    if kind in ("wave", WAVEFORM):  # the clip itself (never pre-emphasised)
         framing = (
             "sample_rate",
             "seconds",
@@ -185,7 +197,13 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
             "wave_norm",
             *(("n_fft", "hop_length") if trim else ()),
         )
-        return {"kind": kind, **{k: v for k, v in common.items() if k in framing}, **trim}
+        stored = {"dtype": cfg.dtype} if kind == WAVEFORM else {}  # `wave` is float32
+        return {
+            "kind": kind,
+            **{k: v for k, v in common.items() if k in framing},
+            **trim,
+            **stored,
+        }
     common.update(trim)
     if kind == EMBEDDING:  # the encoder's weights by hash: another checkpoint, another set
         framing = ("sample_rate", "seconds", "crop", "wave_norm", "dtype", "trim_db")
@@ -349,6 +367,8 @@ class FeatureStack(nn.Module):
             raise ValueError(f"expected (batch, samples) audio, got shape {tuple(wave.shape)}")
         if self.encoder is not None:
             return {EMBEDDING: self.embed(wave)}
+        if self.stack.kinds == (WAVEFORM,):
+            return {WAVEFORM: wave[:, None, :].float()}
         if self.stack.preemphasis is not None:
             wave = preemphasize(wave, self.stack.preemphasis)
         # centred STFT framing, as torchaudio computes it (see logmel.n_frames)

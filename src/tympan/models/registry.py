@@ -7,12 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tympan.config import ModelConfig
+from tympan.config import FeatureConfig, ModelConfig
 from tympan.features import Normalizer
 from tympan.models.alexnet import AlexNet2012
 from tympan.models.classical import Classical
 from tympan.models.cnn import CRNN, ParallelCNN, PooledCNN, SmallCNN
 from tympan.models.dense import EmbeddingHead, FlatMLP
+from tympan.models.finetune import FineTuned
 from tympan.models.recurrent import bigru, bilstm, gru, lstm
 from tympan.models.resnet import ResNet18
 from tympan.models.vision import DenseNetBiGRUAttention, vision
@@ -25,6 +26,7 @@ FAMILIES: dict[str, Builder] = {
     "s3_cnn": SmallCNN,
     "s1_mlp": FlatMLP,
     "embedding_head": EmbeddingHead,
+    "finetune": FineTuned,  # built by AudioClassifier with its encoder (below)
     "resnet18": ResNet18,
     "lstm": lstm,
     "bilstm": bilstm,
@@ -55,6 +57,17 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "s3_cnn": ("channels", "kernel", "pool", "hidden", "dropout_conv", "dropout"),
     "s1_mlp": ("head", "dropout", "head_dropout"),
     "embedding_head": ("head", "dropout", "head_dropout"),
+    "finetune": (
+        "encoder_lr",
+        "layer_decay",
+        "freeze_feature_encoder",
+        "gradient_checkpointing",
+        "mask_time_prob",
+        "mask_feature_prob",
+        "head",
+        "dropout",
+        "head_dropout",
+    ),
     "resnet18": ("init", *_HEAD),
     "lstm": _RECURRENT,
     "bilstm": _RECURRENT,
@@ -90,7 +103,9 @@ class AudioClassifier(nn.Module):
     model declares side attributes -> `(batch, outputs)`: class logits, one logit (binary
     cross-entropy) or one prediction (regression). Each side attribute has an embedding of
     `side_dim` per value (row 0: a value unseen in training). The statistics are buffers, so
-    they travel in the state dict with the weights.
+    they travel in the state dict with the weights. `finetune` takes the clip itself: no
+    normalisation (its encoder's feature extractor has its own), and `encoder` / `features`:
+    the pretrained encoder (`tympan.encoders.Encoder`) and the params naming it.
     """
 
     def __init__(
@@ -101,15 +116,30 @@ class AudioClassifier(nn.Module):
         mean: torch.Tensor,
         std: torch.Tensor,
         side_vocab: dict[str, list[str]] | None = None,
+        encoder: nn.Module | None = None,
+        features: FeatureConfig | None = None,
     ) -> None:
         super().__init__()
         self.side_vocab = dict(side_vocab or {})
+        if cfg.name == "finetune":  # the waveform as it is
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
         self.normalize = Normalizer(mean, std)
         self.embed = nn.ModuleList(
             nn.Embedding(len(values) + 1, cfg.side_dim) for values in self.side_vocab.values()
         )
         extra = cfg.side_dim * len(self.embed)
-        self.net = FAMILIES[cfg.name](cfg, input_shape, outputs, extra)
+        if cfg.name == "finetune":
+            self.net = FineTuned(cfg, input_shape, outputs, extra, *_encoder(encoder, features))
+        else:
+            self.net = FAMILIES[cfg.name](cfg, input_shape, outputs, extra)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser groups of the trainable weights: all at `lr`, except a fine-tuned
+        encoder's, at their own rates (`FineTuned.encoder_groups`)."""
+        own = self.net.encoder_groups(lr) if isinstance(self.net, FineTuned) else []
+        taken = {id(p) for group in own for p in group["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        return [{"params": rest, "lr": lr}, *own]
 
     def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         if not self.embed:
@@ -123,6 +153,22 @@ class AudioClassifier(nn.Module):
         return self.net(self.normalize(x), extra)
 
 
+def _encoder(encoder: nn.Module | None, features: FeatureConfig | None):
+    """finetune's encoder (given, else the one `features.stack.encoder` names) and stack."""
+    if features is None:
+        raise ValueError("model.name: finetune is built with the feature params (its encoder)")
+    if encoder is None:
+        from tympan.features.stack import encoder_for
+
+        encoder = encoder_for(features.stack.encoder)
+    if encoder.sample_rate != features.sample_rate:
+        raise ValueError(
+            f"features.sample_rate must be the encoder's own rate, {encoder.sample_rate} Hz, to "
+            f"fine-tune it (audio is resampled once, at featurize), got {features.sample_rate}"
+        )
+    return encoder, features.stack
+
+
 def build_model(
     cfg: ModelConfig,
     input_shape: tuple[int, int, int],
@@ -130,17 +176,25 @@ def build_model(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     side_vocab: dict[str, list[str]] | None = None,
+    encoder: nn.Module | None = None,
+    features: FeatureConfig | None = None,
 ) -> AudioClassifier:
     """Build a family by `cfg.name` for `(C, bins, frames)` inputs; statistics default to
-    identity (filled by a state dict)."""
+    identity (filled by a state dict). `finetune` needs `features` (its encoder's params) and
+    takes `encoder` when given (a served model's), else loads what the params name."""
     if cfg.name not in FAMILIES:
         raise KeyError(f"model.name={cfg.name!r} is not a known family ({', '.join(FAMILIES)})")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, bins, frames), got {input_shape}")
+    if cfg.name != "finetune" and features is not None and "waveform" in features.stack.kinds:
+        raise ValueError(
+            "features.stack.kinds: waveform (the clip itself) is for model.name: finetune, "
+            f"got model.name: {cfg.name}"
+        )
     bins = input_shape[1]
     mean = torch.zeros(bins) if mean is None else mean
     std = torch.ones(bins) if std is None else std
-    return AudioClassifier(cfg, input_shape, outputs, mean, std, side_vocab)
+    return AudioClassifier(cfg, input_shape, outputs, mean, std, side_vocab, encoder, features)
 
 
 # What a model's outputs mean (stored in the bundle): class logits, one logit, a value.

@@ -182,11 +182,16 @@ class Predictor:
         self.side_vocab: dict[str, list[str]] = bundle["side_vocab"]
         self.limits = Limits.from_env(self.features, self.segment)
         self.device = device or torch.device("cpu")
-        self.encoder: dict | None = None  # embedding features: the encoder this model carries
+        self.encoder: dict | None = None  # the pretrained encoder this model carries
+        finetuned = None  # a fine-tuned encoder's architecture: the members hold its weights
         if "encoder" in bundle:
             from tympan.encoders import from_export
 
-            install_encoder(self.features.stack.encoder, from_export(bundle["encoder"]))
+            rebuilt = from_export(bundle["encoder"])
+            if bundle["encoder"].get("finetuned"):
+                finetuned = rebuilt
+            else:  # embedding features: the frontend computes them with this copy
+                install_encoder(self.features.stack.encoder, rebuilt)
             self.encoder = {k: bundle["encoder"][k] for k in ("kind", "source", "hash")}
         self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
         shape = tuple(bundle["input_shape"])
@@ -203,6 +208,8 @@ class Predictor:
                 bundle["mean"],
                 bundle["std"],
                 self.side_vocab,
+                finetuned,
+                self.features,
             )
             member.load_state_dict(state)
             self.members.append(member.to(self.device).eval())

@@ -262,6 +262,7 @@ class SeedTrainer:
             torch.from_numpy(cache.mean),
             torch.from_numpy(cache.std),
             vocab,
+            features=cache.feature_config if "params" in cache.meta else None,
         ).to(device)
         cuda = device.type == "cuda"
         self.amp = cfg.amp and cuda
@@ -304,6 +305,8 @@ class SeedTrainer:
         self.best_state = copy.deepcopy(self.model.state_dict())
         self._torch_state = torch.get_rng_state()
         self._cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+        # numpy's global generator: what transformers' SpecAugment masking draws from
+        self._numpy_global = _numpy_global_state()
         self.checkpoint, self.fingerprint = checkpoint, fingerprint
         if checkpoint is not None and checkpoint.exists():
             self._resume(checkpoint)
@@ -340,6 +343,7 @@ class SeedTrainer:
         torch.set_rng_state(self._torch_state)
         if self._cuda_state is not None:
             torch.cuda.set_rng_state(self._cuda_state, self.device)
+        _set_numpy_global_state(self._numpy_global)
         self.model.train()
         total, count = 0.0, 0
         rows = self._epoch_rows()
@@ -369,6 +373,7 @@ class SeedTrainer:
         self._torch_state = torch.get_rng_state()
         if self._cuda_state is not None:
             self._cuda_state = torch.cuda.get_rng_state(self.device)
+        self._numpy_global = _numpy_global_state()
         val_loss, val = self.validate()
         entry = EpochLog(
             len(self.result.history) + 1,
@@ -437,6 +442,7 @@ class SeedTrainer:
             "torch_rng": self._torch_state,
             "cuda_rng": self._cuda_state,
             "numpy_rng": self.rng.bit_generator.state,
+            "numpy_global": self._numpy_global,
             "augmenter": None if self.augmenter is None else self.augmenter.state_dict(),
             "wave_augmenter": None if inputs is None else inputs.augment.state_dict(),
             "best_state": self.best_state,
@@ -469,6 +475,8 @@ class SeedTrainer:
         if self._cuda_state is not None and state["cuda_rng"] is not None:
             self._cuda_state = state["cuda_rng"]
         self.rng.bit_generator.state = state["numpy_rng"]
+        if "numpy_global" in state:  # checkpoints written before it was kept: as seeded
+            self._numpy_global = state["numpy_global"]
         if self.augmenter is not None and state["augmenter"] is not None:
             self.augmenter.load_state_dict(state["augmenter"])
         if isinstance(self.inputs, AugmentedInputs) and state["wave_augmenter"] is not None:
@@ -480,6 +488,17 @@ class SeedTrainer:
         self.result.stopped_early = state["stopped_early"]
         self.result.history = [EpochLog(**e) for e in state["history"]]
         self.result.resumed_at = len(self.result.history)
+
+
+def _numpy_global_state() -> dict[str, Any]:
+    """numpy's legacy global generator state as plain values (checkpoint-safe)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": pos, "gauss": [has_gauss, cached]}
+
+
+def _set_numpy_global_state(state: dict[str, Any]) -> None:
+    keys = np.asarray(state["keys"], dtype=np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], *state["gauss"]))
 
 
 def _waves(cache: FeatureCache, kind: str) -> np.ndarray:
@@ -499,7 +518,7 @@ def _cache_features(cache: FeatureCache) -> Any:
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.param_groups(cfg.lr)  # a fine-tuned encoder's layers at their own rates
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
