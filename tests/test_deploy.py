@@ -139,3 +139,70 @@ def test_generated_dockerfile_installs_the_declared_requirements(saved, tmp_path
     shipped = (out / "model_dir" / "model" / "requirements.txt").read_text().split()
     assert [line.split("==")[0] for line in shipped] == list(SERVED_IMPORTS)
     assert (out / "model_dir" / "model" / "code" / "tympan" / "serving" / "bundle.py").exists()
+
+
+def _encoder_bundle(kind: str, folder: Path) -> Path:
+    """A bundle whose model carries a pretrained encoder: a tiny wav2vec2 fine-tuned end to
+    end (`finetune`: the architecture in the bundle, the weights in the member), or CREPE-tiny's
+    frozen embeddings with a head (`crepe`: the packaged weights in the bundle)."""
+    from dataclasses import replace
+
+    import torch
+    from test_embeddings import _tones
+    from test_encoders import _tiny_transformers
+    from test_finetune import COARSE
+
+    from tympan.config import (
+        EncoderConfig,
+        FeatureConfig,
+        ModelConfig,
+        Params,
+        StackConfig,
+        TrainConfig,
+    )
+    from tympan.features import build_cache
+    from tympan.serving.bundle import save_bundle
+    from tympan.stages import _encoder_export
+    from tympan.training import fit
+
+    if kind == "finetune":
+        _tiny_transformers("wav2vec2", folder / "w2v", **COARSE)
+        spec = EncoderConfig(source="transformers", name=str(folder / "w2v"))
+        stack = StackConfig(kinds=("waveform",), encoder=spec, layers="last")
+        model = ModelConfig(name="finetune", head=(), dropout=0.0)
+    else:
+        spec = EncoderConfig(source="crepe", name="tiny", hop_s=0.05)
+        stack = StackConfig(kinds=("embedding",), encoder=spec, layers="last")
+        model = ModelConfig(name="embedding_head", head=(), dropout=0.0)
+    cfg = FeatureConfig(sample_rate=16_000, seconds=0.5, dtype="float32", stack=stack)
+    cache = build_cache(_tones(folder / "audio", n=12), cfg, folder / "cache")
+    result = fit(cache, model, TrainConfig(epochs=2, batch_size=4), 0, torch.device("cpu"))
+    save_bundle(
+        folder / "bundle.pt",
+        cfg,
+        model,
+        cache.labels,
+        tuple(cache.features.shape[1:]),
+        cache.mean,
+        cache.std,
+        {0: result.model.state_dict()},
+        encoder=_encoder_export(replace(Params(), features=cfg, model=model), cache),
+    )
+    return folder / "bundle.pt"
+
+
+@pytest.mark.parametrize("kind", ["finetune", "crepe"])
+def test_a_model_carrying_an_encoder_runs_with_only_its_declared_requirements(tmp_path, kind):
+    """transformers (rebuilt from the bundle's architecture) or torchcrepe: declared, and
+    nothing else outside the requirements imported; the answers are the in-process ones."""
+    bundle = _encoder_bundle(kind, tmp_path)
+    model = tmp_path / "model"
+    mlflow.pyfunc.save_model(model, **model_spec(bundle, 16_000))
+    declared = [line.split("==")[0] for line in (model / "requirements.txt").read_text().split()]
+    assert ("transformers" if kind == "finetune" else "torchcrepe") in declared
+    result = _run_child(model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["outside"] == [] and answer["early"] == []
+    expected = Predictor.load(bundle).predict([base64.b64decode(c) for c in _clips()])
+    assert answer["labels"] == [e["label"] for e in expected]

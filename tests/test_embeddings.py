@@ -285,3 +285,41 @@ def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, f
             assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-4, abs=1e-6)
     finally:
         _stop(server)
+
+
+def test_the_embeddings_benchmark_reports_every_figure(tmp_path):
+    """benchmarks/embeddings.py on a few FSDD clips: extraction, cached and uncached head
+    epochs, a fine-tuning epoch; a hub id not in the cache is a line, not a failure. (The
+    figures themselves are in the README; nothing asserts a time.)"""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "embeddings.py"),
+            *("--encoders", "w2v-tiny", "--hub", "facebook/wav2vec2-base"),
+            *("--clips", "16", "--epochs", "2", "--every-epochs", "1", "--device", "cpu"),
+            *("--json", str(out)),
+        ],
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hub:facebook/wav2vec2-base: skipped, encoder 'facebook/wav2vec2-base'" in done.stdout
+    (row,) = json.loads(out.read_text())
+    assert (row["encoder"], row["weights"], row["dim"], row["layers"]) == (
+        "w2v-tiny",
+        "random",
+        32,
+        3,
+    )
+    for key in ("clips_per_s", "cached_epoch_s", "every_epoch_s", "finetune_epoch_s"):
+        assert row[key] > 0, key
