@@ -155,7 +155,6 @@ def test_embedding_params_are_checked(tmp_path):
 @pytest.mark.parametrize("kind", ["transformers", "crepe"])
 def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_path, kind):
     from tympan.config import Params
-    from tympan.features import stack as stack_module
     from tympan.serving.bundle import Predictor, save_bundle
     from tympan.serving.pyfunc import requirements
     from tympan.stages import _encoder_export
@@ -191,7 +190,6 @@ def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_pa
     # the serving side has no source to read: the model's own copy of the weights is used
     shutil.rmtree(tmp_path / "w2v", ignore_errors=True)
     _encoder.cache_clear()
-    stack_module._INSTALLED.clear()
     monkey = pytest.MonkeyPatch()
     monkey.setattr("tympan.encoders.load_encoder", lambda *a: pytest.fail("read the source"))
     try:
@@ -212,6 +210,49 @@ def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_pa
     damaged["state"][first] += 1.0
     with pytest.raises(ValueError, match="does not hash to what was exported"):
         from_export(damaged)
+
+
+def test_two_served_models_naming_one_encoder_keep_their_own_weights(tmp_path):
+    """Two bundles made from the same encoder directory, its weights changed in between, served
+    side by side in one process: each computes with its own copy."""
+    from tympan.serving.bundle import Predictor, save_bundle
+
+    _tiny_transformers("wav2vec2", tmp_path / "w2v")
+    cfg = _features(EncoderConfig(source="transformers", name=str(tmp_path / "w2v")))
+    table = _tones(tmp_path / "audio", n=12)
+    model = ModelConfig(name="embedding_head", head=(), dropout=0.0)
+    hashes, expected = [], []
+    for version in ("a", "b"):
+        if version == "b":  # other weights under the same name
+            import transformers as tf
+
+            changed = tf.AutoModel.from_pretrained(tmp_path / "w2v")
+            with torch.no_grad():
+                changed.feature_projection.projection.weight.mul_(3.0)
+            changed.save_pretrained(tmp_path / "w2v")
+            _encoder.cache_clear()
+        cache = build_cache(table, cfg, tmp_path / f"cache-{version}")
+        result = fit(cache, model, TrainConfig(epochs=1, batch_size=4), 0, torch.device("cpu"))
+        encoder = _encoder(cfg.stack.encoder)
+        hashes.append(encoder.weights_hash)
+        save_bundle(
+            tmp_path / f"{version}.pt",
+            cfg,
+            model,
+            cache.labels,
+            tuple(cache.features.shape[1:]),
+            cache.mean,
+            cache.std,
+            {0: result.model.state_dict()},
+            encoder=encoder.export(),
+        )
+        expected.append(Predictor.load(tmp_path / f"{version}.pt").predict_proba(table["path"]))
+    assert hashes[0] != hashes[1]
+    first, second = (Predictor.load(tmp_path / f"{v}.pt") for v in ("a", "b"))
+    assert first.frontend.encoder.weights_hash == hashes[0]
+    assert second.frontend.encoder.weights_hash == hashes[1]
+    np.testing.assert_allclose(first.predict_proba(table["path"]), expected[0], rtol=1e-5)
+    np.testing.assert_allclose(second.predict_proba(table["path"]), expected[1], rtol=1e-5)
 
 
 @pytest.mark.integration

@@ -55,22 +55,11 @@ CPU_CHUNK_SAMPLES = 1 << 19
 LPC_NOISE_FLOOR = 1e-6
 
 
-# encoders put in place by a served model (`install_encoder`): its own copy of the weights
-_INSTALLED: dict[EncoderConfig, nn.Module] = {}
-
-
-def install_encoder(spec: EncoderConfig, encoder: nn.Module) -> None:
-    """Make `encoder_for(spec)` answer `encoder` (a served model's, rebuilt from its bundle)
-    instead of reading `spec`'s source from disk."""
-    _INSTALLED[spec] = encoder.requires_grad_(False)
-
-
-def encoder_for(spec: EncoderConfig):
-    """The encoder `spec` names: the one a served model installed, else loaded from its
-    source once per process (`tympan.encoders.load_encoder`)."""
-    if spec in _INSTALLED:
-        return _INSTALLED[spec]
-    return _encoder(spec)
+def encoder_for(spec: EncoderConfig, given: nn.Module | None = None):
+    """`given` (a served model's own copy, rebuilt from its bundle) when there is one, else the
+    encoder `spec` names, loaded from its source once per process
+    (`tympan.encoders.load_encoder`)."""
+    return given if given is not None else _encoder(spec)
 
 
 @functools.lru_cache(maxsize=2)
@@ -87,10 +76,11 @@ def _encoder(spec: EncoderConfig):
     return encoder
 
 
-def check_stack(cfg: FeatureConfig, stack: StackConfig) -> None:
-    """Raise ValueError for stack parameters that do not fit the feature config."""
+def check_stack(cfg: FeatureConfig, stack: StackConfig, encoder: nn.Module | None = None) -> None:
+    """Raise ValueError for stack parameters that do not fit the feature config (`encoder`:
+    the embedding kind's, when not the one `stack.encoder` names on disk)."""
     if EMBEDDING in stack.kinds:
-        rate = encoder_for(stack.encoder).sample_rate
+        rate = encoder_for(stack.encoder, encoder).sample_rate
         if cfg.sample_rate != rate:
             raise ValueError(
                 f"features.sample_rate must be the encoder's own rate, {rate} Hz, for the "
@@ -111,9 +101,11 @@ def check_stack(cfg: FeatureConfig, stack: StackConfig) -> None:
         )
 
 
-def bins_per_kind(cfg: FeatureConfig, stack: StackConfig) -> dict[str, int]:
+def bins_per_kind(
+    cfg: FeatureConfig, stack: StackConfig, encoder: nn.Module | None = None
+) -> dict[str, int]:
     """Rows each kind contributes to the stack, in stacking order."""
-    check_stack(cfg, stack)
+    check_stack(cfg, stack, encoder)
     sizes = {
         "logmel": cfg.n_mels,
         "mfcc": stack.n_mfcc,
@@ -127,7 +119,7 @@ def bins_per_kind(cfg: FeatureConfig, stack: StackConfig) -> dict[str, int]:
         WAVEFORM: 1,
     }
     if EMBEDDING in stack.kinds:
-        width = encoder_for(stack.encoder).dim
+        width = encoder_for(stack.encoder, encoder).dim
         sizes[EMBEDDING] = width * (2 if stack.pooling == "mean_std" else 1)
     return {kind: sizes[kind] for kind in stack.kinds}
 
@@ -340,12 +332,14 @@ class FeatureStack(nn.Module):
     `(batch, image_channels, H, W)`. `kinds=("logmel",)` alone is exactly `LogMel(cfg)`.
     """
 
-    def __init__(self, cfg: FeatureConfig, stack: StackConfig) -> None:
+    def __init__(
+        self, cfg: FeatureConfig, stack: StackConfig, encoder: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        check_stack(cfg, stack)
+        check_stack(cfg, stack, encoder)
         self.cfg = cfg
         self.stack = stack
-        self.bins = bins_per_kind(cfg, stack)
+        self.bins = bins_per_kind(cfg, stack, encoder)
         self.torch_kinds = [kind for kind in stack.kinds if kind in TORCH_KINDS]
         # log-mel and MFCC share one mel spectrogram; MFCC adds its DCT, `(n_mels, n_mfcc)`
         needs_mel = "logmel" in stack.kinds or "mfcc" in stack.kinds
@@ -353,8 +347,9 @@ class FeatureStack(nn.Module):
         dct = dct_matrix(stack.n_mfcc, cfg.n_mels).T.contiguous() if "mfcc" in stack.kinds else None
         self.register_buffer("dct", dct)
         self.stft = spectrogram(cfg) if "stft" in stack.kinds else None
-        # the embedding kind's encoder: frozen, shared by every stack of this process
-        self.encoder = encoder_for(stack.encoder) if EMBEDDING in stack.kinds else None
+        # the embedding kind's encoder, frozen: `encoder` (a served model's own copy), else the
+        # one `stack.encoder` names, shared by every stack of this process
+        self.encoder = encoder_for(stack.encoder, encoder) if EMBEDDING in stack.kinds else None
         self.requires_grad_(False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from tympan.config import (
     to_dict,
 )
 from tympan.features import windows
-from tympan.features.stack import FeatureStack, install_encoder
+from tympan.features.stack import FeatureStack
 from tympan.models import HEADS, build_model, to_output
 
 BUNDLE_VERSION = 3
@@ -183,17 +183,20 @@ class Predictor:
         self.limits = Limits.from_env(self.features, self.segment)
         self.device = device or torch.device("cpu")
         self.encoder: dict | None = None  # the pretrained encoder this model carries
-        finetuned = None  # a fine-tuned encoder's architecture: the members hold its weights
+        # embedding features: the frontend computes them with the model's own copy of the
+        # encoder; a fine-tuned encoder: its architecture, the members holding its weights
+        embedder = finetuned = None
         if "encoder" in bundle:
             from tympan.encoders import from_export
 
             rebuilt = from_export(bundle["encoder"])
             if bundle["encoder"].get("finetuned"):
                 finetuned = rebuilt
-            else:  # embedding features: the frontend computes them with this copy
-                install_encoder(self.features.stack.encoder, rebuilt)
+            else:
+                embedder = rebuilt
             self.encoder = {k: bundle["encoder"][k] for k in ("kind", "source", "hash")}
-        self.frontend = FeatureStack(self.features, self.features.stack).to(self.device).eval()
+        frontend = FeatureStack(self.features, self.features.stack, embedder)
+        self.frontend = frontend.to(self.device).eval()
         shape = tuple(bundle["input_shape"])
         outputs = len(self.labels) if self.head == "softmax" else 1
         self.members = []
