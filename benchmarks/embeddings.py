@@ -130,7 +130,7 @@ def measure(name: str, waves, labels, args, device: torch.device, workdir: Path)
     stack = StackConfig(kinds=("embedding",), encoder=spec, layers="all")
     try:
         frontend = FeatureStack(cfg, stack).to(device).eval()
-    except EncoderNotFound as exc:
+    except (EncoderNotFound, ImportError) as exc:  # weights, or the package, not here
         print(f"{name}: skipped, {str(exc).splitlines()[0]}")
         return None
     encoder = frontend.encoder
