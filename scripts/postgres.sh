@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start a throwaway PostgreSQL server for the distributed-tuning tests:
+# Start a throwaway PostgreSQL server for the distributed-tuning tests (and under
+# scripts/mlflow-server.sh, MLflow's backend store):
 #   scripts/postgres.sh DATA_DIR PORT [ROLE]  -> prints the database URL on the last line
+# The database is named $TYMPAN_PG_DB (default optuna).
 # Installs Debian's postgresql package when no server binaries are found (needs root and the
 # Debian registry). The cluster trusts local connections, listens on 127.0.0.1 only, and is
 # stopped with: pg_ctl -D DATA_DIR stop
@@ -31,7 +33,8 @@ if [ -n "$role" ]; then  # the first matching line wins: this one before initdb'
 fi
 "${as_user[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
   -o "-c listen_addresses=127.0.0.1 -p $port -k $data" start >&2
-"${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres optuna
+db=${TYMPAN_PG_DB:-optuna}
+"${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres "$db"
 if [ -n "$role" ]; then
   # through stdin, quotes doubled: the password never appears in a process's arguments
   printf "CREATE ROLE \"%s\" LOGIN PASSWORD '%s';\n" "$role" "${TYMPAN_PG_PASSWORD//\'/\'\'}" |
@@ -39,4 +42,4 @@ if [ -n "$role" ]; then
       -d postgres >&2
   "${as_user[@]}" "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres -O "$role" "$role"
 fi
-echo "postgresql+psycopg2://postgres@127.0.0.1:$port/optuna"
+echo "postgresql+psycopg2://postgres@127.0.0.1:$port/$db"

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tympan import tracking
@@ -895,16 +894,23 @@ def run_register(
     for key, tag in version_tags.items():
         client.set_model_version_tag(cfg.name, version, key, tag)
 
-    try:
-        current = client.get_model_version_by_alias(cfg.name, "champion")
-        champion = {"version": str(current.version), **current.tags}
-    except MlflowException:
-        champion = None
     original = params.protocol.leaks if params.protocol.kind == "original" else None
-    alias, reason = promotion(
-        cfg.metric, value, held_out["hash"], champion, cfg.min_delta, original
+
+    def beats(one: dict[str, str], other: dict[str, str]) -> bool:
+        """Does version `one` (its tags) take @champion from `other` by the promotion rule?"""
+        mine = float(one.get(f"test_{cfg.metric}", "nan"))
+        test = one.get("tympan.test_set", "")
+        return promotion(cfg.metric, mine, test, other, cfg.min_delta)[0] == "champion"
+
+    alias, reason = tracking.promote(
+        client,
+        cfg.name,
+        version,
+        lambda champion: promotion(
+            cfg.metric, value, held_out["hash"], champion, cfg.min_delta, original
+        ),
+        beats,
     )
-    client.set_registered_model_alias(cfg.name, alias, version)
     client.set_model_version_tag(cfg.name, version, "tympan.promotion", reason)
 
     metric_files = {name: metrics / f"{name}.json" for name in ("classes", "breakdown")}

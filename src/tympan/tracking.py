@@ -244,6 +244,88 @@ def register_model(model_uri: str, name: str) -> str:
         MLFLOW_LOGGING_STREAM.enabled = was
 
 
+# a version that took @champion tags itself first, so that another process registering at the
+# same time finds it (`promote`)
+CLAIM_TAG = "tympan.claim"
+
+
+def champion_of(client, name: str) -> dict[str, str] | None:
+    """The version `@champion` points to, as `{version, **tags}`; None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+    return {"version": str(current.version), **current.tags}
+
+
+def promote(
+    client,
+    name: str,
+    version: str,
+    decide,
+    beats,
+    settle_s: float = 0.25,
+    rounds: int = 8,
+) -> tuple[str, str]:
+    """Give `version` `@champion` or `@challenger`, as `decide(current champion or None)` says
+    (-> (alias, reason)), safely when other processes register versions of `name` at the
+    same moment (a team on one tracking server).
+
+    Reading the alias and then setting it is not atomic: two registrations that both read the
+    old champion would each take `@champion`, and the last write would win whether or not it
+    is the better model. So a version that wins tags itself (`tympan.claim`), sets the alias,
+    then re-reads under a retry: among the champion it was compared with and every version
+    claiming since, the best by the promotion rule (`beats(a, b)`: does version a, as tags,
+    beat b) must hold the alias; whoever reads otherwise sets it right, until it reads the
+    same twice. Every contender computes the same best from the same claims, and a later
+    claimant always sees the earlier ones (their tag precedes their alias write), so the alias
+    ends on the best. -> `version`'s own alias and reason."""
+    champion = champion_of(client, name)
+    alias, reason = decide(champion)
+    if alias != "champion":
+        client.set_registered_model_alias(name, alias, version)
+        return alias, reason
+    client.set_model_version_tag(name, version, CLAIM_TAG, "champion")
+    client.set_registered_model_alias(name, "champion", version)
+    floor = int(champion["version"]) if champion else 0
+    steady = 0
+    best = version
+    for _ in range(rounds):
+        time.sleep(settle_s)
+        claims = sorted(
+            (
+                v
+                for v in client.search_model_versions(f"name = '{name}'")
+                if v.tags.get(CLAIM_TAG) == "champion" and int(v.version) > floor
+            ),
+            key=lambda v: int(v.version),
+        )
+        contenders = ([champion] if champion else []) + [
+            {"version": str(v.version), **v.tags} for v in claims
+        ]
+        winner = contenders[0]
+        for other in contenders[1:]:
+            if beats(other, winner):
+                winner = other
+        best = winner["version"]
+        holder = champion_of(client, name)
+        if holder is not None and holder["version"] == best:
+            steady += 1
+            if steady == 2:
+                break
+            continue
+        steady = 0
+        client.set_registered_model_alias(name, "champion", best)
+    if best == version:
+        return "champion", reason
+    client.set_registered_model_alias(name, "challenger", version)
+    return "challenger", (
+        f"{reason}; but v{best}, registered at the same time, beats it and holds @champion"
+    )
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
