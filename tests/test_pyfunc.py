@@ -161,3 +161,40 @@ def test_logged_input_example_with_side_attributes_serves(tone_side_bundle, tmp_
     assert '"mic"' in load_serving_example(str(path))
     out = validate_serving_input(str(path), load_serving_example(str(path)))
     assert len(out) == 2
+
+
+def test_each_serving_worker_takes_its_share_of_the_cores(monkeypatch, tmp_path):
+    """torch threads per worker: the usable cores over the workers (from TYMPAN_SERVE_WORKERS,
+    else the parent's `--workers N`, as uvicorn's supervisor has it), unless set explicitly."""
+    import os
+
+    from tympan.serving import pyfunc
+
+    cores = len(os.sched_getaffinity(0))
+    for name in (pyfunc.WORKERS_ENV, pyfunc.THREADS_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(pyfunc.WORKERS_ENV, "2")
+    assert pyfunc.worker_threads() == max(1, cores // 2)
+    monkeypatch.setenv(pyfunc.WORKERS_ENV, "64")
+    assert pyfunc.worker_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert pyfunc.worker_threads() == 3
+    monkeypatch.setenv(pyfunc.THREADS_ENV, "5")
+    assert pyfunc.worker_threads() == 5
+
+    # no variable: the parent's command line, as `mlflow models serve --workers 2` starts it
+    for name in (pyfunc.WORKERS_ENV, pyfunc.THREADS_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"uvicorn\0--port\x005001\0--workers\x002\0mlflow.app:app\0")
+    real = pyfunc.Path
+
+    def fake(path, *rest):
+        return real(cmdline) if str(path).startswith("/proc/") else real(path, *rest)
+
+    monkeypatch.setattr(pyfunc, "Path", fake)
+    assert pyfunc.server_workers() == 2
+    cmdline.write_bytes(b"uvicorn\0--workers=4\0app\0")
+    assert pyfunc.server_workers() == 4
+    cmdline.write_bytes(b"python\0-m\0pytest\0")
+    assert pyfunc.server_workers() == 1

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
+import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,40 @@ class RequestRefused(MlflowException):
             self._message = value
 
 
+# `tympan serve --workers N` says N here; `mlflow models serve --workers N` passes it on the
+# uvicorn command line of the worker's parent process, read from /proc where there is one
+WORKERS_ENV = "TYMPAN_SERVE_WORKERS"
+THREADS_ENV = "TYMPAN_SERVE_THREADS"
+
+
+def server_workers() -> int:
+    """How many worker processes the serving process belongs to: $TYMPAN_SERVE_WORKERS, else
+    the `--workers N` of the parent's command line (uvicorn's supervisor), else 1."""
+    if os.environ.get(WORKERS_ENV):
+        return max(1, int(os.environ[WORKERS_ENV]))
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 1
+    for flag, value in itertools.pairwise(args):
+        if flag == b"--workers" and value.isdigit():
+            return max(1, int(value))
+        if flag.startswith(b"--workers=") and flag[10:].isdigit():
+            return max(1, int(flag[10:]))
+    return 1
+
+
+def worker_threads() -> int:
+    """torch threads for one serving worker: $TYMPAN_SERVE_THREADS, else $OMP_NUM_THREADS (the
+    OpenMP convention torch follows), else the usable cores shared out between the workers (2
+    workers on 2 cores: 1 thread each, where each would otherwise take both)."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // server_workers())
+
+
 class AudioModel(mlflow.pyfunc.PythonModel):
     """pyfunc model: raw audio in, ensemble label and probabilities out.
 
@@ -68,6 +104,7 @@ class AudioModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: PythonModelContext) -> None:
+        torch.set_num_threads(worker_threads())  # workers share the cores, not fight over them
         self.predictor = Predictor.load(context.artifacts["bundle"])
 
     def predict(

@@ -209,8 +209,11 @@ def serve(model_uri: str, host: str, port: int, workers: int) -> None:
     """Run the guarded scoring app with uvicorn (blocks until stopped)."""
     import uvicorn
 
+    from tympan.serving.pyfunc import WORKERS_ENV
+
     max_request_bytes()  # a bad limit fails here, not in every worker
     os.environ[MODEL_ENV] = model_uri
+    os.environ[WORKERS_ENV] = str(workers)  # each worker takes its share of the cores
     uvicorn.run(
         "tympan.serving.server:create_app",
         factory=True,
