@@ -191,7 +191,8 @@ def _encoder_bundle(kind: str, folder: Path) -> Path:
     return folder / "bundle.pt"
 
 
-@pytest.mark.parametrize("kind", ["finetune", "crepe"])
+# CREPE's variant (15 s) under -m slow: its pyfunc requirements are checked in test_embeddings
+@pytest.mark.parametrize("kind", ["finetune", pytest.param("crepe", marks=pytest.mark.slow)])
 def test_a_model_carrying_an_encoder_runs_with_only_its_declared_requirements(tmp_path, kind):
     """transformers (rebuilt from the bundle's architecture) or torchcrepe: declared, and
     nothing else outside the requirements imported; the answers are the in-process ones."""

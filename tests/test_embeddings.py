@@ -255,6 +255,10 @@ def test_two_served_models_naming_one_encoder_keep_their_own_weights(tmp_path):
     np.testing.assert_allclose(second.predict_proba(table["path"]), expected[1], rtol=1e-5)
 
 
+# 40 s: the fine-tuned transformers model goes through `mlflow models serve` in the default run
+# (test_finetune), and CREPE's in-process parity and declared requirements are tested here and
+# in test_deploy
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, fsdd_root):
     """FSDD through the stages on CREPE-tiny embeddings, registered, then `mlflow models serve`:
