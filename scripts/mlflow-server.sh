@@ -3,7 +3,7 @@
 # the model registry), artifacts proxied by the server into a folder (--serve-artifacts: clients
 # need no access to the storage, only to the server), bound to 127.0.0.1 unless told otherwise.
 #
-#   scripts/mlflow-server.sh DIR PORT [--host HOST] [--auth] [--workers N]
+#   scripts/mlflow-server.sh DIR PORT [--host HOST] [--auth] [--workers N] [--store sqlite]
 #   scripts/mlflow-server.sh DIR stop
 #
 # DIR holds the PostgreSQL cluster (DIR/postgres, on port PORT+1, started by
@@ -12,13 +12,16 @@
 #   MLFLOW_TRACKING_URI=http://HOST:PORT
 # which every tympan stage, `optuna` workers, `mlflow ui` users and `mlflow models serve -m
 # models:/NAME@champion` then use (export it). A DIR already holding a cluster is reused.
+# `--store sqlite`: DIR/mlflow.db instead of PostgreSQL (one machine, a handful of users).
 #
 # --auth: MLflow's basic-auth app (`--app-name basic-auth`; needs mlflow[auth]): every request
 # without valid credentials is refused (401). The admin is created on first start with the
 # password in MLFLOW_AUTH_ADMIN_PASSWORD (environment only: never an argument, a file in the
 # repo or a log line); the users' database is DIR/auth.db; MLFLOW_FLASK_SERVER_SECRET_KEY is
 # taken from the environment, else generated once into DIR/flask-secret (mode 600). Clients
-# authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+# authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. A checked password is
+# cached per worker for $TYMPAN_AUTH_CACHE_S seconds (default 60; 0: every request pays the
+# PBKDF2 check, which made a training run's logging 3x slower here).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=$1 port=$2
@@ -34,17 +37,20 @@ if [ "$port" = stop ]; then
   [ -n "$bindir" ] && [ -d "$dir/postgres" ] && "${as_user[@]}" "$bindir/pg_ctl" -D "$dir/postgres" -w stop -m fast >&2 || true
   exit 0
 fi
-host=127.0.0.1 auth=() workers=2
+host=127.0.0.1 auth=() workers=2 kind=postgresql
 while [ $# -gt 0 ]; do
   case $1 in
     --host) host=$2; shift 2 ;;
     --workers) workers=$2; shift 2 ;;
     --auth) auth=(--app-name basic-auth); shift ;;
+    --store) kind=$2; shift 2 ;;
     *) echo "mlflow-server.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 pg_port=$((port + 1))
-if [ -d "$dir/postgres" ] && [ -n "$bindir" ]; then  # a cluster from an earlier start
+if [ "$kind" = sqlite ]; then
+  store="sqlite:///$dir/mlflow.db"
+elif [ -d "$dir/postgres" ] && [ -n "$bindir" ]; then  # a cluster from an earlier start
   "${as_user[@]}" "$bindir/pg_ctl" -D "$dir/postgres" -l "$dir/postgres/server.log" -w \
     -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $dir/postgres" start >&2 || true
   store="postgresql+psycopg2://postgres@127.0.0.1:$pg_port/mlflow"
@@ -65,8 +71,10 @@ if [ ${#auth[@]} -gt 0 ]; then
     MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$dir/flask-secret")
     export MLFLOW_FLASK_SERVER_SECRET_KEY
   fi
-  printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
-    "$dir/auth.db" > "$dir/basic_auth.ini"
+  # auth_cache_ttl_seconds: a checked password is remembered for a minute per worker, so each
+  # request does not pay PBKDF2 again (a changed password reaches the other worker within it)
+  printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\nauth_cache_ttl_seconds = %s\nauth_cache_max_size = 10000\n' \
+    "$dir/auth.db" "${TYMPAN_AUTH_CACHE_S:-60}" > "$dir/basic_auth.ini"
   export MLFLOW_AUTH_CONFIG_PATH=$dir/basic_auth.ini
 fi
 mlflow=${MLFLOW_BIN:-$(command -v mlflow || echo "$here/../.venv/bin/mlflow")}

@@ -302,3 +302,45 @@ def _tone_bundle(
         side_vocab=side_vocab,
     )
     return path
+
+
+def assert_served_as_in_process(model: str, uri: str, d: Path, root: Path) -> None:
+    """`mlflow models serve -m models:/<model>@champion` from the store `uri` answers four
+    FSDD recordings under `root`, and their concatenation (several windows), with the labels
+    and probabilities of the in-process predictor of `d/models/bundle.pt`."""
+    import base64
+    import sys
+
+    import numpy as np
+    import requests
+    import soundfile as sf
+    from test_serving import _start, _stop
+
+    from tympan.serving import Predictor
+
+    from audio_helpers import encode
+
+    url, server = _start(
+        [
+            *(str(Path(sys.executable).parent / "mlflow"), "models", "serve"),
+            *("-m", f"models:/{model}@champion", "--env-manager", "local", "-h", "127.0.0.1"),
+        ],
+        {"MLFLOW_TRACKING_URI": uri},
+        d / "server.log",
+    )
+    try:
+        files = sorted(root.rglob("*.wav"))[:4]
+        clips = [f.read_bytes() for f in files]
+        waves = [sf.read(f, dtype="float32")[0] for f in files]
+        clips.append(encode(np.concatenate(waves), 8000))  # several seconds: windows
+        expected = Predictor.load(d / "models" / "bundle.pt").predict(clips)
+        body = {"inputs": {"audio": [base64.b64encode(c).decode() for c in clips]}}
+        response = requests.post(f"{url}/invocations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        assert got[-1]["windows"] == expected[-1]["windows"] > 1
+        for g, e in zip(got, expected, strict=True):
+            assert g["label"] == e["label"]
+            assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-4, abs=1e-6)
+    finally:
+        _stop(server)

@@ -148,7 +148,7 @@ def _encoder_bundle(kind: str, folder: Path) -> Path:
     from dataclasses import replace
 
     import torch
-    from test_embeddings import _tones
+    from test_embeddings import _tones, save_trained
     from test_encoders import _tiny_transformers
     from test_finetune import COARSE
 
@@ -161,7 +161,6 @@ def _encoder_bundle(kind: str, folder: Path) -> Path:
         TrainConfig,
     )
     from tympan.features import build_cache
-    from tympan.serving.bundle import save_bundle
     from tympan.stages import _encoder_export
     from tympan.training import fit
 
@@ -177,18 +176,8 @@ def _encoder_bundle(kind: str, folder: Path) -> Path:
     cfg = FeatureConfig(sample_rate=16_000, seconds=0.5, dtype="float32", stack=stack)
     cache = build_cache(_tones(folder / "audio", n=12), cfg, folder / "cache")
     result = fit(cache, model, TrainConfig(epochs=2, batch_size=4), 0, torch.device("cpu"))
-    save_bundle(
-        folder / "bundle.pt",
-        cfg,
-        model,
-        cache.labels,
-        tuple(cache.features.shape[1:]),
-        cache.mean,
-        cache.std,
-        {0: result.model.state_dict()},
-        encoder=_encoder_export(replace(Params(), features=cfg, model=model), cache),
-    )
-    return folder / "bundle.pt"
+    exported = _encoder_export(replace(Params(), features=cfg, model=model), cache)
+    return save_trained(folder / "bundle.pt", cfg, model, cache, result.model, exported)
 
 
 # CREPE's variant (15 s) under -m slow: its pyfunc requirements are checked in test_embeddings

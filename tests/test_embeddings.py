@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,25 @@ def _tones(folder, n=36):
             }
         )
     return pd.DataFrame(rows)
+
+
+def save_trained(path, cfg, model, cache, net, encoder: dict | None) -> Path:
+    """`save_bundle` of one trained member `net` on `cache` (its labels, input shape and train
+    statistics), with the encoder export `encoder`."""
+    from tympan.serving.bundle import save_bundle
+
+    save_bundle(
+        path,
+        cfg,
+        model,
+        cache.labels,
+        tuple(cache.features.shape[1:]),
+        cache.mean,
+        cache.std,
+        {0: net.state_dict()},
+        encoder=encoder,
+    )
+    return path
 
 
 def _features(encoder: EncoderConfig, **stack) -> FeatureConfig:
@@ -155,7 +175,7 @@ def test_embedding_params_are_checked(tmp_path):
 @pytest.mark.parametrize("kind", ["transformers", "crepe"])
 def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_path, kind):
     from tympan.config import Params
-    from tympan.serving.bundle import Predictor, save_bundle
+    from tympan.serving.bundle import Predictor
     from tympan.serving.pyfunc import requirements
     from tympan.stages import _encoder_export
     from tympan.training import predict
@@ -172,17 +192,7 @@ def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_pa
     result = fit(cache, model, TrainConfig(epochs=2, batch_size=4), 0, torch.device("cpu"))
     params = replace(Params(), features=cfg, model=model)
     exported = _encoder_export(params, cache)
-    save_bundle(
-        tmp_path / "bundle.pt",
-        cfg,
-        model,
-        cache.labels,
-        tuple(cache.features.shape[1:]),
-        cache.mean,
-        cache.std,
-        {0: result.model.state_dict()},
-        encoder=exported,
-    )
+    save_trained(tmp_path / "bundle.pt", cfg, model, cache, result.model, exported)
     expected = predict(
         result.model, cache.features, np.arange(len(table)), 256, torch.device("cpu")
     )
@@ -215,7 +225,7 @@ def test_the_bundle_carries_the_encoder_and_serves_what_training_computed(tmp_pa
 def test_two_served_models_naming_one_encoder_keep_their_own_weights(tmp_path):
     """Two bundles made from the same encoder directory, its weights changed in between, served
     side by side in one process: each computes with its own copy."""
-    from tympan.serving.bundle import Predictor, save_bundle
+    from tympan.serving.bundle import Predictor
 
     _tiny_transformers("wav2vec2", tmp_path / "w2v")
     cfg = _features(EncoderConfig(source="transformers", name=str(tmp_path / "w2v")))
@@ -235,17 +245,7 @@ def test_two_served_models_naming_one_encoder_keep_their_own_weights(tmp_path):
         result = fit(cache, model, TrainConfig(epochs=1, batch_size=4), 0, torch.device("cpu"))
         encoder = _encoder(cfg.stack.encoder)
         hashes.append(encoder.weights_hash)
-        save_bundle(
-            tmp_path / f"{version}.pt",
-            cfg,
-            model,
-            cache.labels,
-            tuple(cache.features.shape[1:]),
-            cache.mean,
-            cache.std,
-            {0: result.model.state_dict()},
-            encoder=encoder.export(),
-        )
+        save_trained(tmp_path / f"{version}.pt", cfg, model, cache, result.model, encoder.export())
         expected.append(Predictor.load(tmp_path / f"{version}.pt").predict_proba(table["path"]))
     assert hashes[0] != hashes[1]
     first, second = (Predictor.load(tmp_path / f"{v}.pt") for v in ("a", "b"))
@@ -263,19 +263,10 @@ def test_two_served_models_naming_one_encoder_keep_their_own_weights(tmp_path):
 def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, fsdd_root):
     """FSDD through the stages on CREPE-tiny embeddings, registered, then `mlflow models serve`:
     the same answers as the in-process predictor, a long recording windowed the same way."""
-    import base64
-    import sys
-    from pathlib import Path
-
-    import requests
-    import soundfile as sf
-    from test_serving import _start, _stop
 
     from tympan.config import load_params
-    from tympan.serving import Predictor
 
-    from audio_helpers import encode
-    from conftest import REPO, fsdd_subset, register_through_stages
+    from conftest import REPO, assert_served_as_in_process, fsdd_subset, register_through_stages
 
     root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["jackson", "george"], range(0, 8))
     params = load_params(REPO / "pipelines" / "fsdd.yaml")
@@ -298,38 +289,7 @@ def test_a_registered_embedding_model_serves_over_http_as_in_process(tmp_path, f
     card = (tmp_path / "card.md").read_text()
     assert "- Encoder: crepe tiny" in card and "weights sha256" in card
 
-    bin_dir = Path(sys.executable).parent
-    url, server = _start(
-        [
-            *(
-                str(bin_dir / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                "models:/tympan-crepe-test@champion",
-            ),
-            *("--env-manager", "local", "-h", "127.0.0.1"),
-        ],
-        {"MLFLOW_TRACKING_URI": uri},
-        tmp_path / "server.log",
-    )
-    try:
-        predictor = Predictor.load(tmp_path / "models" / "bundle.pt")
-        files = sorted(root.rglob("*.wav"))[:4]
-        clips = [f.read_bytes() for f in files]
-        waves = [sf.read(f, dtype="float32")[0] for f in files]
-        clips.append(encode(np.concatenate(waves), 8000))  # several seconds: windows
-        expected = predictor.predict(clips)
-        body = {"inputs": {"audio": [base64.b64encode(c).decode() for c in clips]}}
-        response = requests.post(f"{url}/invocations", json=body, timeout=120)
-        assert response.status_code == 200, response.text
-        got = response.json()["predictions"]
-        assert got[-1]["windows"] == expected[-1]["windows"] > 1
-        for g, e in zip(got, expected, strict=True):
-            assert g["label"] == e["label"]
-            assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-4, abs=1e-6)
-    finally:
-        _stop(server)
+    assert_served_as_in_process("tympan-crepe-test", uri, tmp_path, root)
 
 
 def test_the_embeddings_benchmark_reports_every_figure(tmp_path):
@@ -348,7 +308,7 @@ def test_the_embeddings_benchmark_reports_every_figure(tmp_path):
             sys.executable,
             str(REPO / "benchmarks" / "embeddings.py"),
             *("--encoders", "w2v-tiny", "--hub", "facebook/wav2vec2-base"),
-            *("--clips", "16", "--epochs", "2", "--every-epochs", "1", "--device", "cpu"),
+            *("--clips", "8", "--epochs", "1", "--every-epochs", "1", "--device", "cpu"),
             *("--json", str(out)),
         ],
         env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": ""},

@@ -60,11 +60,19 @@ def _model(**extra) -> ModelConfig:
     return ModelConfig(**{"name": "finetune", "head": (), "dropout": 0.0, **extra})
 
 
-def test_the_waveform_set_is_the_clip_at_the_encoders_rate(tone_waves, w2v):
+def test_the_waveform_set_is_the_clip_at_the_encoders_rate(tone_waves, w2v, tmp_path):
     assert tone_waves.features.shape == (24, 1, 1, RATE // 2)
     assert "encoder" not in tone_waves.meta  # the clips do not depend on the weights
     first = np.asarray(tone_waves.features[np.array([0])])[0, 0, 0]
     assert np.abs(first).max() > 0.05  # audio, not a normalised or empty set
+    # float32 even where features.dtype stores spectral sets in float16 (params.yaml's)
+    table = _tones(tmp_path / "audio", n=6)
+    half = build_cache(table, replace(_features(w2v), dtype="float16"), tmp_path / "half")
+    assert half.features.sets["waveform"].dtype == np.float32
+    rows = np.arange(6)
+    read = np.asarray(half.features[rows])
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(read, np.asarray(tone_waves.features[rows]))
 
 
 def test_fine_tuning_trains_the_encoder_and_lowers_the_loss(tone_waves, w2v):
@@ -267,27 +275,20 @@ def test_a_registered_fine_tuned_model_serves_over_http_as_in_process(tmp_path, 
     source directory deleted, then `mlflow models serve`: the same answers as in process, a
     long recording windowed the same way; the bundle holds the architecture once and the
     tuned weights in each member, the card and registry name the starting weights."""
-    import base64
     import shutil
-    import sys
-    from pathlib import Path
 
     import mlflow
-    import requests
-    import soundfile as sf
-    from test_serving import _start, _stop
 
     from tympan.config import load_params
     from tympan.serving import Predictor
     from tympan.serving.pyfunc import requirements
 
-    from audio_helpers import encode
-    from conftest import REPO, fsdd_subset, register_through_stages
+    from conftest import REPO, assert_served_as_in_process, fsdd_subset, register_through_stages
 
     torch.manual_seed(0)
     _tiny_transformers("wav2vec2", tmp_path / "w2v", **COARSE)
     start = load_encoder(EncoderConfig(source="transformers", name=str(tmp_path / "w2v")))
-    root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["jackson", "george"], range(0, 8))
+    root = fsdd_subset(fsdd_root, tmp_path / "fsdd", ["jackson", "george"], range(0, 5))
     params = load_params(REPO / "pipelines" / "fsdd.yaml")
     encoder = EncoderConfig(source="transformers", name=str(tmp_path / "w2v"))
     params = replace(
@@ -323,33 +324,7 @@ def test_a_registered_fine_tuned_model_serves_over_http_as_in_process(tmp_path, 
 
     shutil.rmtree(tmp_path / "w2v")  # the served model needs no file but its own
     _encoder.cache_clear()
-    bin_dir = Path(sys.executable).parent
-    url, server = _start(
-        [
-            *(str(bin_dir / "mlflow"), "models", "serve"),
-            *("-m", "models:/tympan-finetune-test@champion"),
-            *("--env-manager", "local", "-h", "127.0.0.1"),
-        ],
-        {"MLFLOW_TRACKING_URI": uri},
-        tmp_path / "server.log",
-    )
-    try:
-        predictor = Predictor.load(tmp_path / "models" / "bundle.pt")
-        files = sorted(root.rglob("*.wav"))[:4]
-        clips = [f.read_bytes() for f in files]
-        waves = [sf.read(f, dtype="float32")[0] for f in files]
-        clips.append(encode(np.concatenate(waves), 8000))  # several seconds: windows
-        expected = predictor.predict(clips)
-        body = {"inputs": {"audio": [base64.b64encode(c).decode() for c in clips]}}
-        response = requests.post(f"{url}/invocations", json=body, timeout=120)
-        assert response.status_code == 200, response.text
-        got = response.json()["predictions"]
-        assert got[-1]["windows"] == expected[-1]["windows"] > 1
-        for g, e in zip(got, expected, strict=True):
-            assert g["label"] == e["label"]
-            assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-4, abs=1e-6)
-    finally:
-        _stop(server)
+    assert_served_as_in_process("tympan-finetune-test", uri, tmp_path, root)
 
     # in process, the bundle's model computes what the trained member computed
     from tympan.features import open_cache
@@ -357,7 +332,7 @@ def test_a_registered_fine_tuned_model_serves_over_http_as_in_process(tmp_path, 
     cache = open_cache(tmp_path / "features")
     rows = cache.rows("test")[:3]
     x = torch.from_numpy(np.asarray(cache.features[rows]))
-    member = predictor.members[0]
+    member = Predictor.load(tmp_path / "models" / "bundle.pt").members[0]
     trained = build_model(
         params.model, (1, 1, RATE), len(cache.labels), features=params.features, encoder=start
     )

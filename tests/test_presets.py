@@ -187,6 +187,7 @@ SLOW_PRESETS = {
     "s3_accent_cnn_augmented",
     "s4_esc50_alexnet",
     "s4_esc50_final",  # s4_esc50_final_original runs the same model in the default run
+    "s4_esc50_densenet",  # its frozen DenseNet121: s4_esc50_densenet_original, default run
     "s4_esc50_final_sequence",
     "s4_esc50_resnet50",
     "s4_esc50_vgg16",

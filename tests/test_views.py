@@ -241,6 +241,9 @@ def test_predict_and_serve_load_the_model_quietly(project, tmp_path):
         assert noise not in log.read_text(), log.read_text()
 
 
+# 35 s, under -m slow to keep the default run under 20 min: `dvc exp run` itself runs in the
+# default run (test_dvc_state); this checks the README command's width
+@pytest.mark.slow
 def test_the_readme_exp_show_command_fits_100_columns(project):
     """Run an experiment, then the README's `dvc exp show` command, as wide as it likes."""
     root = project.root

@@ -53,6 +53,7 @@ from tympan.config import (
 )
 from tympan.features.logmel import n_samples, waveform_batch, window_starts, windows
 from tympan.features.stack import (
+    WAVEFORM,
     FeatureStack,
     assemble,
     bins_per_kind,
@@ -536,7 +537,7 @@ class _RowFiles:
 def _dtype(kind: str, cfg: FeatureConfig) -> str:
     """Storage type: `features.dtype`, but waveforms stay float32 (in float16 the quiet parts
     of a clip would give features far from the cached ones)."""
-    return "float32" if kind == WAVE else cfg.dtype
+    return "float32" if kind in (WAVE, WAVEFORM) else cfg.dtype
 
 
 def _fits(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
@@ -618,7 +619,10 @@ class _Job:
             with torch.no_grad():
                 parts = frontend.parts(waves.to(self.device))
             out.update(
-                {kind: part.cpu().numpy().astype(self.cfg.dtype) for kind, part in parts.items()}
+                {
+                    kind: part.cpu().numpy().astype(_dtype(kind, self.cfg))
+                    for kind, part in parts.items()
+                }
             )
         return out
 
@@ -858,7 +862,9 @@ def _read_index(path: Path) -> pd.DataFrame:
 
 def _open_sets(out_dir: Path, kinds, cfg: FeatureConfig) -> StackedFeatures:
     sets = {kind: np.load(out_dir / SETS / f"{kind}.npy", mmap_mode="r") for kind in kinds}
-    return StackedFeatures(sets, cfg.stack, cfg.dtype)
+    # the waveform kind stays float32 however `features.dtype` stores spectral sets
+    dtype = "float32" if tuple(cfg.stack.kinds) == (WAVEFORM,) else cfg.dtype
+    return StackedFeatures(sets, cfg.stack, dtype)
 
 
 def open_cache(out_dir: Path) -> FeatureCache:

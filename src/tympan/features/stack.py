@@ -189,13 +189,8 @@ def set_params(kind: str, cfg: FeatureConfig, stack: StackConfig) -> dict:
             "wave_norm",
             *(("n_fft", "hop_length") if trim else ()),
         )
-        stored = {"dtype": cfg.dtype} if kind == WAVEFORM else {}  # `wave` is float32
-        return {
-            "kind": kind,
-            **{k: v for k, v in common.items() if k in framing},
-            **trim,
-            **stored,
-        }
+        # both stored float32 whatever features.dtype says (cache._dtype): not part of the key
+        return {"kind": kind, **{k: v for k, v in common.items() if k in framing}, **trim}
     common.update(trim)
     if kind == EMBEDDING:  # the encoder's weights by hash: another checkpoint, another set
         framing = ("sample_rate", "seconds", "crop", "wave_norm", "dtype", "trim_db")
