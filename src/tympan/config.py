@@ -780,6 +780,20 @@ class AugmentConfig:
             bool(self.wave_snr_db) or self.wave_pitch > 0 or bool(self.wave_speed)
         )
 
+    def switched_on(self, *names: str) -> list[str]:
+        """Which of `names` are on, named as an error message names them (`waveform`: any
+        augment.wave_*; `noise`: noise_std with noise_p; the others: above 0), in that order."""
+        on = {
+            "waveform": ("waveform augmentation (augment.wave_*)", self.waveform),
+            "noise": ("augment.noise_std (dB)", self.noise),
+            "time_shift": ("augment.time_shift", self.time_shift > 0),
+            "time_masks": ("augment.time_masks", self.time_masks > 0),
+            "freq_masks": ("augment.freq_masks", self.freq_masks > 0),
+            "pitch_shift": ("augment.pitch_shift", self.pitch_shift > 0),
+            "vtlp": ("augment.vtlp", self.vtlp > 0),
+        }
+        return [on[name][0] for name in names if on[name][1]]
+
     @property
     def enabled(self) -> bool:
         """Whether any on-the-fly augmentation is switched on (not counting `copies`)."""
@@ -978,18 +992,9 @@ class Params:
             )
         self._check_encoder_use()
         if "embedding" in self.features.stack.kinds:
-            a = self.augment
-            on = [
-                name
-                for name, value in (
-                    ("waveform augmentation (augment.wave_*)", a.waveform),
-                    ("augment.time_shift", a.time_shift > 0),
-                    ("augment.time_masks", a.time_masks > 0),
-                    ("augment.pitch_shift", a.pitch_shift > 0),
-                    ("augment.vtlp", a.vtlp > 0),
-                )
-                if value
-            ]
+            on = self.augment.switched_on(
+                "waveform", "time_shift", "time_masks", "pitch_shift", "vtlp"
+            )
             if on:
                 raise ValueError(
                     f"features.stack.kinds: embedding is computed once, at featurize; "
@@ -999,7 +1004,7 @@ class Params:
 
     def _check_encoder_use(self) -> None:
         """model.name: finetune and the waveform kind go together; what fine-tuning refuses."""
-        stack, model, a = self.features.stack, self.model, self.augment
+        stack, model = self.features.stack, self.model
         if model.name != "finetune":  # (train refuses the waveform kind for other models)
             return
         if "waveform" not in stack.kinds:
@@ -1018,18 +1023,9 @@ class Params:
                 "model.mask_time_prob / mask_feature_prob: SpecAugment-style masking is for "
                 f"transformers encoders; {stack.encoder.source} has none, set them to 0"
             )
-        spectral = [
-            name
-            for name, value in (
-                ("augment.noise_std (dB)", a.noise),
-                ("augment.time_shift", a.time_shift > 0),
-                ("augment.time_masks", a.time_masks > 0),
-                ("augment.freq_masks", a.freq_masks > 0),
-                ("augment.pitch_shift", a.pitch_shift > 0),
-                ("augment.vtlp", a.vtlp > 0),
-            )
-            if value
-        ]
+        spectral = self.augment.switched_on(
+            "noise", "time_shift", "time_masks", "freq_masks", "pitch_shift", "vtlp"
+        )
         if spectral:
             raise ValueError(
                 f"model.name: finetune trains on waveforms; {', '.join(spectral)} act on "

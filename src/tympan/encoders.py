@@ -81,12 +81,15 @@ class Encoder(nn.Module):
         where the weights came from. Safe for `torch.load(weights_only=True)`. Without
         `weights` (a fine-tuned model, whose own state dict holds the trained weights): the
         architecture only, and the hash of the weights fine-tuning started from."""
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if weights:
+            stored = {"state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+        else:
+            stored = {"finetuned": True}
         return {
             "kind": self.kind,
             "source": self.source,
             "hash": self.weights_hash,
-            **({"state": state} if weights else {"finetuned": True}),
+            **stored,
             **self.export_settings(),
         }
 

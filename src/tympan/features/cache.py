@@ -862,9 +862,8 @@ def _read_index(path: Path) -> pd.DataFrame:
 
 def _open_sets(out_dir: Path, kinds, cfg: FeatureConfig) -> StackedFeatures:
     sets = {kind: np.load(out_dir / SETS / f"{kind}.npy", mmap_mode="r") for kind in kinds}
-    # the waveform kind stays float32 however `features.dtype` stores spectral sets
-    dtype = "float32" if tuple(cfg.stack.kinds) == (WAVEFORM,) else cfg.dtype
-    return StackedFeatures(sets, cfg.stack, dtype)
+    # read back as stored (`_dtype`: features.dtype, the waveform kind float32)
+    return StackedFeatures(sets, cfg.stack, np.result_type(*(a.dtype for a in sets.values())))
 
 
 def open_cache(out_dir: Path) -> FeatureCache:
