@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import skops.io
 import torch
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
@@ -103,6 +102,8 @@ class Classical(nn.Module):
     def fit(self, x: torch.Tensor, y: np.ndarray, regression: bool, seed: int) -> None:
         model = estimator(self.cfg, regression, seed)
         model.fit(self.inputs(x), y)
+        import skops.io  # 3 s to import: only where a baseline is saved or loaded
+
         self.blob = torch.frombuffer(bytearray(skops.io.dumps(model)), dtype=torch.uint8)
         self._fitted = model
 
@@ -111,6 +112,8 @@ class Classical(nn.Module):
         if self._fitted is None:
             if self.blob.numel() == 0:
                 raise RuntimeError(f"{self.cfg.name}: not fitted")
+            import skops.io
+
             data = self.blob.cpu().numpy().tobytes()
             untrusted = set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED)
             if untrusted:

@@ -11,7 +11,6 @@ channels. `freeze: true` trains the head only (S4's frozen-backbone transfer).
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,6 +33,8 @@ def _first_conv(net: nn.Module, name: str) -> tuple[nn.Module, str]:
 def backbone(name: str, channels: int, weights: str | None) -> nn.Module:
     """The torchvision network `name` with `channels` input channels, its classifier kept
     (callers take the feature part); weights from `weights` (`imagenet` or a local file)."""
+    import torchvision  # 2 s to import: only where a backbone is built
+
     net = getattr(torchvision.models, name)(weights=None)
     if weights:
         path = resolve(name, weights)
