@@ -7,7 +7,9 @@ MLflow parent run per `train` invocation, whose id travels in `models/train.json
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,9 +46,9 @@ from tympan.evaluation.plots import learning_curves
 from tympan.features import FeatureCache, build_cache, open_cache
 from tympan.features.cache import StackedFeatures
 from tympan.serving.bundle import Predictor, save_bundle
-from tympan.training import predict, resolve_device
+from tympan.training import distributed, predict, resolve_device
 from tympan.training.loop import task_for
-from tympan.training.members import MemberJob, process_count, train_members
+from tympan.training.members import MemberJob, follow_member, process_count, train_members
 from tympan.training.used import used_params
 
 if TYPE_CHECKING:
@@ -259,10 +261,31 @@ def run_train(
     params: Params, features: Path, manifest: Path, out: Path, tuned: Path | None = None
 ) -> None:
     cache = open_cache(features)
-    params, tuning, per_fold = _tuned(params, tuned, cache.folds)
-    device = resolve_device(params.train.device)
-    out.mkdir(parents=True, exist_ok=True)
-    experiment_id = tracking.setup(params.tracking.experiment)
+    rank, device = distributed.start(resolve_device(params.train.device))
+    try:
+        _train(params, cache, features, manifest, out, tuned, device, rank)
+    finally:
+        distributed.stop()
+
+
+def _train(
+    params: Params,
+    cache: FeatureCache,
+    features: Path,
+    manifest: Path,
+    out: Path,
+    tuned: Path | None,
+    device: torch.device,
+    rank: distributed.Rank | None,
+) -> None:
+    """The train stage on this process's `device`; under torchrun (`rank`) rank 0 does what
+    a lone process does and the other ranks only train (see `distributed`)."""
+    leader = rank is None or rank.leader
+    if not leader:
+        with contextlib.redirect_stdout(io.StringIO()):  # rank 0 says what tuning set
+            params, tuning, per_fold = _tuned(params, tuned, cache.folds)
+    else:
+        params, tuning, per_fold = _tuned(params, tuned, cache.folds)
     tags = tracking.run_tags(
         "train",
         params.preset,
@@ -315,8 +338,26 @@ def run_train(
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
-    checkpoints = _checkpoint_dir(params, cache, {k: t.values for k, t in tuning.folds.items()})
+    world = 1 if rank is None else rank.world
+    checkpoints = _checkpoint_dir(
+        params, cache, {k: t.values for k, t in tuning.folds.items()}, world
+    )
     tags["tympan.checkpoints"] = checkpoints.name
+    # without CV one member per seed, named by the seed; with CV one per fold and seed
+    plan = {None: cache} if not cache.folds else {k: cache.for_fold(k) for k in cache.folds}
+    jobs = _member_jobs(params, plan, per_fold, tuning, tags, checkpoints)
+    if rank is not None and not rank.leader:
+        for job in jobs:
+            follow_member(job, plan[job.fold], device, rank)
+        return
+    if rank is not None:
+        tags["tympan.world_size"] = str(world)
+        print(
+            f"train: data-parallel over {world} ranks ({distributed.backend()}), "
+            f"global batch {params.train.batch_size} x {world}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    experiment_id = tracking.setup(params.tracking.experiment)
     if checkpoints.exists():  # an interrupted run of the same params: it is resumed below
         for run_id in tracking.end_stale_runs(experiment_id, tags["tympan.checkpoints"]):
             print(f"train: MLflow run {run_id} of the interrupted run marked KILLED")
@@ -347,51 +388,12 @@ def run_train(
                 "cv_folds": len(cache.folds),
                 "task": task.kind,
                 "criterion": task.criterion,
+                **({"world_size": world} if rank is not None else {}),
             }
         )
         record.update(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
-        # without CV one member per seed, named by the seed; with CV one per fold and seed
-        plan = {None: cache} if not cache.folds else {k: cache.for_fold(k) for k in cache.folds}
-        jobs: list[MemberJob] = []
-        n_members = len(plan) * len(params.train.seeds)
-        side_vocab = None
-        for fold, fold_cache in plan.items():
-            for seed in params.train.seeds:
-                name = str(seed) if fold is None else f"fold{fold}-seed{seed}"
-                which = f"seed {seed}" if fold is None else f"fold {fold}, seed {seed}"
-                member_tags = {**tags, "tympan.seed": str(seed)}
-                if fold is not None:
-                    member_tags["tympan.fold"] = str(fold)
-                # nested CV: the fold's own tuned values, from its own study
-                fold_tuned = tuning.folds.get(fold) if fold is not None else None
-                if fold_tuned is not None:
-                    member_tags.update(
-                        {
-                            "optuna.study": str(fold_tuned.study),
-                            "optuna.best_trial": str(fold_tuned.trial),
-                        }
-                    )
-                logged = {
-                    "seed": seed,
-                    "n_train": len(fold_cache.rows("train")),
-                    "n_val": len(fold_cache.rows("val")),
-                    **({"fold": fold} if fold is not None else {}),
-                    **(fold_tuned.values if fold_tuned is not None else {}),
-                }
-                jobs.append(
-                    MemberJob(
-                        name=name,
-                        seed=seed,
-                        fold=fold,
-                        params=per_fold.get(fold, params) if fold is not None else params,
-                        tags=member_tags,
-                        logged_params=logged,
-                        checkpoint=checkpoints / f"{name}.pt",
-                        desc=f"train member {len(jobs) + 1} of {n_members} ({which})",
-                        aggregate=params.segment.aggregate,
-                    )
-                )
         processes = process_count(params.train.processes, len(jobs), device)
+        side_vocab = None
         for member in train_members(
             jobs,
             features,
@@ -402,6 +404,7 @@ def run_train(
             system,
             parent.info.experiment_id,
             parent.info.run_id,
+            rank,
         ):
             best = member.best
             history += [
@@ -457,7 +460,12 @@ def run_train(
         mlflow.log_artifact(str(out / CURVES), "plots")
         mlflow.log_artifact(str(out / HISTORY), "plots")
     record.update(
-        task=task.kind, criterion=task.criterion, head=task.head, primary=primary, params=used
+        task=task.kind,
+        criterion=task.criterion,
+        head=task.head,
+        primary=primary,
+        params=used,
+        world_size=world,
     )
     _write_json(out / TRAIN_RECORD, record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle holds the result now
@@ -471,6 +479,57 @@ def run_train(
         f"{statistics.fmean(values):.4f} +- {statistics.pstdev(values):.4f} over the members; "
         f"MLflow run {record['parent_run_id']}"
     )
+
+
+def _member_jobs(
+    params: Params,
+    plan: dict[int | None, FeatureCache],
+    per_fold: dict[int, Params],
+    tuning: Tuned,
+    tags: dict[str, str],
+    checkpoints: Path,
+) -> list[MemberJob]:
+    """The train stage's members, in plan order: without CV one per seed, named by the seed;
+    with CV one per fold and seed (nested CV: each fold with its own tuned values)."""
+    jobs: list[MemberJob] = []
+    n_members = len(plan) * len(params.train.seeds)
+    for fold, fold_cache in plan.items():
+        for seed in params.train.seeds:
+            name = str(seed) if fold is None else f"fold{fold}-seed{seed}"
+            which = f"seed {seed}" if fold is None else f"fold {fold}, seed {seed}"
+            member_tags = {**tags, "tympan.seed": str(seed)}
+            if fold is not None:
+                member_tags["tympan.fold"] = str(fold)
+            # nested CV: the fold's own tuned values, from its own study
+            fold_tuned = tuning.folds.get(fold) if fold is not None else None
+            if fold_tuned is not None:
+                member_tags.update(
+                    {
+                        "optuna.study": str(fold_tuned.study),
+                        "optuna.best_trial": str(fold_tuned.trial),
+                    }
+                )
+            logged = {
+                "seed": seed,
+                "n_train": len(fold_cache.rows("train")),
+                "n_val": len(fold_cache.rows("val")),
+                **({"fold": fold} if fold is not None else {}),
+                **(fold_tuned.values if fold_tuned is not None else {}),
+            }
+            jobs.append(
+                MemberJob(
+                    name=name,
+                    seed=seed,
+                    fold=fold,
+                    params=per_fold.get(fold, params) if fold is not None else params,
+                    tags=member_tags,
+                    logged_params=logged,
+                    checkpoint=checkpoints / f"{name}.pt",
+                    desc=f"train member {len(jobs) + 1} of {n_members} ({which})",
+                    aggregate=params.segment.aggregate,
+                )
+            )
+    return jobs
 
 
 def _encoder_export(params: Params, cache: FeatureCache) -> dict | None:
@@ -496,12 +555,12 @@ def _encoder_export(params: Params, cache: FeatureCache) -> dict | None:
 
 
 def _checkpoint_dir(
-    params: Params, cache: FeatureCache, per_fold: dict[int, dict] | None = None
+    params: Params, cache: FeatureCache, per_fold: dict[int, dict] | None = None, world: int = 1
 ) -> Path:
     """Where this run's per-epoch checkpoints live: outside the stage's DVC outputs (which
     `dvc repro` deletes before running it), keyed by everything that shapes the run, so a
     killed run's checkpoints are picked up by the same run only. `per_fold`: nested CV's
-    tuned values per fold."""
+    tuned values per fold; `world`: ranks under torchrun (a rank's batch is another size)."""
     identity = {
         "features": cache.meta["key"],
         "folds": cache.folds,
@@ -518,6 +577,8 @@ def _checkpoint_dir(
     }
     if per_fold:
         identity["tuned_per_fold"] = {str(k): v for k, v in per_fold.items()}
+    if world > 1:
+        identity["world_size"] = world
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return (
         Path(os.environ.get("TYMPAN_CHECKPOINTS", ".tympan/checkpoints")) / digest.hexdigest()[:16]

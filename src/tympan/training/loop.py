@@ -32,12 +32,14 @@ from tympan.evaluation.metrics import classification_metrics, regression_metrics
 from tympan.features import FeatureCache
 from tympan.models import AudioClassifier, build_model, to_output
 from tympan.progress import progress as show_progress
+from tympan.training import distributed
 from tympan.training.augment import (
     AugmentedInputs,
     Augmenter,
     mel_centres,
     soft_cross_entropy,
 )
+from tympan.training.distributed import Rank
 
 
 class TrainingError(ValueError):
@@ -228,6 +230,12 @@ class SeedTrainer:
     `checkpoint` (a file path) the state is saved
     after every epoch and, when that file holds the state of the same run (`fingerprint`),
     training continues from it.
+
+    With `rank` (under torchrun, see `tympan.training.distributed`) the trainer is one of
+    several ranks training the same member data-parallel: each takes its slice of every global
+    batch of `batch_size` x ranks, gradients are averaged, rank 0 validates (and hands every
+    rank the result, so schedules and early stopping agree) and writes the checkpoint, which
+    holds every rank's random streams.
     """
 
     def __init__(
@@ -241,8 +249,12 @@ class SeedTrainer:
         checkpoint: Path | None = None,
         fingerprint: str = "",
         aggregate: str = "mean",
+        rank: Rank | None = None,
     ) -> None:
         seed_everything(seed)
+        self.rank = rank
+        # each rank its own dropout and augmentation draws; rank 0's are a lone process's
+        offset = 0 if rank is None else 1_000_003 * rank.rank
         self.aggregate = aggregate  # segment.aggregate: windows -> recording in validation
         self.cache, self.cfg, self.device = cache, cfg, device
         self.task = task_for(cfg, cache.labels)
@@ -269,6 +281,15 @@ class SeedTrainer:
         self.channels_last = cfg.channels_last and cuda
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model  # what training batches go through
+        if rank is not None:
+            if model_cfg.classical:
+                raise TrainingError("a scikit-learn baseline does not train under torchrun")
+            self.net = distributed.wrap(self.model, device)
+            self.model = self.net.module  # SyncBatchNorm on CUDA: the converted layers
+            if offset:
+                torch.manual_seed(seed + offset)
+                np.random.seed((seed + offset) % 2**32)
         n = max(self.task.n_classes, 1)
         weight = class_weights(self.labels[self.train_rows], n) if classify else None
         self.weight = weight.to(device) if weight is not None and cfg.class_weights else None
@@ -278,11 +299,11 @@ class SeedTrainer:
                 raise TrainingError("augment.mixup_alpha needs train.task=classification")
             seconds = float(cache.meta["params"]["seconds"])  # the window the frames cover
             bin_hz = mel_centres(_cache_features(cache)) if augment.vtlp > 0 else None
-            self.augmenter = Augmenter(augment, n, seed, seconds, bin_hz)
+            self.augmenter = Augmenter(augment, n, seed + offset, seconds, bin_hz)
         if augment is not None and augment.waveform:
             # its own stream, so spectral draws stay as they were without waveform augmentation
             self.inputs = AugmentedInputs(
-                _waves(cache, "wave"), _cache_features(cache), augment, seed + 7919
+                _waves(cache, "wave"), _cache_features(cache), augment, seed + 7919 + offset
             )
         self.optimizer = _optimizer(cfg, self.model)
         self.plateau = (
@@ -308,7 +329,7 @@ class SeedTrainer:
         # numpy's global generator: what transformers' SpecAugment masking draws from
         self._numpy_global = _numpy_global_state()
         self.checkpoint, self.fingerprint = checkpoint, fingerprint
-        if checkpoint is not None and checkpoint.exists():
+        if checkpoint is not None:
             self._resume(checkpoint)
 
     @property
@@ -344,12 +365,10 @@ class SeedTrainer:
         if self._cuda_state is not None:
             torch.cuda.set_rng_state(self._cuda_state, self.device)
         _set_numpy_global_state(self._numpy_global)
-        self.model.train()
+        self.net.train()
         total, count = 0.0, 0
-        rows = self._epoch_rows()
-        for x, side, y in _batches(
-            self.inputs, rows, self.targets, self.cfg.batch_size, self.device, self.rng, self.side
-        ):
+        world = 1 if self.rank is None else self.rank.world
+        for x, side, y, share, n in self._train_batches(self._epoch_rows()):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
@@ -360,21 +379,24 @@ class SeedTrainer:
                 if self.task.kind != "classification":
                     soft = None
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                out = self.model(x, side) if side is not None else self.model(x)
+                out = self.net(x, side) if side is not None else self.net(x)
                 loss = self._loss(out, y, soft)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss * share if share != 1.0 else loss).backward()
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total += loss.item() * len(y)
-            count += len(y)
+            # the global batch's loss is the sum over ranks of share x loss / world
+            total += loss.item() * share / world * n
+            count += n
+        if self.rank is not None:
+            total = distributed.total(total, self.device)
         self._torch_state = torch.get_rng_state()
         if self._cuda_state is not None:
             self._cuda_state = torch.cuda.get_rng_state(self.device)
         self._numpy_global = _numpy_global_state()
-        val_loss, val = self.validate()
+        val_loss, val = self._validated()
         entry = EpochLog(
             len(self.result.history) + 1,
             total / max(count, 1),
@@ -393,8 +415,56 @@ class SeedTrainer:
                 self.result.stopped_early = self.waited >= self.cfg.patience
         self._keep(entry)
         if self.checkpoint is not None:
-            self._save(self.checkpoint)
+            ranks = None if self.rank is None else distributed.gathered(self._streams())
+            if self.rank is None or self.rank.leader:
+                self._save(self.checkpoint, ranks)
         return entry
+
+    def _train_batches(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float, int]]:
+        """This process's training batches of an epoch over `rows` -> `(x, side, y, share,
+        n)`: `n` rows in the global batch, and the factor that makes this rank's mean loss its
+        part of the global batch's loss once DistributedDataParallel averages over the ranks
+        (1 without ranks; 0 for a rank without rows in a short last batch)."""
+        if self.rank is None:
+            for x, side, y in _batches(
+                self.inputs,
+                rows,
+                self.targets,
+                self.cfg.batch_size,
+                self.device,
+                self.rng,
+                self.side,
+            ):
+                yield x, side, y, 1.0, len(y)
+            return
+        world = self.rank.world
+        order = rows[self.rng.permutation(len(rows))]  # the same draw on every rank
+        step = self.cfg.batch_size * world
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            mine, counts = distributed.shard(chunk, self.rank)
+            share = self._denominator(mine) * world / self._denominator(chunk) if counts else 0.0
+            for x, side, y in _batches(
+                self.inputs, mine, self.targets, len(mine), self.device, None, self.side
+            ):
+                yield x, side, y, share, len(chunk)
+
+    def _denominator(self, rows: np.ndarray) -> float:
+        """What the loss of a batch of `rows` is a mean over: the class weights of its
+        targets for weighted cross-entropy on hard labels, else the row count (mixup's soft
+        targets are drawn per rank: their weighted loss is normalised per rank)."""
+        mixup = self.augmenter is not None and self.augmenter.cfg.mixup_alpha > 0
+        if self.weight is not None and self.task.criterion == "ce" and not mixup:
+            return float(self.weight.cpu().numpy()[self.targets[rows]].sum())
+        return float(len(rows))
+
+    def _validated(self) -> tuple[float, dict[str, float]]:
+        """`validate`, by rank 0 alone under torchrun (every rank gets its figures)."""
+        if self.rank is None:
+            return self.validate()
+        return distributed.from_leader(self.validate() if self.rank.leader else None)
 
     def _keep(self, entry: EpochLog) -> None:
         """Remember `entry`'s weights if `train.keep` prefers them to the kept ones."""
@@ -431,20 +501,39 @@ class SeedTrainer:
 
     # --- checkpoints --------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def _streams(self) -> dict[str, Any]:
+        """The random streams that are this process's own (per rank under torchrun)."""
         inputs = self.inputs if isinstance(self.inputs, AugmentedInputs) else None
+        return {
+            "torch_rng": self._torch_state,
+            "cuda_rng": self._cuda_state,
+            "numpy_global": self._numpy_global,
+            "augmenter": None if self.augmenter is None else self.augmenter.state_dict(),
+            "wave_augmenter": None if inputs is None else inputs.augment.state_dict(),
+        }
+
+    def _set_streams(self, streams: dict[str, Any]) -> None:
+        self._torch_state = streams["torch_rng"]
+        if self._cuda_state is not None and streams["cuda_rng"] is not None:
+            self._cuda_state = streams["cuda_rng"]
+        if "numpy_global" in streams:  # checkpoints written before it was kept: as seeded
+            self._numpy_global = streams["numpy_global"]
+        if self.augmenter is not None and streams["augmenter"] is not None:
+            self.augmenter.load_state_dict(streams["augmenter"])
+        if isinstance(self.inputs, AugmentedInputs) and streams["wave_augmenter"] is not None:
+            self.inputs.augment.load_state_dict(streams["wave_augmenter"])
+
+    def state_dict(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs; `ranks`: every rank's `_streams` under torchrun."""
         return {
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "plateau": None if self.plateau is None else self.plateau.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "torch_rng": self._torch_state,
-            "cuda_rng": self._cuda_state,
             "numpy_rng": self.rng.bit_generator.state,
-            "numpy_global": self._numpy_global,
-            "augmenter": None if self.augmenter is None else self.augmenter.state_dict(),
-            "wave_augmenter": None if inputs is None else inputs.augment.state_dict(),
+            **self._streams(),
+            "ranks": ranks,
             "best_state": self.best_state,
             "best_loss": self.best_loss,
             "best_score": self.best_score,
@@ -454,33 +543,38 @@ class SeedTrainer:
             "history": [asdict(e) for e in self.result.history],
         }
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path, ranks: list[dict[str, Any]] | None = None) -> None:
         """Write the state beside `path`, then move it in place: a kill mid-write leaves the
         previous epoch's checkpoint."""
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        torch.save(self.state_dict(), partial)
+        torch.save(self.state_dict(ranks), partial)
         os.replace(partial, path)
 
     def _resume(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
-            return  # another run's checkpoint: start afresh (it is overwritten after epoch 1)
+        """Continue from `path` when it holds this run's state (under torchrun: rank 0 reads
+        it and hands it to every rank, which takes its own random streams from it)."""
+        state = None
+        if (self.rank is None or self.rank.leader) and path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != self.fingerprint:
+                state = None  # another run's: start afresh (it is overwritten after epoch 1)
+        if self.rank is not None:
+            state = distributed.from_leader(state)
+            if state is not None and not state.get("ranks"):
+                raise TrainingError(
+                    f"{path} was written by a run without torchrun; this run has "
+                    f"{self.rank.world} ranks: finish it as it started, or delete the file"
+                )
+        if state is None:
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.plateau is not None:
             self.plateau.load_state_dict(state["plateau"])
         self.scaler.load_state_dict(state["scaler"])
-        self._torch_state = state["torch_rng"]
-        if self._cuda_state is not None and state["cuda_rng"] is not None:
-            self._cuda_state = state["cuda_rng"]
         self.rng.bit_generator.state = state["numpy_rng"]
-        if "numpy_global" in state:  # checkpoints written before it was kept: as seeded
-            self._numpy_global = state["numpy_global"]
-        if self.augmenter is not None and state["augmenter"] is not None:
-            self.augmenter.load_state_dict(state["augmenter"])
-        if isinstance(self.inputs, AugmentedInputs) and state["wave_augmenter"] is not None:
-            self.inputs.augment.load_state_dict(state["wave_augmenter"])
+        self._set_streams(state if self.rank is None else state["ranks"][self.rank.rank])
         self.best_state = state["best_state"]
         self.best_loss, self.waited = state["best_loss"], state["waited"]
         self.best_score = state["best_score"]
@@ -541,6 +635,7 @@ def fit(
     fingerprint: str = "",
     aggregate: str = "mean",
     desc: str | None = None,
+    rank: Rank | None = None,
 ) -> SeedResult:
     """Train one seed for `cfg.epochs`, or until `cfg.patience` epochs without a lower val
     loss with `cfg.early_stopping`.
@@ -549,13 +644,15 @@ def fit(
     epoch `cfg.keep` names. Validation scores recordings, a segmented recording's windows
     combined by `aggregate` (`segment.aggregate`). With `checkpoint`, see `SeedTrainer`;
     `on_epoch` is called for the epochs restored from it too, so a resumed run logs its whole
-    curve. `desc` names the member on the progress display (default `seed <seed>`).
+    curve. `desc` names the member on the progress display (default `seed <seed>`). `rank`:
+    this process's rank under torchrun (only rank 0 shows progress).
     """
-    if model_cfg.classical:
+    if model_cfg.classical and rank is None:
         return fit_classical(cache, model_cfg, cfg, seed, aggregate)
     trainer = SeedTrainer(
-        cache, model_cfg, cfg, seed, device, augment, checkpoint, fingerprint, aggregate
+        cache, model_cfg, cfg, seed, device, augment, checkpoint, fingerprint, aggregate, rank
     )
+    progress = progress and (rank is None or rank.leader)
     if on_epoch is not None:
         for entry in trainer.result.history:
             on_epoch(entry)

@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tympan import tracking
 from tympan.config import Params
 from tympan.features import FeatureCache, open_cache
+from tympan.training.distributed import Rank
 from tympan.training.loop import EpochLog, fit
 
 
@@ -74,9 +75,11 @@ def train_member(
     system: bool | None,
     experiment_id: str,
     parent_run_id: str,
+    rank: Rank | None = None,
 ) -> Member:
     """Fit one member in a child run of `parent_run_id`: params, per-epoch metrics (the epochs
-    restored from its checkpoint included), its best epoch's scores."""
+    restored from its checkpoint included), its best epoch's scores. `rank`: rank 0 under
+    torchrun (the other ranks train the member through `follow_member`)."""
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=job.name if job.fold is not None else f"seed-{job.seed}",
@@ -98,6 +101,7 @@ def train_member(
             fingerprint=job.name,
             aggregate=job.aggregate,
             desc=job.desc,
+            rank=rank,
         )
         if result.resumed_at:
             mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))
@@ -126,6 +130,24 @@ def train_member(
         )
 
 
+def follow_member(job: MemberJob, cache: FeatureCache, device: torch.device, rank: Rank) -> None:
+    """Train `job` as a rank other than 0 under torchrun: its share of every batch, no
+    MLflow run, no output (rank 0 logs and keeps the member)."""
+    fit(
+        cache,
+        job.params.model,
+        job.params.train,
+        job.seed,
+        device,
+        progress=False,
+        augment=job.params.augment,
+        checkpoint=job.checkpoint,
+        fingerprint=job.name,
+        aggregate=job.aggregate,
+        rank=rank,
+    )
+
+
 def process_count(processes: int, members: int, device: torch.device) -> int:
     """Worker processes for `members`: `train.processes` (0: one per CPU), at most one per
     member; 1 (this process) on CUDA, where one process already keeps the device busy."""
@@ -145,16 +167,25 @@ def train_members(
     system: bool | None,
     experiment_id: str,
     parent_run_id: str,
+    rank: Rank | None = None,
 ) -> Iterator[Member]:
     """Train `jobs` and yield their members in plan order: in this process when `processes`
     is 1, else in that many spawned workers, each with its share of the CPU's threads.
 
     A failed member ends the run with its error (members still running finish; none not
-    started starts); every finished epoch is in its checkpoint, so a re-run resumes."""
-    if processes <= 1:
+    started starts); every finished epoch is in its checkpoint, so a re-run resumes. Under
+    torchrun (`rank`: rank 0) members train one after the other, each over every rank."""
+    if processes <= 1 or rank is not None:
         for job in jobs:
             yield train_member(
-                job, cache_for(job.fold), device, inputs, system, experiment_id, parent_run_id
+                job,
+                cache_for(job.fold),
+                device,
+                inputs,
+                system,
+                experiment_id,
+                parent_run_id,
+                rank,
             )
         return
     threads = max(1, (os.cpu_count() or 1) // processes)
