@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -90,6 +91,21 @@ _SAMPLE_RATE = _range(MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
 _SEED = _range(0, 2**32 - 1)
 _POSITIVE = _range(0, low_open=True)
 _FRACTION = _range(0, 1)
+
+
+def in_project(url: str) -> str:
+    """A relative SQLite URL (`sqlite:///mlruns.db`) resolved against the DVC project a stage
+    belongs to when DVC runs it elsewhere: `dvc exp run --queue` and `--temp` run stages in a
+    copy of the workspace under `.dvc/tmp/exps/` and set DVC_ROOT to the project itself, so
+    the queued experiments' MLflow runs and Optuna studies land in the project's stores
+    instead of a copy deleted when they end. Any other URL, or a stage run in the project
+    (DVC_ROOT is the working folder), is returned as it is."""
+    root = os.environ.get("DVC_ROOT")
+    if not root or not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    if Path(root).resolve() == Path.cwd().resolve():
+        return url
+    return f"sqlite:///{Path(root).resolve() / url.removeprefix('sqlite:///')}"
 
 
 def url_password(url: str) -> str | None:

@@ -34,6 +34,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.types import Schema, TensorSpec
 
+from tympan.config import in_project
+
 DEFAULT_URI = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 # MLflow's experiment kind: `custom_model_development` is "machine learning" (model training)
@@ -49,7 +51,9 @@ DVC_EXP_BASELINE_REV = "DVC_EXP_BASELINE_REV"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    """MLFLOW_TRACKING_URI, else the project's SQLite store (in the DVC project when a queued
+    experiment runs in a copy of it: `config.in_project`)."""
+    return in_project(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
 
 
 def artifact_location(uri: str) -> str | None:

@@ -44,6 +44,7 @@ from tympan.config import (
     TUNE_STORAGE_ENV,
     Params,
     TuneConfig,
+    in_project,
     masked,
     to_dict,
     url_password,
@@ -80,7 +81,7 @@ def storage_url(cfg: TuneConfig) -> str:
     The variable is the one place a password may be written; show or record the result only
     through `config.masked`.
     """
-    url = os.environ.get(TUNE_STORAGE_ENV) or cfg.storage
+    url = in_project(os.environ.get(TUNE_STORAGE_ENV) or cfg.storage)
     try:
         url_password(url)
     except ValueError:
