@@ -25,6 +25,8 @@ machine produced them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -73,8 +75,11 @@ PROBED = ("duration_s", "sample_rate", "channels")
 SETS = "sets"
 # The fixed-length waveforms `(rows, samples)`, kept for waveform-domain augmentation.
 WAVE = "wave"
-# Rows read at once when statistics stream over the cache.
+# Rows read at once when statistics stream over the cache (at most; see `_block_rows`).
 STATS_CHUNK = 512
+# Bytes of float64 a statistics block may take: featurize's own memory stays flat however
+# large the set (benchmarks/cache_scale.py), even for long clips with many bins.
+STATS_BLOCK_BYTES = 32 * 1024 * 1024
 # The splits whose rows are used; a fixed augmented copy of a clip that is not in the train
 # split of a fold is `excluded` there (see `tympan.data.splits.with_copies`).
 USED_SPLITS = ("train", "val", "test")
@@ -488,11 +493,33 @@ def _fill(
                     arrays[kind][written:end] = part
                 written = end
                 bar.update(len(chunk))
+                _give_back_memory()
         for array in arrays.values():
             array.flush()
         del arrays
         if written != rows:
             raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def _give_back_memory() -> None:
+    """Hand the memory a chunk freed back to the system (glibc's `malloc_trim`): glibc keeps
+    freed blocks of the chunk-sized arrays and lets the heap creep chunk after chunk, which
+    made featurize's memory grow with the set though it holds one chunk at a time. A no-op
+    where the C library has no malloc_trim."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 CHANGED_SINCE_INGEST = (
@@ -834,17 +861,27 @@ def _listed(value):
     return value
 
 
+def _block_rows(row_shape: tuple[int, ...]) -> int:
+    """Rows per statistics block: STATS_CHUNK, fewer when that many rows of this shape would
+    take more than STATS_BLOCK_BYTES in float64."""
+    row_bytes = 8 * int(np.prod(row_shape))
+    return max(1, min(STATS_CHUNK, STATS_BLOCK_BYTES // max(row_bytes, 1)))
+
+
 def train_stats(features: StackedFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin mean and std `(bins,)` over `rows` and all frames (and channels), streamed in
     float64. Callers pass train rows only: validation and test never shape the scaling."""
     total = np.zeros(features.shape[2])
     squares = np.zeros(features.shape[2])
     count = 0
-    for start in range(0, len(rows), STATS_CHUNK):
-        block = np.asarray(features[rows[start : start + STATS_CHUNK]], dtype=np.float64)
+    step = _block_rows(features.shape[1:])
+    for start in range(0, len(rows), step):
+        block = np.asarray(features[rows[start : start + step]], dtype=np.float64)
         total += block.sum(axis=(0, 1, 3))
-        squares += (block**2).sum(axis=(0, 1, 3))
+        squares += np.square(block, out=block).sum(axis=(0, 1, 3))
         count += block.shape[0] * block.shape[1] * block.shape[3]
+        del block
+        _give_back_memory()
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return mean, std
