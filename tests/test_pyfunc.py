@@ -1,6 +1,7 @@
 """The model package: bundle -> Predictor and MLflow pyfunc save -> load -> predict on batches."""
 
 import base64
+import socket
 
 import mlflow
 import numpy as np
@@ -11,7 +12,13 @@ from mlflow.exceptions import MlflowException
 from tympan.features import window_starts
 from tympan.serving import PayloadError, Predictor
 from tympan.serving.bundle import decode_items
-from tympan.serving.pyfunc import MODEL_CODE, example_input, requirements, signature
+from tympan.serving.pyfunc import (
+    MODEL_CODE,
+    example_input,
+    no_delay_on_listeners,
+    requirements,
+    signature,
+)
 
 from audio_helpers import encode, tone
 
@@ -198,3 +205,25 @@ def test_each_serving_worker_takes_its_share_of_the_cores(monkeypatch, tmp_path)
     assert pyfunc.server_workers() == 4
     cmdline.write_bytes(b"python\0-m\0pytest\0")
     assert pyfunc.server_workers() == 1
+
+
+def test_a_bound_server_socket_gets_no_delay_and_its_connections_inherit_it():
+    """uvicorn --workers N binds its socket with protocol 0, which asyncio does not recognise
+    as TCP: without TCP_NODELAY on it, every reply waited ~40 ms for a delayed ACK."""
+    bound = socket.socket(socket.AF_INET)  # as uvicorn's bind_socket makes it: protocol 0
+    bound.bind(("127.0.0.1", 0))
+    other = socket.create_server(("127.0.0.1", 0))
+    outgoing = socket.create_connection(other.getsockname())  # a client's: left alone
+    try:
+        assert bound.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert no_delay_on_listeners() >= 2
+        assert bound.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert outgoing.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        bound.listen()
+        with socket.create_connection(bound.getsockname()):
+            accepted, _ = bound.accept()
+            with accepted:  # what a worker answers on
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for s in (bound, other, outgoing):
+            s.close()
