@@ -8,8 +8,9 @@ passes through in MLflow's scoring server (`mlflow.pyfunc.scoring_server.invocat
 function its /invocations route runs in a thread) is timed alone on the same one-clip bodies,
 then the whole of `invocations`:
 
-    MLflow's:  json.loads of the body, the DataFrame built from it (`infer_and_parse_data`),
-               schema enforcement (`_enforce_schema`), the response's JSON (`predictions_to_json`)
+    MLflow's:  json.loads of the body, the inputs taken from it (`infer_and_parse_data`),
+               schema enforcement, which builds the DataFrame (`_enforce_schema`), the
+               response's JSON (`predictions_to_json`)
     tympan's:  base64 decoding of the item, audio decoding + features + the ensemble's forward
                pass (`Predictor.predict`), the output DataFrame
 
@@ -75,7 +76,8 @@ def main() -> None:
     bodies = [json.dumps({"inputs": {"audio": [b]}}).encode() for b in encoded]
     n = len(bodies)
     parsed = [json.loads(b) for b in bodies]
-    frames = [scoring_server.infer_and_parse_data(p, schema) for p in parsed]
+    inputs = [scoring_server.infer_and_parse_data(p, schema) for p in parsed]
+    frames = [_enforce_schema(i, schema) for i in inputs]
     items = [decode_items(f["audio"].tolist(), predictor.limits.item_bytes) for f in frames]
     outputs = [python_model.predict(None, f) for f in frames]
     columns = list(outputs[0].columns)
@@ -86,11 +88,14 @@ def main() -> None:
 
     steps: dict[str, tuple[str, Callable[[int], object]]] = {
         "json.loads": ("MLflow", lambda i: json.loads(bodies[i % n])),
-        "DataFrame from JSON": (
+        "inputs from JSON": (
             "MLflow",
             lambda i: scoring_server.infer_and_parse_data(parsed[i % n], schema),
         ),
-        "schema enforcement": ("MLflow", lambda i: _enforce_schema(frames[i % n], schema)),
+        "schema enforcement -> DataFrame": (
+            "MLflow",
+            lambda i: _enforce_schema(inputs[i % n], schema),
+        ),
         "base64 decode": (
             "tympan",
             lambda i: decode_items(frames[i % n]["audio"].tolist(), predictor.limits.item_bytes),
@@ -99,6 +104,7 @@ def main() -> None:
         "output DataFrame": ("tympan", lambda i: pd.DataFrame(rows[i % n], columns=columns)),
         "response JSON": ("MLflow", to_json),
     }
+    pyfunc_us = median_us(lambda i: model.predict(inputs[i % n]), args.calls, args.warmup)
     whole = median_us(
         lambda i: scoring_server.invocations(bodies[i % n], "application/json", model, schema),
         args.calls,
@@ -113,6 +119,22 @@ def main() -> None:
         print(f"{name:<30} {owner:<7} {us:9.0f} {us / whole:7.1%}")
     accounted = sum(us for _, us in results.values())
     print(f"{'sum of the steps':<30} {'':<7} {accounted:9.0f} {accounted / whole:7.1%}")
+    inside = sum(
+        results[k][1]
+        for k in (
+            "schema enforcement -> DataFrame",
+            "base64 decode",
+            "decode + features + forward",
+            "output DataFrame",
+        )
+    )
+    print(
+        f"{'PyFuncModel.predict whole':<30} {'MLflow':<7} {pyfunc_us:9.0f} {pyfunc_us / whole:7.1%}"
+    )
+    print(
+        f"{'  of which its own wrapping':<30} {'MLflow':<7} {pyfunc_us - inside:9.0f} "
+        f"{(pyfunc_us - inside) / whole:7.1%}"
+    )
     print(f"{'invocations() whole':<30} {'MLflow':<7} {whole:9.0f} {1:7.1%}")
     if args.json:
         args.json.write_text(

@@ -371,6 +371,11 @@ def _b64decode(value: str, i: int, limit: int, too_big: str) -> bytes:
     is refused (never silently dropped, as `validate=False` would)."""
     if len(value) > (limit * 4 // 3) * 1.05 + 64:  # before copying it: a line break per 20 chars
         raise PayloadError(f"item {i}: {too_big}")
+    try:  # what clients send: one padded line of the standard alphabet, checked in C
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass  # line breaks, the URL-safe alphabet or missing padding: cleaned first (the
+        # cleaning cost a third more than decoding, on every request)
     text = value.translate(_WHITESPACE)
     if "-" in text or "_" in text:
         text = text.translate(_URL_SAFE)
