@@ -234,26 +234,36 @@ def tone_cache(tone_cache_dir) -> FeatureCache:
     return open_cache(tone_cache_dir)
 
 
-@pytest.fixture(scope="session")
-def tone_cache_dir(tmp_path_factory) -> Path:
-    """Low tones vs high tones, 48 clips: any working training loop separates them."""
-    tmp = tmp_path_factory.mktemp("tones")
-    rng = np.random.default_rng(0)
+def random_tones(folder: Path, n: int, split_of, seed: int) -> list[dict]:
+    """`n` manifest rows of 0.5-s tones at 8 kHz written to `folder`: high (2.5-3.5 kHz) and
+    low (200-400 Hz) in turn, each at a random level; `split_of(i)` names clip i's split."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(48):
+    for i in range(n):
         label = "low" if i % 2 else "high"
         freq = rng.uniform(200, 400) if label == "low" else rng.uniform(2500, 3500)
-        path = write(tmp / f"{i}.wav", tone(freq, 0.5, 8000, amp=rng.uniform(0.1, 0.9)), 8000)
+        path = write(folder / f"{i}.wav", tone(freq, 0.5, 8000, amp=rng.uniform(0.1, 0.9)), 8000)
         rows.append(
             {
                 "path": str(path),
                 "label": label,
                 "group": str(i),
-                "split": ["train", "train", "train", "train", "val", "test"][i % 6],
+                "split": split_of(i),
                 "sha256": f"{i:064x}",
-                "mic": ["a", "b"][(i // 2) % 2],  # a side attribute, both mics in each class
             }
         )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tone_cache_dir(tmp_path_factory) -> Path:
+    """Low tones vs high tones, 48 clips: any working training loop separates them."""
+    tmp = tmp_path_factory.mktemp("tones")
+    rows = random_tones(
+        tmp, 48, lambda i: ["train", "train", "train", "train", "val", "test"][i % 6], 0
+    )
+    for i, row in enumerate(rows):
+        row["mic"] = ["a", "b"][(i // 2) % 2]  # a side attribute, both mics in each class
     build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
     return tmp / "cache"
 

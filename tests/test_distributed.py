@@ -20,15 +20,14 @@ import psutil
 import pytest
 import torch
 import yaml
-from test_resume import _manifest, _members
+from test_resume import _manifest, _members, train_command
 
 from tympan.config import ModelConfig, load_params, to_dict
 from tympan.features import build_cache
 from tympan.stages import run_train
 from tympan.training.distributed import DistributedError, Rank, from_env, shard
 
-from audio_helpers import tone, write
-from conftest import REPO, TONE_FEATURES
+from conftest import REPO, TONE_FEATURES, random_tones
 
 BIN = Path(sys.executable).parent
 RANKS = 2
@@ -57,22 +56,7 @@ def test_each_rank_takes_its_slice_and_an_idle_rank_counts_nothing():
 def odd_cache(tmp_path_factory) -> Path:
     """Low vs high tones: 33 training clips, 10 validation, 6 test, both classes in each."""
     tmp = tmp_path_factory.mktemp("odd")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(49):
-        label = "low" if i % 2 else "high"
-        freq = rng.uniform(200, 400) if label == "low" else rng.uniform(2500, 3500)
-        path = write(tmp / f"{i}.wav", tone(freq, 0.5, 8000, amp=rng.uniform(0.1, 0.9)), 8000)
-        split = "train" if i < 33 else "val" if i < 43 else "test"
-        rows.append(
-            {
-                "path": str(path),
-                "label": label,
-                "group": str(i),
-                "split": split,
-                "sha256": f"{i:064x}",
-            }
-        )
+    rows = random_tones(tmp, 49, lambda i: "train" if i < 33 else "val" if i < 43 else "test", 1)
     build_cache(pd.DataFrame(rows), TONE_FEATURES, tmp / "cache")
     return tmp / "cache"
 
@@ -100,16 +84,7 @@ def _torchrun(params_file: Path, cache_dir: Path, out: Path, env: dict) -> subpr
             "--standalone",
             f"--nproc-per-node={RANKS}",
             "--no-python",
-            str(BIN / "tympan"),
-            "--params",
-            str(params_file),
-            "train",
-            "--features",
-            str(cache_dir),
-            "--manifest",
-            str(_manifest(cache_dir)),
-            "--out",
-            str(out),
+            *train_command(params_file, cache_dir, out),
         ],
         env=env,
         stdout=subprocess.PIPE,

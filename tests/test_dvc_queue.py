@@ -18,6 +18,34 @@ from mlflow.tracking import MlflowClient
 from conftest import copy_demo
 
 pytestmark = pytest.mark.integration
+
+
+def test_relative_sqlite_stores_resolve_to_the_project_from_a_queued_copy(tmp_path, monkeypatch):
+    """A queued experiment runs in a copy of the workspace with DVC_ROOT naming the project:
+    the default stores must be the project's, not the copy's (deleted when it ends)."""
+    from tympan.config import TuneConfig, in_project
+    from tympan.tracking import tracking_uri
+    from tympan.tuning.study import storage_url
+
+    project, copy = tmp_path / "project", tmp_path / "project" / ".dvc" / "tmp" / "exps" / "x"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TYMPAN_TUNE_STORAGE", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert tracking_uri() == f"sqlite:///{project.resolve()}/mlruns.db"
+    assert storage_url(TuneConfig()) == f"sqlite:///{project.resolve()}/optuna.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/m.db")  # relative: the same
+    assert tracking_uri() == f"sqlite:///{project.resolve()}/stores/m.db"
+    for kept in ("sqlite:////abs/m.db", "http://127.0.0.1:5000", "postgresql://u@h/db"):
+        assert in_project(kept) == kept
+    monkeypatch.chdir(project)  # `dvc repro` in the project: DVC_ROOT is the working folder
+    assert in_project("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(copy)
+    assert in_project("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
+
+
 BIN = str(Path(sys.executable).parent)
 
 
@@ -43,6 +71,7 @@ def _queue_idle(project: Path) -> str:
     raise AssertionError(f"the queue did not drain:\n{status}")
 
 
+@pytest.mark.slow  # 80-100 s: the queue's workers, a workspace copy per experiment
 def test_two_queued_experiments_run_at_once_into_one_store(demo_build, tmp_path):
     project = copy_demo(demo_build, tmp_path)
     before = (project / "models" / "train.json").read_text()

@@ -186,6 +186,8 @@ SLOW_PRESETS = {
     "fsdd_speaker_independent_wav2vec2_finetune",
     "s3_accent_cnn_augmented",
     "s4_esc50_alexnet",
+    "s4_esc50_bigru",  # s4_esc50_bigru_original runs the same network in the default run
+    "s4_esc50_baselines",  # s4_esc50_baselines_original fits the same baselines
     "s4_esc50_final",  # s4_esc50_final_original runs the same model in the default run
     "s4_esc50_densenet",  # its frozen DenseNet121: s4_esc50_densenet_original, default run
     "s4_esc50_final_sequence",

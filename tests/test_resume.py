@@ -39,20 +39,25 @@ def _manifest(cache_dir: Path) -> Path:
     return path
 
 
+def train_command(params_file: Path, cache_dir: Path, out: Path) -> list[str]:
+    """`tympan train` on the cache (a manifest made for it), as `dvc repro` runs it."""
+    return [
+        str(BIN / "tympan"),
+        "--params",
+        str(params_file),
+        "train",
+        "--features",
+        str(cache_dir),
+        "--manifest",
+        str(_manifest(cache_dir)),
+        "--out",
+        str(out),
+    ]
+
+
 def _train(params_file: Path, cache_dir: Path, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            str(BIN / "tympan"),
-            "--params",
-            str(params_file),
-            "train",
-            "--features",
-            str(cache_dir),
-            "--manifest",
-            str(_manifest(cache_dir)),
-            "--out",
-            str(out),
-        ],
+        train_command(params_file, cache_dir, out),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

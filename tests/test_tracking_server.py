@@ -1,8 +1,9 @@
 """A shared MLflow tracking server (issue 17, item 1), started by scripts/mlflow-server.sh as a
 team would run it: PostgreSQL backend store, artifacts proxied by the server, MLflow's basic
 auth on. A request without credentials is refused; with them (MLFLOW_TRACKING_USERNAME /
-PASSWORD in the environment, as every process here has them) the stages, the registry and
-`mlflow models serve -m models:/NAME@champion` work as against the SQLite default, and two
+PASSWORD in the environment, as every process here has them) the stages, tune with a worker,
+the registry and `mlflow models serve -m models:/NAME@champion` work as against the SQLite
+default, and two
 registrations at once leave the better version `@champion`."""
 
 from __future__ import annotations
@@ -229,3 +230,43 @@ def test_two_registrations_at_once_leave_the_better_version_champion(server, tmp
         assert f"v{versions['0.90']}, registered at the same time" in answers["0.85"][1]
         # the next round starts from this champion
         client.set_model_version_tag(name, versions["0.90"], "test_accuracy", "0.80")
+
+
+def test_tune_and_its_worker_log_their_trials_to_the_shared_server(
+    server, tmp_path, tone_cache_dir
+):
+    """`tympan tune` and a `tympan tune --worker` beside it (one Optuna study in a database
+    both reach) log every trial's MLflow run to the shared server, authenticated from the
+    environment (the same holds for every stage: they all read MLFLOW_TRACKING_URI)."""
+    from test_tuning import _stage_args, _tympan, _write_params, tune_params
+
+    uri, _ = server
+    # the study in a database of the server's own PostgreSQL (trusted on 127.0.0.1)
+    pg_port = int(uri.rsplit(":", 1)[1]) + 1
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    subprocess.run(
+        [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "tune"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    storage = f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/tune"
+    params = tune_params(
+        tmp_path, sampler="random", n_trials=4, seeds=(0,), heartbeat_s=2, storage=storage
+    )
+    params = replace(params, tracking=replace(params.tracking, experiment="shared-tune"))
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    coordinator = _tympan(params_file, *_stage_args(tmp_path, tone_cache_dir), env=env)
+    worker = _tympan(params_file, "--worker", "--features", str(tone_cache_dir), env=env)
+    outputs = [p.communicate(timeout=600)[0] for p in (coordinator, worker)]
+    for process, output in zip((coordinator, worker), outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+        assert PASSWORD not in output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("shared-tune")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`tympan.stage` = 'tune'"
+    )
+    trials = {r.data.tags["optuna.trial"] for r in runs if "optuna.trial" in r.data.tags}
+    assert len(trials) == 4
