@@ -281,11 +281,23 @@ def _train(
     """The train stage on this process's `device`; under torchrun (`rank`) rank 0 does what
     a lone process does and the other ranks only train (see `distributed`)."""
     leader = rank is None or rank.leader
-    if not leader:
-        with contextlib.redirect_stdout(io.StringIO()):  # rank 0 says what tuning set
-            params, tuning, per_fold = _tuned(params, tuned, cache.folds)
-    else:
+    # rank 0 alone says what tuning set
+    with contextlib.nullcontext() if leader else contextlib.redirect_stdout(io.StringIO()):
         params, tuning, per_fold = _tuned(params, tuned, cache.folds)
+    # the clip length featurize used (`features.duration_quantile` sets it from the data)
+    params = replace(
+        params, features=replace(params.features, seconds=cache.feature_config.seconds)
+    )
+    world = 1 if rank is None else rank.world
+    checkpoints = _checkpoint_dir(
+        params, cache, {k: t.values for k, t in tuning.folds.items()}, world
+    )
+    # without CV one member per seed, named by the seed; with CV one per fold and seed
+    plan = {None: cache} if not cache.folds else {k: cache.for_fold(k) for k in cache.folds}
+    if not leader:  # the other ranks train each member beside rank 0: no tags, runs, outputs
+        for job in _member_jobs(params, plan, per_fold, tuning, {}, checkpoints):
+            follow_member(job, plan[job.fold], device, rank)
+        return
     tags = tracking.run_tags(
         "train",
         params.preset,
@@ -324,10 +336,14 @@ def _train(
                 "tympan.tuned_params": ", ".join(tuning.names) + " (per fold)",
             }
         )
-    # the clip length featurize used (`features.duration_quantile` sets it from the data)
-    params = replace(
-        params, features=replace(params.features, seconds=cache.feature_config.seconds)
-    )
+    tags["tympan.checkpoints"] = checkpoints.name
+    if rank is not None:
+        tags["tympan.world_size"] = str(world)
+        print(
+            f"train: data-parallel over {world} ranks ({distributed.backend()}), "
+            f"global batch {params.train.batch_size} x {world}"
+        )
+    jobs = _member_jobs(params, plan, per_fold, tuning, tags, checkpoints)
     history: list[dict] = []
     record: dict = {
         "seeds": {},
@@ -338,24 +354,6 @@ def _train(
     members: dict[str, dict[str, torch.Tensor]] = {}
     task = task_for(params.train, cache.labels, params.model.classical)
     primary = "val_accuracy" if task.kind == "classification" else "val_mae"
-    world = 1 if rank is None else rank.world
-    checkpoints = _checkpoint_dir(
-        params, cache, {k: t.values for k, t in tuning.folds.items()}, world
-    )
-    tags["tympan.checkpoints"] = checkpoints.name
-    # without CV one member per seed, named by the seed; with CV one per fold and seed
-    plan = {None: cache} if not cache.folds else {k: cache.for_fold(k) for k in cache.folds}
-    jobs = _member_jobs(params, plan, per_fold, tuning, tags, checkpoints)
-    if rank is not None and not rank.leader:
-        for job in jobs:
-            follow_member(job, plan[job.fold], device, rank)
-        return
-    if rank is not None:
-        tags["tympan.world_size"] = str(world)
-        print(
-            f"train: data-parallel over {world} ranks ({distributed.backend()}), "
-            f"global batch {params.train.batch_size} x {world}"
-        )
     out.mkdir(parents=True, exist_ok=True)
     experiment_id = tracking.setup(params.tracking.experiment)
     if checkpoints.exists():  # an interrupted run of the same params: it is resumed below

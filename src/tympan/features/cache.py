@@ -26,7 +26,7 @@ machine produced them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -501,16 +501,15 @@ def _fill(
             raise FeatureError(f"featurize wrote {written} rows, expected {rows}")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The process's C library, if it has glibc's malloc_trim (looked up on first use: no
+    search at import)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _libc()
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def _give_back_memory() -> None:
@@ -518,8 +517,9 @@ def _give_back_memory() -> None:
     freed blocks of the chunk-sized arrays and lets the heap creep chunk after chunk, which
     made featurize's memory grow with the set though it holds one chunk at a time. A no-op
     where the C library has no malloc_trim."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 CHANGED_SINCE_INGEST = (

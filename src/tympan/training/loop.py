@@ -300,6 +300,16 @@ class SeedTrainer:
             seconds = float(cache.meta["params"]["seconds"])  # the window the frames cover
             bin_hz = mel_centres(_cache_features(cache)) if augment.vtlp > 0 else None
             self.augmenter = Augmenter(augment, n, seed + offset, seconds, bin_hz)
+        # each row's class weight where the loss is a weighted mean over them (`_denominator`)
+        mixup = self.augmenter is not None and augment is not None and augment.mixup_alpha > 0
+        self._row_weights = (
+            self.weight.cpu().numpy()[self.targets]
+            if rank is not None
+            and self.weight is not None
+            and self.task.criterion == "ce"
+            and not mixup
+            else None
+        )
         if augment is not None and augment.waveform:
             # its own stream, so spectral draws stay as they were without waveform augmentation
             self.inputs = AugmentedInputs(
@@ -455,9 +465,8 @@ class SeedTrainer:
         """What the loss of a batch of `rows` is a mean over: the class weights of its
         targets for weighted cross-entropy on hard labels, else the row count (mixup's soft
         targets are drawn per rank: their weighted loss is normalised per rank)."""
-        mixup = self.augmenter is not None and self.augmenter.cfg.mixup_alpha > 0
-        if self.weight is not None and self.task.criterion == "ce" and not mixup:
-            return float(self.weight.cpu().numpy()[self.targets[rows]].sum())
+        if self._row_weights is not None:
+            return float(self._row_weights[rows].sum())
         return float(len(rows))
 
     def _validated(self) -> tuple[float, dict[str, float]]:

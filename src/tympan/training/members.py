@@ -29,7 +29,7 @@ from tympan import tracking
 from tympan.config import Params
 from tympan.features import FeatureCache, open_cache
 from tympan.training.distributed import Rank
-from tympan.training.loop import EpochLog, fit
+from tympan.training.loop import EpochLog, SeedResult, fit
 
 
 @dataclass
@@ -89,19 +89,13 @@ def train_member(
     ) as child:
         tracking.log_datasets(inputs)
         mlflow.log_params(job.logged_params)
-        result = fit(
+        result = _fit(
+            job,
             cache,
-            job.params.model,
-            job.params.train,
-            job.seed,
             device,
-            augment=job.params.augment,
+            rank,
             on_epoch=lambda e: mlflow.log_metrics(tracking.finite(e.flat()), step=e.epoch),
-            checkpoint=job.checkpoint,
-            fingerprint=job.name,
-            aggregate=job.aggregate,
             desc=job.desc,
-            rank=rank,
         )
         if result.resumed_at:
             mlflow.set_tag("tympan.resumed_at_epoch", str(result.resumed_at))
@@ -133,18 +127,26 @@ def train_member(
 def follow_member(job: MemberJob, cache: FeatureCache, device: torch.device, rank: Rank) -> None:
     """Train `job` as a rank other than 0 under torchrun: its share of every batch, no
     MLflow run, no output (rank 0 logs and keeps the member)."""
-    fit(
+    _fit(job, cache, device, rank, progress=False)
+
+
+def _fit(
+    job: MemberJob, cache: FeatureCache, device: torch.device, rank: Rank | None, **shown
+) -> SeedResult:
+    """`fit` with the job's params, seed, checkpoint and aggregation; `shown`: on_epoch,
+    desc, progress."""
+    return fit(
         cache,
         job.params.model,
         job.params.train,
         job.seed,
         device,
-        progress=False,
         augment=job.params.augment,
         checkpoint=job.checkpoint,
         fingerprint=job.name,
         aggregate=job.aggregate,
         rank=rank,
+        **shown,
     )
 
 
